@@ -1,0 +1,31 @@
+"""Typed hand-offs between stages."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    kind: str  # "onnx-fp32", "onnx-int8", ...
+    sha256: str
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, path: Path, kind: str, **meta) -> Artifact:
+        return cls(Path(path), kind, file_sha256(path), meta)
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size

@@ -1,0 +1,141 @@
+"""onnxruntime backend: static INT8 QDQ quantization (ORT or NNCF) and the bundle runtime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import Artifact
+from ..errors import require
+from ..export import INPUT
+from ..profiles import TargetProfile
+from ..runtime.ort_predict import Predictor
+from . import QuantInputs, register
+
+log = logging.getLogger(__name__)
+CALIB_BATCH = 16
+
+
+def _batches(x: np.ndarray, size: int = CALIB_BATCH):
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+def ort_static(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
+    """onnxruntime quantize_static: QDQ, per-channel weights (from the profile), calibrated on train images."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    q = profile.quantization
+    batches = _batches(data.calibration)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(batches)
+
+        def get_next(self):
+            b = next(self._it, None)
+            return None if b is None else {INPUT: b}
+
+    prepped = workdir / "ort_static.prep.onnx"
+    quant_pre_process(str(fp32.path), str(prepped), skip_symbolic_shape=True)
+    out = workdir / "ort_static.int8.onnx"
+    qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    quantize_static(
+        str(prepped), str(out), Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=q.per_channel,
+        activation_type=qtype[q.activation_type],
+        weight_type=qtype[q.weight_type],
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[q.calibrate_method],
+        extra_options={"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True},
+    )
+    prepped.unlink(missing_ok=True)
+    return Artifact.of(out, "onnx-int8", quantizer="ort_static")
+
+
+def _nncf_args(data: QuantInputs, profile: TargetProfile):
+    nncf = require("nncf", "nncf")
+    calib = nncf.Dataset(_batches(data.calibration, 1), lambda b: {INPUT: b})  # NNCF statistics want batch 1
+    preset = nncf.QuantizationPreset.PERFORMANCE if profile.quantization.symmetric_activations \
+        else nncf.QuantizationPreset.MIXED
+    return nncf, calib, dict(preset=preset, subset_size=len(data.calibration), fast_bias_correction=False)
+
+
+def nncf_ptq(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
+    """NNCF post-training quantization with full bias correction (per-channel weights)."""
+    import onnx
+
+    nncf, calib, kw = _nncf_args(data, profile)
+    model = nncf.quantize(onnx.load(str(fp32.path)), calib, **kw)
+    out = workdir / "nncf_ptq.int8.onnx"
+    onnx.save(model, str(out))
+    return Artifact.of(out, "onnx-int8", quantizer="nncf_ptq")
+
+
+def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
+    """NNCF accuracy control on the validation split: reverts the most harmful layers to float
+    until the drop is within the tolerance (or NNCF's iteration budget is spent)."""
+    import onnx
+    import onnxruntime as ort
+
+    nncf, calib, kw = _nncf_args(data, profile)
+    val = nncf.Dataset(list(zip(_batches(data.val_x, 1), data.val_y.tolist())), lambda item: {INPUT: item[0]})
+
+    def validate(model: onnx.ModelProto, items) -> tuple[float, list[float]]:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        hits = [float(sess.run(None, {INPUT: x})[0].argmax() == y) for x, y in items]
+        return float(np.mean(hits)) if hits else 0.0, hits
+
+    model = nncf.quantize_with_accuracy_control(
+        onnx.load(str(fp32.path)), calib, val, validate, max_drop=data.max_drop_pp / 100.0,
+        drop_type=nncf.DropType.ABSOLUTE, **kw)
+    out = workdir / "mixed_precision.int8.onnx"
+    onnx.save(model, str(out))
+    return Artifact.of(out, "onnx-int8", quantizer="mixed_precision")
+
+
+def float_nodes(model_path: Path) -> list[str]:
+    """Conv/Gemm/MatMul nodes whose weights are not fed by DequantizeLinear: they run in float."""
+    import onnx
+
+    g = onnx.load(str(model_path)).graph
+    dq_outputs = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name or n.output[0] for n in g.node
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] not in dq_outputs]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    quantizers = {"ort_static": ort_static, "nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
+    runtime_module = "ort_predict.py"
+
+    def runner(self, model: Path, contract: dict, labels: list[str], profile: TargetProfile) -> Predictor:
+        return Predictor(model, contract, labels, providers=profile.providers)
+
+    def bundle_files(self, artifact: Artifact) -> dict[str, Path]:
+        """Bundle-relative name -> source file, for the model and this backend's runtime."""
+        from importlib.resources import files
+
+        runtime = files("edgetl").joinpath("runtime")
+        return {"model.onnx": artifact.path,
+                "predict.py": Path(str(runtime.joinpath(self.runtime_module))),
+                "preprocess.py": Path(str(runtime.joinpath("preprocess.py")))}
+
+    def runtime_config(self, profile: TargetProfile) -> dict:
+        return {"backend": self.name, "model": "model.onnx", "providers": profile.providers,
+                "requires": ["numpy", "pillow", "onnxruntime"]}
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime
+
+        return {"onnxruntime": onnxruntime.__version__}
+
+    def float_nodes(self, artifact: Artifact) -> list[str]:
+        return float_nodes(artifact.path)
+
+
+register("onnxruntime")(OnnxRuntimeBackend)

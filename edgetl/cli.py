@@ -1,0 +1,227 @@
+"""Command line. The only module that prints or exits.
+
+Exit codes: 0 ok; 1 parity gate failed / bundle not intact; 2 usage or bad input; 3 internal error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgetlError, ParityError, UsageError, VerifyError
+
+
+class RichProgress:
+    """Progress bars and stage lines on stderr (stdout stays clean for --json)."""
+
+    def __init__(self, console):
+        self.console = console
+
+    def track(self, iterable, *, total=None, description=""):
+        from rich.progress import track
+
+        return iter(track(iterable, total=total, description=f"  {description}", console=self.console,
+                          transient=True))
+
+    def stage(self, name: str) -> None:
+        self.console.print(f"[bold cyan]>[/] {name}")
+
+
+def _fail(err: EdgetlError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": str(err), "exit_code": err.exit_code,
+                               "details": getattr(err, "misses", None) or getattr(err, "problems", None)}))
+    else:
+        click.echo(f"edgetl: error: {err}", err=True)
+        for line in getattr(err, "misses", None) or getattr(err, "problems", None) or []:
+            click.echo(f"  - {line}", err=True)
+    sys.exit(err.exit_code)
+
+
+def _run(fn, as_json: bool):
+    try:
+        return fn()
+    except EdgetlError as e:
+        _fail(e, as_json)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgetl")
+@click.option("-v", "--verbose", count=True, help="log more (-vv for debug)")
+def cli(verbose: int):
+    """edgetl: labelled image folder -> fine-tuned, INT8, parity-gated edge bundles."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("nncf", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@cli.command()
+@click.argument("recipe_file", required=False, type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="ImageFolder or pre-split folder (default: built-in shapes)")
+@click.option("--backbone", help="mobilenet_v2 | mobilenet_v3_small | mobilenet_v3_large | efficientnet_b0 | efficientnet_lite0")
+@click.option("--weights", type=click.Path(path_type=Path), help="local ImageNet checkpoint (.pth)")
+@click.option("--strategy", type=click.Choice(["feature-extract", "fine-tune"]))
+@click.option("--target", multiple=True, help="built-in target name or profile .toml (repeatable)")
+@click.option("--image-size", type=int, help="input size in pixels (default: the backbone's)")
+@click.option("--epochs", type=int)
+@click.option("--seed", type=int)
+@click.option("--out", type=click.Path(path_type=Path), help="output folder (default edgetl-out)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON result object on stdout")
+@click.option("-q", "--quiet", is_flag=True, help="no progress output")
+def build(recipe_file, as_json, quiet, **flags):
+    """Fine-tune, export, quantize, gate and bundle. RECIPE_FILE is optional (see `edgetl init`)."""
+    from rich.console import Console
+
+    from .pipeline import build as run_build
+    from .progress import NullProgress
+    from .recipe import CLI_KEYS, load_recipe
+
+    overrides = {CLI_KEYS[k]: v for k, v in flags.items() if v is not None and v != ()}
+
+    def go():
+        recipe = load_recipe(recipe_file, overrides)
+        console = Console(stderr=True)
+        progress = NullProgress() if (quiet or as_json) else RichProgress(console)
+        return run_build(recipe, progress)
+
+    result = _run(go, as_json)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), default=str))
+    else:
+        _print_summary(result)
+    sys.exit(0 if result.ok else ParityError.exit_code)
+
+
+def _print_summary(result) -> None:
+    click.echo(f"data: {sum(sum(c.values()) for c in result.data['counts'].values())} images, "
+               f"{len(result.data['classes'])} classes, {len(result.data['skipped'])} skipped")
+    for s in result.data["skipped"][:20]:
+        click.echo(f"  skipped {s['file']}: {s['reason']}")
+    for t in result.targets:
+        m = t.metrics
+        click.echo(
+            f"{t.target}: float {m['reference_accuracy']:.4f} -> int8 {m['accuracy']:.4f} "
+            f"(drop {m['accuracy_drop_pp']:+.2f} pp, 95% CI {m['accuracy_drop_ci95_pp'][0]:+.2f}.."
+            f"{m['accuracy_drop_ci95_pp'][1]:+.2f}), agreement {m['top1_agreement']:.4f}, n_test {m['n_test']}, "
+            f"quantizer {t.quantization['chosen']}, size {t.sizes['ratio']:.2f}x fp32")
+        for w in t.warnings:
+            click.echo(f"  warning: {w}")
+        if t.published:
+            click.echo(f"  published {t.bundle}")
+        else:
+            click.echo("  GATE FAILED, nothing published:")
+            for miss in t.misses:
+                click.echo(f"  - {miss}")
+    click.echo(f"total {result.timings['total']:.1f} s; report {Path(result.out) / 'report.json'}")
+
+
+@cli.command()
+@click.argument("path", required=False, default="edgetl.toml", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="overwrite an existing file")
+def init(path: Path, force: bool):
+    """Write a commented default recipe (default: edgetl.toml)."""
+    from .recipe import template
+
+    if path.exists() and not force:
+        _fail(UsageError(f"{path}: already exists; fix: pass --force or another path"), False)
+    path.write_text(template(), encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--selftest", is_flag=True, help="also run the golden inputs through the bundle's runtime")
+@click.option("--json", "as_json", is_flag=True)
+def verify(bundle_dir: Path, selftest: bool, as_json: bool):
+    """Exit 0 if every file matches the manifest, 1 if any is missing, added or changed."""
+    from . import bundle
+
+    def go():
+        out = bundle.verify(bundle_dir)
+        if selftest:
+            res = _predictor(bundle_dir).selftest(bundle_dir)
+            out["selftest"] = res
+            if not res["ok"]:
+                raise VerifyError(f"{bundle_dir}: golden self-test failed", res["failures"])
+        return out
+
+    out = _run(go, as_json)
+    click.echo(json.dumps(out) if as_json else f"{bundle_dir}: intact ({out['files']} files)"
+               + (f", self-test passed ({out['selftest']['n']} golden inputs)" if selftest else ""))
+
+
+def _predictor(bundle_dir: Path):
+    from .bundle import read_manifest
+    from .runtime.ort_predict import Predictor
+
+    manifest = read_manifest(bundle_dir)
+    if manifest.get("backend") != "onnxruntime":
+        raise UsageError(f"{bundle_dir}: backend '{manifest.get('backend')}' has no in-process runner; "
+                         "fix: run the bundle's own predict.py")
+    return Predictor.from_bundle(bundle_dir)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def predict(bundle_dir: Path, images, as_json: bool):
+    """Classify IMAGES with a bundle (same code path as the bundle's predict.py)."""
+    results = _run(lambda: _predictor(bundle_dir).predict_files(images), as_json)
+    if as_json:
+        click.echo(json.dumps({"predictions": results}))
+    else:
+        for r in results:
+            click.echo(f"{r['file']}\terror: {r['error']}" if "error" in r else
+                       f"{r['file']}\t{r['label']}\t{r['probability']:.4f}")
+    sys.exit(2 if any("error" in r for r in results) else 0)
+
+
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def info(bundle_dir: Path, as_json: bool):
+    """Show what a bundle promises: target, classes, metrics, versions."""
+    from .bundle import read_manifest
+
+    m = _run(lambda: read_manifest(bundle_dir), as_json)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in m.items() if k != "files"}))
+        return
+    met = m["metrics"]
+    click.echo(f"target      {m['target']} ({m['backend']})")
+    click.echo(f"backbone    {m['backbone']['name']} ({m['backbone']['weights_origin']})")
+    click.echo(f"classes     {', '.join(m['classes'])}")
+    click.echo(f"input       {m['preprocess']['input_size']} {m['preprocess']['channel_order']} "
+               f"{m['preprocess']['layout']}")
+    click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, int8 {met['accuracy']:.4f} "
+               f"(drop {met['accuracy_drop_pp']:+.2f} pp), agreement {met['top1_agreement']:.4f}, "
+               f"n_test {met['n_test']}")
+    click.echo(f"quantizer   {m['quantization']['chosen']} ({len(m['quantization']['float_nodes'])} float layers)")
+    click.echo(f"size        {m['sizes']['int8_bytes']} bytes ({m['sizes']['ratio']:.2f}x fp32)")
+    click.echo(f"built       {m['created']} with edgetl {m['edgetl_version']}, seed {m['seed']}")
+    click.echo(f"files       {len(m['files'])}")
+
+
+@cli.command("backbones")
+def list_backbones():
+    """List the registered backbones and their native input size."""
+    from . import backbones
+
+    for name in backbones.names():
+        spec = backbones.get(name)
+        click.echo(f"{name:20s} {spec.native_size}px  {spec.weights_file}")
+
+
+def main() -> None:
+    cli(prog_name="edgetl")
+
+
+if __name__ == "__main__":
+    main()

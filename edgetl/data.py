@@ -1,0 +1,169 @@
+"""Stage 1: scan an image folder, decode-check every file, split, pick the calibration subset."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .runtime.preprocess import ImageDecodeError, load_rgb
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    label: int
+    sha256: str
+
+    def rel(self, root: Path) -> str:
+        return self.path.relative_to(root).as_posix()
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[Item]]
+    skipped: list[dict] = field(default_factory=list)  # {"file", "reason"}
+    presplit: bool = False
+
+    def split(self, name: str) -> list[Item]:
+        return self.splits[name]
+
+    @property
+    def sha256(self) -> str:
+        """Identity of the data as used: every file's hash, its label and its split."""
+        h = hashlib.sha256()
+        for name in SPLITS:
+            for it in sorted(self.splits[name], key=lambda i: i.rel(self.root)):
+                h.update(f"{name}\t{self.classes[it.label]}\t{it.rel(self.root)}\t{it.sha256}\n".encode())
+        return h.hexdigest()
+
+    def report(self) -> dict:
+        counts = {s: {c: 0 for c in self.classes} for s in SPLITS}
+        for s in SPLITS:
+            for it in self.splits[s]:
+                counts[s][self.classes[it.label]] += 1
+        return {"root": str(self.root), "classes": self.classes, "presplit": self.presplit,
+                "counts": counts, "skipped": self.skipped, "sha256": self.sha256}
+
+
+def items_sha256(items: list[Item], root: Path) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.rel(root)}\t{it.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_classes(folder: Path, classes: list[str], skipped: list[dict], root: Path) -> list[Item]:
+    items = []
+    for label, name in enumerate(classes):
+        cdir = folder / name
+        if not cdir.is_dir():
+            continue
+        for f in sorted(cdir.rglob("*")):
+            if not f.is_file() or any(part.startswith(".") for part in f.relative_to(cdir).parts):
+                continue
+            try:
+                load_rgb(f)
+            except ImageDecodeError as e:
+                skipped.append({"file": f.relative_to(root).as_posix(), "reason": str(e)})
+                continue
+            items.append(Item(f, label, _file_sha256(f)))
+    return items
+
+
+def _stratified(items: list[Item], fractions: dict[str, float], rng: np.random.Generator) -> dict[str, list[Item]]:
+    """Split every class by the fractions, at least one item of each class in each split."""
+    out = {k: [] for k in fractions}
+    labels = sorted({it.label for it in items})
+    for label in labels:
+        cls = [it for it in items if it.label == label]
+        order = rng.permutation(len(cls))
+        cls = [cls[i] for i in order]
+        n = len(cls)
+        sizes = {k: max(1, round(n * f)) for k, f in fractions.items() if k != "train"}
+        start = 0
+        for k, size in sizes.items():
+            out[k].extend(cls[start:start + size])
+            start += size
+        out["train"].extend(cls[start:])
+    return out
+
+
+def scan(folder: Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
+    """Scan `folder` (ImageFolder or pre-split train/[val]/test) into a seeded, stratified Dataset."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a directory; fix: pass --data DIR with DIR/<class>/<image> files")
+    rng = np.random.default_rng(seed)
+    skipped: list[dict] = []
+    top = {p.name for p in _class_dirs(folder)}
+    presplit = {"train", "test"} <= top
+    if presplit:
+        classes = sorted({p.name for s in SPLITS if (folder / s).is_dir() for p in _class_dirs(folder / s)})
+        splits = {s: _scan_classes(folder / s, classes, skipped, folder) if (folder / s).is_dir() else []
+                  for s in SPLITS}
+        if not splits["val"]:
+            carved = _stratified(splits["train"], {"train": 0, "val": val_fraction}, rng)
+            splits["train"], splits["val"] = carved["train"], carved["val"]
+    else:
+        classes = sorted(top)
+        items = _scan_classes(folder, classes, skipped, folder)
+        if classes and items:
+            _check_counts(folder, classes, {"all": items}, minimum=3)
+        splits = _stratified(items, {"train": 0, "val": val_fraction, "test": test_fraction}, rng)
+
+    if not classes:
+        raise DataError(f"{folder}: no class sub-folders; fix: arrange images as {folder}/<class>/<image>")
+    if len(classes) < 2:
+        raise DataError(f"{folder}: only one class ('{classes[0]}'); fix: add a sub-folder per class, at least two")
+    if not any(splits.values()):
+        raise DataError(f"{folder}: no readable images ({len(skipped)} files skipped); fix: add JPEG/PNG images")
+    _check_counts(folder, classes, splits, minimum=1)
+    return Dataset(folder, classes, {s: splits[s] for s in SPLITS}, skipped, presplit)
+
+
+def _check_counts(folder: Path, classes: list[str], splits: dict[str, list[Item]], minimum: int) -> None:
+    problems = []
+    for s, items in splits.items():
+        have = np.bincount([it.label for it in items], minlength=len(classes))
+        problems += [f"'{classes[i]}' has {n} readable image(s) in {s}" for i, n in enumerate(have) if n < minimum]
+    if problems:
+        need = "at least 3 readable images per class" if minimum == 3 else "every class in every split"
+        raise DataError(f"{folder}: {'; '.join(problems[:5])}; fix: add images ({need})")
+
+
+def calibration_subset(items: list[Item], n_classes: int, size: int, seed: int) -> list[Item]:
+    """Seeded, class-balanced subset of the training items (round-robin over shuffled classes)."""
+    rng = np.random.default_rng(seed + 7919)
+    per_class = [[it for it in items if it.label == c] for c in range(n_classes)]
+    for lst in per_class:
+        order = rng.permutation(len(lst))
+        lst[:] = [lst[i] for i in order]
+    out: list[Item] = []
+    depth = 0
+    while len(out) < size and any(depth < len(lst) for lst in per_class):
+        for lst in per_class:
+            if depth < len(lst) and len(out) < size:
+                out.append(lst[depth])
+        depth += 1
+    return out
+
+
+def load_images(items: list[Item]):
+    """Decode to RGB PIL images (files were checked at scan time)."""
+    return [load_rgb(it.path) for it in items]

@@ -1,0 +1,1 @@
+"""Model definitions edgetl writes itself (torchvision covers the rest)."""

@@ -1,0 +1,96 @@
+"""Stage 6: compare a target's model with the float reference and gate on the profile's tolerances."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import ParityError
+
+
+@dataclass
+class ParityReport:
+    n_test: int
+    reference_accuracy: float
+    accuracy: float
+    accuracy_drop_pp: float
+    drop_ci95_pp: tuple[float, float]  # paired bootstrap over test images
+    top1_agreement: float
+    logits_cosine_mean: float
+    logits_cosine_min: float
+    sqnr_db: float
+    per_class: list[dict] = field(default_factory=list)  # {class, n, reference_recall, recall, change_pp}
+    discordant: dict = field(default_factory=dict)  # McNemar counts: only-reference-right / only-target-right
+    one_image_pp: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    split: str = "test"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: list[str],
+             *, seed: int = 0, split: str = "test", tolerance_pp: float | None = None,
+             n_boot: int = 2000) -> ParityReport:
+    """Every metric from the two logit matrices on the same images, in the same order."""
+    labels = np.asarray(labels)
+    ref_pred, pred = reference_logits.argmax(1), logits.argmax(1)
+    ref_ok, ok = ref_pred == labels, pred == labels
+    n = len(labels)
+    ref_acc, acc = float(ref_ok.mean()), float(ok.mean())
+    drop = (ref_acc - acc) * 100.0
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boot = (ref_ok[idx].mean(1) - ok[idx].mean(1)) * 100.0
+    ci = (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+    num = (reference_logits * logits).sum(1)
+    den = np.linalg.norm(reference_logits, axis=1) * np.linalg.norm(logits, axis=1) + 1e-12
+    cos = num / den
+    noise = float(((reference_logits - logits) ** 2).sum())
+    sqnr = float(10 * np.log10((reference_logits ** 2).sum() / noise)) if noise > 0 else float("inf")
+    per_class = []
+    for c, name in enumerate(classes):
+        m = labels == c
+        if m.any():
+            r0, r1 = float(ref_ok[m].mean()), float(ok[m].mean())
+            per_class.append({"class": name, "n": int(m.sum()), "reference_recall": r0, "recall": r1,
+                              "change_pp": round((r1 - r0) * 100, 3)})
+    one = 100.0 / n if n else float("inf")
+    warnings = []
+    if tolerance_pp is not None and one > tolerance_pp:
+        warnings.append(f"one {split} image is worth {one:.2f} pp, more than the {tolerance_pp:g} pp tolerance: "
+                        f"with {n} images the gate cannot resolve a drop that small; add {split} images")
+    return ParityReport(
+        n_test=n, reference_accuracy=ref_acc, accuracy=acc, accuracy_drop_pp=round(drop, 4), drop_ci95_pp=ci,
+        top1_agreement=float((ref_pred == pred).mean()), logits_cosine_mean=float(cos.mean()),
+        logits_cosine_min=float(cos.min()), sqnr_db=sqnr, per_class=per_class,
+        discordant={"reference_only_correct": int((ref_ok & ~ok).sum()),
+                    "target_only_correct": int((~ref_ok & ok).sum())},
+        one_image_pp=one, warnings=warnings, split=split)
+
+
+def misses(report: ParityReport, *, max_accuracy_drop_pp: float, min_top1_agreement: float) -> list[str]:
+    out = []
+    if report.accuracy_drop_pp > max_accuracy_drop_pp + 1e-9:
+        out.append(f"accuracy drop {report.accuracy_drop_pp:.2f} pp > {max_accuracy_drop_pp:g} pp "
+                   f"(float {report.reference_accuracy:.4f}, int8 {report.accuracy:.4f}, n={report.n_test})")
+    if report.top1_agreement < min_top1_agreement - 1e-9:
+        out.append(f"top-1 agreement {report.top1_agreement:.4f} < {min_top1_agreement:g}")
+    if not np.isfinite(report.logits_cosine_mean):
+        out.append("logits are not finite")
+    return out
+
+
+def gate(report: ParityReport, *, target: str, max_accuracy_drop_pp: float, min_top1_agreement: float) -> None:
+    """Raise ParityError listing every missed tolerance."""
+    found = misses(report, max_accuracy_drop_pp=max_accuracy_drop_pp, min_top1_agreement=min_top1_agreement)
+    if found:
+        raise ParityError(f"target '{target}' missed its parity gate on the {report.split} split: "
+                          + "; ".join(found), found)
+
+
+def logits_of(runner, x: np.ndarray, batch: int = 32, progress=None, description: str = "") -> np.ndarray:
+    starts = range(0, len(x), batch)
+    it = progress.track(starts, total=len(starts), description=description) if progress else starts
+    return np.concatenate([runner.logits(x[s:s + batch]) for s in it])

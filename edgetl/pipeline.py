@@ -1,0 +1,360 @@
+"""build(recipe) -> BuildResult: the stages wired together. No `if target == ...` anywhere: every
+target-specific choice comes from its profile and its backend."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, backbones, backends, bundle, data, export, parity, train
+from .artifact import Artifact
+from .errors import EdgetlError, ParityError, UsageError
+from .profiles import TargetProfile, load_profile
+from .progress import NullProgress, Progress
+from .recipe import BuildRecipe
+from .runtime.preprocess import load_rgb, preprocess
+
+log = logging.getLogger(__name__)
+N_GOLDEN = 8
+
+
+@dataclass
+class TargetResult:
+    target: str
+    published: bool
+    bundle: str | None
+    metrics: dict
+    misses: list[str]
+    quantization: dict
+    sizes: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+@dataclass
+class BuildResult:
+    ok: bool
+    out: str
+    targets: list[TargetResult]
+    data: dict
+    training: dict
+    timings: dict
+    recipe: dict
+
+    def to_dict(self) -> dict:
+        d = self.__dict__.copy()
+        d["targets"] = [t.to_dict() for t in self.targets]
+        return d
+
+
+@dataclass
+class _Prepared:
+    """Everything validated before any heavy work starts (so bad input fails fast, writing nothing)."""
+
+    recipe: BuildRecipe
+    profiles: list[TargetProfile]
+    spec: backbones.BackboneSpec
+    weights: backbones.WeightsSource
+    dataset: data.Dataset
+    contract: dict
+
+
+def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepared:
+    profiles = [load_profile(t) for t in recipe.targets]
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--target: two profiles share the name {names}; fix: give each profile a unique name")
+    for p in profiles:
+        backends.get(p)
+    spec = backbones.get(recipe.model.backbone)
+    weights = backbones.resolve_weights(spec, recipe.model.weights)
+    progress.stage("scan data")
+    folder = recipe.data.path
+    if folder is None:
+        from .synthetic import ensure_shapes
+
+        folder = ensure_shapes()
+    dataset = data.scan(folder, val_fraction=recipe.data.val_fraction,
+                        test_fraction=recipe.data.test_fraction, seed=recipe.seed)
+    out = Path(recipe.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; fix: choose another --out")
+    return _Prepared(recipe, profiles, spec, weights, dataset, spec.contract(recipe.model.image_size))
+
+
+def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResult:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 3)
+        return now
+
+    p = prepare(recipe, progress)
+    t = lap("prepare", t_start)
+    ds, contract, cfg = p.dataset, p.contract, recipe.train
+    images = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
+    labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in data.SPLITS}
+    arrays = {s: np.stack([preprocess(im, contract) for im in images[s]]) for s in ("val", "test")}
+    t = lap("decode", t)
+
+    progress.stage(f"train ({cfg.strategy})")
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = backbones.load_pretrained(p.spec, p.weights, recipe.model.image_size)
+    trunk = backbones.trunk_of(model)
+    fit = train.STRATEGIES[cfg.strategy]
+    trained = fit(trunk, len(ds.classes), images["train"], labels["train"], images["val"], labels["val"],
+                  contract, cfg, recipe.seed, progress)
+    net = trained.model
+    t = lap("train", t)
+
+    progress.stage("float reference")
+    ref = {s: train._batched_forward(net, arrays[s], 8, progress, f"float reference ({s})").numpy()
+           for s in ("val", "test")}
+    t = lap("reference", t)
+
+    calib_items = data.calibration_subset(ds.split("train"), len(ds.classes), recipe.data.calibration_size,
+                                          recipe.seed)
+    calib = np.stack([preprocess(im, contract) for im in data.load_images(calib_items)])
+    calib_sha = data.items_sha256(calib_items, ds.root)
+    golden = _golden_items(ds, images["test"], labels["test"])
+    common = {
+        "edgetl_version": __version__, "seed": recipe.seed, "data_sha256": ds.sha256,
+        "calibration_sha256": calib_sha, "calibration_size": len(calib_items),
+        "backbone": {"name": p.spec.name, "weights_origin": p.weights.origin, "weights_sha256": p.weights.sha256,
+                     "weights_file": p.weights.path.name},
+        "training": {"strategy": cfg.strategy, "best_epoch": trained.best_epoch,
+                     "best_val_accuracy": trained.best_val_accuracy, "epochs_run": len(trained.history)},
+        "classes": ds.classes,
+        "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
+                 "skipped": len(ds.skipped), "presplit": ds.presplit},
+    }
+
+    results: list[TargetResult] = []
+    out = Path(recipe.out)
+    with tempfile.TemporaryDirectory(prefix="edgetl-") as tmp:
+        work = Path(tmp)
+        fp32_by_opset: dict[int, Artifact] = {}
+        for profile in p.profiles:
+            progress.stage(f"target {profile.name}")
+            t_target = time.perf_counter()
+            if profile.opset not in fp32_by_opset:
+                art = export.to_onnx(net, work / f"model.fp32.opset{profile.opset}.onnx", contract=contract,
+                                     labels=ds.classes, opset=profile.opset,
+                                     extra_metadata={"edgetl.backbone": p.spec.name, "edgetl.version": __version__})
+                diff = export.check_against_torch(net, art, arrays["val"][:16], profile.tolerances.export_atol)
+                fp32_by_opset[profile.opset] = Artifact(art.path, art.kind, art.sha256, {**art.meta, "max_abs_diff": diff})
+            result = _build_target(profile, fp32_by_opset[profile.opset], p, recipe, ds, contract, calib, arrays,
+                                   labels, ref, golden, common, out, work / profile.name, progress)
+            results.append(result)
+            timings[f"target:{profile.name}"] = round(time.perf_counter() - t_target, 3)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    build_result = BuildResult(
+        ok=all(r.published for r in results), out=str(out), targets=results, data=ds.report(),
+        training={**common["training"], "history": trained.history, "feature_seconds": trained.seconds_features},
+        timings=timings, recipe=recipe.to_toml_dict())
+    _write_report(out, build_result)
+    return build_result
+
+
+def _golden_items(ds: data.Dataset, test_images, test_labels) -> list[tuple[str, object]]:
+    """Up to N_GOLDEN test images, round-robin over classes, saved decoded (PNG) for device self-tests."""
+    per_class = [np.flatnonzero(test_labels == c).tolist() for c in range(len(ds.classes))]
+    order = [i for rnd in itertools.zip_longest(*per_class) for i in rnd if i is not None][:N_GOLDEN]
+    return [(ds.classes[test_labels[i]], test_images[i]) for i in order]
+
+
+def _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays, labels, ref, tol, work, progress):
+    """Try the profile's quantizers in order, judged on the *validation* split only."""
+    qins = backends.QuantInputs(calib, arrays["val"], labels["val"], ref["val"], tol["max_accuracy_drop_pp"],
+                                tol["min_top1_agreement"], recipe.seed)
+    names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
+    attempts, best = [], None
+    for name in names:
+        progress.stage(f"{profile.name}: quantize ({name})")
+        t0 = time.perf_counter()
+        try:
+            art = backend.quantizers[name](fp32, qins, profile, work)
+        except EdgetlError:
+            raise
+        except Exception as e:  # a quantizer crash is recorded, and the next one gets its chance
+            log.warning("quantizer %s failed: %s", name, e)
+            attempts.append({"quantizer": name, "error": f"{type(e).__name__}: {e}",
+                             "seconds": round(time.perf_counter() - t0, 2)})
+            continue
+        runner = backend.runner(art.path, p.contract, p.dataset.classes, profile)
+        val_logits = parity.logits_of(runner, arrays["val"], progress=progress, description=f"{name} (val)")
+        rep = parity.evaluate(ref["val"], val_logits, labels["val"], p.dataset.classes, seed=recipe.seed,
+                              split="val")
+        missed = parity.misses(rep, **tol)
+        attempts.append({"quantizer": name, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
+                         "val_top1_agreement": rep.top1_agreement, "val_misses": missed,
+                         "float_nodes": len(backend.float_nodes(art)), "seconds": round(time.perf_counter() - t0, 2)})
+        key = (not missed, -rep.accuracy_drop_pp, rep.top1_agreement)
+        if best is None or key > best[0]:
+            best = (key, art, missed)
+        if not missed:
+            break
+    if best is None:
+        raise ParityError(f"target '{profile.name}': every quantizer failed", [a["error"] for a in attempts])
+    return best[1], best[2], attempts
+
+
+def _build_target(profile, fp32, p, recipe, ds, contract, calib, arrays, labels, ref, golden, common, out, work,
+                  progress) -> TargetResult:
+    work.mkdir(parents=True, exist_ok=True)
+    backend = backends.get(profile)
+    tol = {"max_accuracy_drop_pp": recipe.gate.max_accuracy_drop_pp if recipe.gate.max_accuracy_drop_pp
+           is not None else profile.tolerances.max_accuracy_drop_pp,
+           "min_top1_agreement": recipe.gate.min_top1_agreement if recipe.gate.min_top1_agreement
+           is not None else profile.tolerances.min_top1_agreement}
+    art, val_missed, attempts = _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays,
+                                                          labels, ref, tol, work, progress)
+    # The gate: the test split is looked at here for the first time, once, with the chosen model.
+    progress.stage(f"{profile.name}: parity gate")
+    runner = backend.runner(art.path, contract, ds.classes, profile)
+    test_logits = parity.logits_of(runner, arrays["test"], progress=progress, description="parity (test)")
+    report = parity.evaluate(ref["test"], test_logits, labels["test"], ds.classes, seed=recipe.seed,
+                             tolerance_pp=tol["max_accuracy_drop_pp"])
+    missed = parity.misses(report, **tol)
+    if val_missed:
+        missed = [f"quantization budget spent: every quantizer missed on the validation split "
+                  f"({'; '.join(val_missed)})"] + missed
+    float_nodes = backend.float_nodes(art)
+    quant = {"chosen": art.meta.get("quantizer"), "attempts": attempts, "float_nodes": float_nodes,
+             "tolerances": tol, "judged_on": "validation split; gate on test split"}
+    sizes = {"fp32_onnx_bytes": fp32.size, "int8_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
+    metrics = {"reference_accuracy": report.reference_accuracy, "accuracy": report.accuracy,
+               "accuracy_drop_pp": report.accuracy_drop_pp, "accuracy_drop_ci95_pp": report.drop_ci95_pp,
+               "top1_agreement": report.top1_agreement, "n_test": report.n_test,
+               "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
+               "per_class": report.per_class, "discordant": report.discordant,
+               "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
+    final = out / profile.name
+    if missed:
+        log.warning("target %s missed its gate: %s", profile.name, missed)
+        return TargetResult(profile.name, False, None, metrics, missed, quant, sizes, report.warnings)
+
+    stage = bundle.staging_dir(out, profile.name)
+    try:
+        files: dict = dict(backend.bundle_files(art))
+        files["labels.txt"] = "\n".join(ds.classes) + "\n"
+        files["preprocess.json"] = json.dumps(contract, indent=2) + "\n"
+        files["runtime.json"] = json.dumps(backend.runtime_config(profile), indent=2) + "\n"
+        files["recipe.toml"] = _recipe_toml(recipe)
+        files["README.md"] = _bundle_readme(profile, p, metrics, sizes, quant)
+        expected = []
+        for k, (label, img) in enumerate(golden):
+            rel = f"golden/{k:02d}_{label}.png"
+            buf = _png_bytes(img)
+            files[rel] = buf
+            expected.append({"file": rel, "label": label})
+        bundle.write_files(stage, files)
+        for item in expected:  # expected outputs from the bundle's own files through its own runtime
+            logits = runner.logits(preprocess(load_rgb(stage / item["file"]), contract)[None])[0]
+            item.update(index=int(logits.argmax()), logits=[round(float(v), 6) for v in logits])
+        atol = max(1e-3, 0.05 * float(np.abs(test_logits).max()))
+        bundle.write_files(stage, {"golden/expected.json": json.dumps(
+            {"logit_atol": atol, "items": expected}, indent=1) + "\n"})
+        manifest = {
+            "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **common, "versions": _versions(backend), "metrics": metrics, "quantization": quant, "sizes": sizes,
+            "preprocess": contract, "warnings": report.warnings,
+        }
+        bundle.write_manifest(stage, manifest)
+        bundle.publish(stage, final)
+    except BaseException:
+        bundle.discard(stage)
+        raise
+    return TargetResult(profile.name, True, str(final), metrics, [], quant, sizes, report.warnings)
+
+
+def _png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _recipe_toml(recipe: BuildRecipe) -> str:
+    import tomli_w
+
+    return "# The resolved recipe this bundle was built with (defaults + file + flags).\n" + \
+        tomli_w.dumps(recipe.to_toml_dict())
+
+
+def _versions(backend) -> dict:
+    import onnx
+    import PIL
+    import torch
+    import torchvision
+
+    v = {"edgetl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+         "pillow": PIL.__version__}
+    v.update(backend.versions())
+    try:
+        import nncf
+
+        v["nncf"] = nncf.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def _bundle_readme(profile, p, metrics, sizes, quant) -> str:
+    c = p.contract
+    return f"""# edgetl bundle: {profile.name}
+
+{profile.description}
+
+Backbone `{p.spec.name}` fine-tuned on {len(p.dataset.classes)} classes ({", ".join(p.dataset.classes)}).
+
+## Run
+
+    pip install numpy pillow onnxruntime
+    python predict.py IMAGE...        # label and probability per image
+    python predict.py --json IMAGE...
+    python predict.py --selftest      # golden inputs in golden/ must give the recorded outputs
+
+## Input contract (preprocess.json)
+
+RGB, resize shorter side to {c["resize_size"]} ({c["interpolation"]}), centre-crop {c["input_size"][0]}x{c["input_size"][1]},
+x/255, subtract mean {c["mean"]}, divide by std {c["std"]}, NCHW float32. `preprocess.py` implements it.
+
+## Parity (test split, n={metrics["n_test"]})
+
+| | top-1 accuracy |
+|---|---|
+| float PyTorch | {metrics["reference_accuracy"]:.4f} |
+| this model (INT8) | {metrics["accuracy"]:.4f} |
+
+Drop {metrics["accuracy_drop_pp"]:.2f} pp (95 % CI {metrics["accuracy_drop_ci95_pp"][0]:.2f} to
+{metrics["accuracy_drop_ci95_pp"][1]:.2f}), top-1 agreement {metrics["top1_agreement"]:.4f}.
+Quantizer: `{quant["chosen"]}`; layers kept in float: {len(quant["float_nodes"])}.
+Model size {sizes["int8_bytes"]} bytes ({sizes["ratio"]:.2f}x the FP32 ONNX).
+
+`manifest.json` lists every file's sha256; `edgetl verify DIR` checks them.
+"""
+
+
+def _write_report(out: Path, result: BuildResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out / "report.json")

@@ -1,0 +1,103 @@
+"""Image decoding and the preprocessing contract, shared by training and every bundle.
+
+This file is copied verbatim into each bundle next to predict.py, so the device runs the
+exact code the model was trained and validated with. It imports only numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+class ImageDecodeError(ValueError):
+    """The file is not a usable image; str(e) is the reason."""
+
+
+def _to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16/32-bit grayscale: scale to 8 bits (never clamp: clamping turns 16-bit images white).
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        elif mode == "I" and arr.size and arr.max() > 65535:
+            arr = arr * (255.0 / arr.max())
+        elif mode != "F" or (arr.size and np.nanmax(arr) > 255):
+            arr = arr / 257.0
+        arr = np.nan_to_num(arr).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode fully (catches truncation), apply EXIF orientation, return an 8-bit RGB image.
+
+    Raises ImageDecodeError with a short reason for zero-byte, truncated, non-image and
+    decompression-bomb files.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # full decode: Image.verify() misses truncated data
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img).copy()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = "truncated image" if "truncated" in str(e) else f"cannot decode ({e})"
+        raise ImageDecodeError(reason) from None
+
+
+def resize_crop(img: Image.Image, contract: dict) -> Image.Image:
+    """Resize the shorter side to contract['resize_size'], then centre-crop contract['input_size']."""
+    h, w = contract["input_size"]
+    short = contract["resize_size"]
+    iw, ih = img.size
+    scale = short / min(iw, ih)
+    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    img = img.resize((nw, nh), _RESAMPLE[contract.get("interpolation", "bilinear")])
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def to_tensor(img: Image.Image, contract: dict) -> np.ndarray:
+    """RGB uint8 image of the input size -> float32 CHW, normalised per the contract."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    mean = np.asarray(contract["mean"], dtype=np.float32)
+    std = np.asarray(contract["std"], dtype=np.float32)
+    arr = (arr - mean) / std
+    if contract.get("channel_order", "RGB") == "BGR":
+        arr = arr[..., ::-1]
+    if contract.get("layout", "NCHW") == "NCHW":
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def preprocess(img: Image.Image, contract: dict) -> np.ndarray:
+    return to_tensor(resize_crop(img, contract), contract)
+
+
+def load_contract(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

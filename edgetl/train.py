@@ -1,0 +1,227 @@
+"""Stage 3: fit a classifier head (feature-extract) or the top of the backbone too (fine-tune).
+
+Both strategies: AdamW, cosine schedule, label smoothing, early stopping on validation accuracy
+with the best checkpoint kept, fully seeded. Evaluation preprocessing is the bundle's own
+(runtime/preprocess.py); augmentation only adds a random crop/flip/colour jitter before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .export import onnxruntime_twin
+from .progress import NullProgress, Progress
+from .recipe import TrainSection
+from .runtime.preprocess import preprocess, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    model: object  # torch nn.Sequential(trunk, head), eval mode
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_accuracy: float = 0.0
+    seconds_features: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _augmenter(contract: dict):
+    from torchvision import transforms as T
+
+    size = tuple(contract["input_size"])
+    pipe = T.Compose([T.RandomResizedCrop(size, scale=(0.55, 1.0), antialias=True),
+                      T.RandomHorizontalFlip(),
+                      T.ColorJitter(0.25, 0.25, 0.25, 0.02)])
+    return lambda img: to_tensor(pipe(img), contract)
+
+
+def eval_arrays(images, contract: dict) -> np.ndarray:
+    return np.stack([preprocess(img, contract) for img in images])
+
+
+def _batched_forward(module, arrays: np.ndarray, batch: int, progress: Progress, description: str):
+    import torch
+
+    out = []
+    starts = range(0, len(arrays), batch)
+    with torch.inference_mode():
+        for s in progress.track(starts, total=len(starts), description=description):
+            out.append(module(torch.from_numpy(arrays[s:s + batch])).float())
+    return torch.cat(out)
+
+
+def _twin_forward(session, arrays: np.ndarray, progress: Progress, description: str, batch: int = 32):
+    starts = range(0, len(arrays), batch)
+    return np.concatenate([session.run(None, {"input": arrays[s:s + batch]})[0]
+                           for s in progress.track(starts, total=len(starts), description=description)])
+
+
+def _fit(params_groups, step_fn, eval_fn, snapshot, cfg: TrainSection, steps_per_epoch: int, progress: Progress):
+    """Shared loop: AdamW + cosine per step, early stopping on val accuracy, best state kept."""
+    import torch
+
+    opt = torch.optim.AdamW(params_groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    best = (-1.0, float("inf"))
+    best_state, best_epoch, history, stale = None, 0, [], 0
+    for epoch in progress.track(range(1, cfg.epochs + 1), total=cfg.epochs, description="train"):
+        train_loss = step_fn(opt, sched)
+        val_acc, val_loss = eval_fn()
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5),
+                        "val_loss": round(val_loss, 5)})
+        if (val_acc, -val_loss) > (best[0], -best[1]):
+            best, best_state, best_epoch, stale = (val_acc, val_loss), snapshot(), epoch, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
+                break
+    return best_state, best_epoch, best[0], history
+
+
+def fit_feature_extract(trunk, num_classes: int, train_images, train_labels, val_images, val_labels,
+                        contract: dict, cfg: TrainSection, seed: int, progress: Progress = NullProgress()):
+    """Frozen trunk: compute features once (clean + augmented views), train the linear head on the cache."""
+    import time
+
+    import torch
+    from torch import nn
+
+    seed_everything(seed)
+    trunk.eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    aug = _augmenter(contract)
+    views = [eval_arrays(train_images, contract)]
+    for _ in range(cfg.augment_views):
+        views.append(np.stack([aug(img) for img in train_images]))
+    x_train = np.concatenate(views)
+    y_train = torch.as_tensor(np.tile(np.asarray(train_labels), len(views)))
+    x_val = eval_arrays(val_images, contract)
+    with tempfile.TemporaryDirectory(prefix="edgetl-twin-") as tmp:
+        twin = onnxruntime_twin(trunk, contract["input_size"], Path(tmp), check=x_val[:4])
+        f_train = torch.from_numpy(_twin_forward(twin, x_train, progress, "features (train)"))
+        f_val = torch.from_numpy(_twin_forward(twin, x_val, progress, "features (val)"))
+    y_val = torch.as_tensor(np.asarray(val_labels))
+    seconds = time.perf_counter() - t0
+
+    head = nn.Linear(f_train.shape[1], num_classes)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(f_train)
+    steps = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+
+    def step(opt, sched):
+        head.train()
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            loss = loss_fn(head(f_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        return total / n
+
+    def evaluate():
+        head.eval()
+        with torch.no_grad():
+            logits = head(f_val)
+        return float((logits.argmax(1) == y_val).float().mean()), float(nn.functional.cross_entropy(logits, y_val))
+
+    state, best_epoch, best_acc, history = _fit(
+        [{"params": head.parameters(), "lr": cfg.lr}], step, evaluate,
+        lambda: copy.deepcopy(head.state_dict()), cfg, steps, progress)
+    head.load_state_dict(state)
+    model = nn.Sequential(trunk, head).eval()
+    return TrainResult(model, history, best_epoch, best_acc, seconds)
+
+
+def _unfreeze_top(trunk, n_blocks: int) -> list:
+    """Trainable: the top n blocks of trunk.features (all when -1) and any pre-logit classifier layers."""
+    trunk.requires_grad_(n_blocks == -1)
+    blocks = list(trunk.features.children())
+    chosen = blocks if n_blocks == -1 else blocks[len(blocks) - n_blocks:] if n_blocks else []
+    for b in chosen:
+        b.requires_grad_(True)
+    trunk.classifier.requires_grad_(True)
+    return [p for p in trunk.parameters() if p.requires_grad]
+
+
+def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_images, val_labels,
+                  contract: dict, cfg: TrainSection, seed: int, progress: Progress = NullProgress()):
+    """Unfreeze the top `cfg.unfreeze_blocks` blocks; backbone LR = lr * backbone_lr_scale."""
+    import torch
+    from torch import nn
+
+    seed_everything(seed)
+    head = nn.Linear(_feature_dim(trunk, contract), num_classes)
+    model = nn.Sequential(trunk, head)
+    backbone_params = _unfreeze_top(trunk, cfg.unfreeze_blocks)
+    aug = _augmenter(contract)
+    x_val = torch.from_numpy(eval_arrays(val_images, contract))
+    y_val = torch.as_tensor(np.asarray(val_labels))
+    y_train = torch.as_tensor(np.asarray(train_labels))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(train_images)
+    steps = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+
+    def set_train_mode():
+        model.eval()  # frozen BatchNorm layers keep their ImageNet statistics
+        for m in model.modules():
+            if any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.train()
+
+    def step(opt, sched):
+        set_train_mode()
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            x = torch.from_numpy(np.stack([aug(train_images[i]) for i in idx.tolist()]))
+            loss = loss_fn(model(x), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        return total / n
+
+    def evaluate():
+        model.eval()
+        logits = _batched_forward(model, x_val.numpy(), 64, NullProgress(), "")
+        return float((logits.argmax(1) == y_val).float().mean()), float(nn.functional.cross_entropy(logits, y_val))
+
+    groups = [{"params": head.parameters(), "lr": cfg.lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale})
+    state, best_epoch, best_acc, history = _fit(
+        groups, step, evaluate, lambda: copy.deepcopy(model.state_dict()), cfg, steps, progress)
+    model.load_state_dict(state)
+    model.eval().requires_grad_(False)
+    return TrainResult(model, history, best_epoch, best_acc)
+
+
+def _feature_dim(trunk, contract: dict) -> int:
+    import torch
+
+    with torch.inference_mode():
+        return int(trunk.eval()(torch.zeros(1, 3, *contract["input_size"])).shape[1])
+
+
+STRATEGIES = {"feature-extract": fit_feature_extract, "fine-tune": fit_fine_tune}
