@@ -115,22 +115,23 @@ def scan(folder: Path, *, val_fraction: float = 0.15, test_fraction: float = 0.2
     presplit = {"train", "test"} <= top
     if presplit:
         classes = sorted({p.name for s in SPLITS if (folder / s).is_dir() for p in _class_dirs(folder / s)})
+    else:
+        classes = sorted(top)
+    if not classes:
+        raise DataError(f"{folder}: no class sub-folders; fix: arrange images as {folder}/<class>/<image>")
+    if len(classes) < 2:
+        raise DataError(f"{folder}: only one class ('{classes[0]}'); fix: add a sub-folder per class, at least two")
+    if presplit:
         splits = {s: _scan_classes(folder / s, classes, skipped, folder) if (folder / s).is_dir() else []
                   for s in SPLITS}
         if not splits["val"]:
             carved = _stratified(splits["train"], {"train": 0, "val": val_fraction}, rng)
             splits["train"], splits["val"] = carved["train"], carved["val"]
     else:
-        classes = sorted(top)
         items = _scan_classes(folder, classes, skipped, folder)
-        if classes and items:
+        if items:
             _check_counts(folder, classes, {"all": items}, minimum=3)
         splits = _stratified(items, {"train": 0, "val": val_fraction, "test": test_fraction}, rng)
-
-    if not classes:
-        raise DataError(f"{folder}: no class sub-folders; fix: arrange images as {folder}/<class>/<image>")
-    if len(classes) < 2:
-        raise DataError(f"{folder}: only one class ('{classes[0]}'); fix: add a sub-folder per class, at least two")
     if not any(splits.values()):
         raise DataError(f"{folder}: no readable images ({len(skipped)} files skipped); fix: add JPEG/PNG images")
     _check_counts(folder, classes, splits, minimum=1)

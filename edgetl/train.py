@@ -136,7 +136,7 @@ def fit_feature_extract(trunk, num_classes: int, train_images, train_labels, val
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         return total / n
 
     def evaluate():
@@ -199,7 +199,7 @@ def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_image
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         return total / n
 
     def evaluate():

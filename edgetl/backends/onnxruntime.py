@@ -18,6 +18,20 @@ log = logging.getLogger(__name__)
 CALIB_BATCH = 16
 
 
+def _finish(out: Path, fp32: Artifact, quantizer: str) -> Artifact:
+    """Carry the FP32 model's metadata (labels, preprocessing contract) into the quantized model."""
+    import onnx
+
+    from ..export import set_metadata
+
+    src = onnx.load(str(fp32.path), load_external_data=False)
+    model = onnx.load(str(out))
+    set_metadata(model, {p.key: p.value for p in src.metadata_props})
+    set_metadata(model, {"edgetl.quantizer": quantizer})
+    onnx.save(model, str(out))
+    return Artifact.of(out, "onnx-int8", quantizer=quantizer)
+
+
 def _batches(x: np.ndarray, size: int = CALIB_BATCH):
     return [x[i:i + size] for i in range(0, len(x), size)]
 
@@ -54,7 +68,7 @@ def ort_static(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdi
         extra_options={"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True},
     )
     prepped.unlink(missing_ok=True)
-    return Artifact.of(out, "onnx-int8", quantizer="ort_static")
+    return _finish(out, fp32, "ort_static")
 
 
 def _nncf_args(data: QuantInputs, profile: TargetProfile):
@@ -73,7 +87,7 @@ def nncf_ptq(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir:
     model = nncf.quantize(onnx.load(str(fp32.path)), calib, **kw)
     out = workdir / "nncf_ptq.int8.onnx"
     onnx.save(model, str(out))
-    return Artifact.of(out, "onnx-int8", quantizer="nncf_ptq")
+    return _finish(out, fp32, "nncf_ptq")
 
 
 def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
@@ -95,7 +109,7 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
         drop_type=nncf.DropType.ABSOLUTE, **kw)
     out = workdir / "mixed_precision.int8.onnx"
     onnx.save(model, str(out))
-    return Artifact.of(out, "onnx-int8", quantizer="mixed_precision")
+    return _finish(out, fp32, "mixed_precision")
 
 
 def float_nodes(model_path: Path) -> list[str]:

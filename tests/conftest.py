@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny generated image folders and one real pipeline run reused by many tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("EDGETL_OFFLINE", "1")  # tests never download
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def make_image_folder(root: Path, per_class: int = 12, size: int = 48, seed: int = 0) -> Path:
+    """Easy, deterministic 3-class data: a coloured disc on a noisy grey background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            bg = rng.normal(128, 20, (size, size, 3))
+            cx, cy, r = rng.uniform(size * 0.3, size * 0.7, 2).tolist() + [rng.uniform(size * 0.2, size * 0.35)]
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+            bg[mask] = np.asarray(colour) + rng.normal(0, 10, 3)
+            Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8)).save(root / name / f"{name}_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "imgs")
+
+
+FAST_FLAGS = ["--image-size", "64", "--epochs", "15", "--seed", "0", "-q"]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, tiny_data) -> dict:
+    """One real build: real MobileNetV2 ImageNet weights, ORT INT8, gate, CPU bundle."""
+    from click.testing import CliRunner
+
+    from edgetl.cli import cli
+
+    out = tmp_path_factory.mktemp("out") / "build"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *FAST_FLAGS])
+    assert res.exit_code == 0, res.output
+    return {"out": out, "bundle": out / "cpu", "result": json.loads(res.output)}

@@ -1,0 +1,120 @@
+"""The published CPU bundle: contents, manifest, verify, the torch-free runtime."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_bundle_layout_and_manifest(built):
+    b = built["bundle"]
+    for f in ("model.onnx", "labels.txt", "preprocess.json", "recipe.toml", "manifest.json", "predict.py",
+              "README.md", "runtime.json", "golden/expected.json"):
+        assert (b / f).is_file(), f
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["target"] == "cpu" and set(m["files"]) == {
+        p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    for key in ("edgetl", "torch", "onnx", "onnxruntime"):
+        assert m["versions"][key]
+    assert len(m["data_sha256"]) == 64 and len(m["calibration_sha256"]) == 64 and m["seed"] == 0
+    met = m["metrics"]
+    assert 0 <= met["accuracy"] <= 1 and 0 <= met["reference_accuracy"] <= 1 and met["n_test"] > 0
+    assert met["accuracy_drop_pp"] <= m["quantization"]["tolerances"]["max_accuracy_drop_pp"]
+    assert met["top1_agreement"] >= m["quantization"]["tolerances"]["min_top1_agreement"]
+    assert m["sizes"]["ratio"] <= 0.35
+    assert (b / "labels.txt").read_text().split() == ["blue", "green", "red"]
+    assert 'image_size = 64' in (b / "recipe.toml").read_text()
+    assert not list(built["out"].glob(".staging-*"))
+
+
+def test_int8_model_is_per_channel_qdq(built):
+    g = onnx.load(str(built["bundle"] / "model.onnx")).graph
+    inits = {i.name: i for i in g.initializer}
+    dq = [n for n in g.node if n.op_type == "DequantizeLinear"]
+    assert dq, "no QDQ nodes: the model is not quantized"
+    conv_weights = {n.input[1] for n in g.node if n.op_type == "Conv"}
+    per_channel = [n for n in dq if n.output[0] in conv_weights and len(inits[n.input[1]].dims) == 1
+                   and inits[n.input[1]].dims[0] > 1]
+    assert len(per_channel) >= 0.9 * len(conv_weights)
+    meta = {p.key: p.value for p in onnx.load(str(built["bundle"] / "model.onnx")).metadata_props}
+    assert json.loads(meta["edgetl.labels"]) == ["blue", "green", "red"]
+    assert json.loads(meta["edgetl.preprocess"])["input_size"] == [64, 64]
+    assert meta["edgetl.quantizer"] == "ort_static"
+
+
+def _torchless_env(tmp_path):
+    """PYTHONPATH with `torch` and `edgetl` packages that refuse to import."""
+    blocker = tmp_path / "blocker"
+    for name in ("torch", "edgetl", "torchvision"):
+        (blocker / name).mkdir(parents=True)
+        (blocker / name / "__init__.py").write_text(f"raise ImportError('{name} is not allowed in a bundle')\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    return env
+
+
+def test_predict_py_runs_without_torch(built, tmp_path, tiny_data):
+    bundle = tmp_path / "copied"
+    shutil.copytree(built["bundle"], bundle)  # runs from anywhere: nothing refers back to edgetl
+    env = _torchless_env(tmp_path)
+    st = subprocess.run([sys.executable, "predict.py", "--selftest"], cwd=bundle, env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert st.returncode == 0, st.stderr
+    assert "selftest passed" in st.stdout
+    img = sorted((tiny_data / "red").glob("*.png"))[0]
+    out = subprocess.run([sys.executable, str(bundle / "predict.py"), "--json", str(img)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pred = json.loads(out.stdout)["predictions"][0]
+    assert pred["label"] == "red" and 0 < pred["probability"] <= 1
+
+
+def test_selftest_catches_a_wrong_model(built, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(built["bundle"], bundle)
+    exp = json.loads((bundle / "golden" / "expected.json").read_text())
+    for item in exp["items"]:
+        item["index"] = (item["index"] + 1) % 3
+    (bundle / "golden" / "expected.json").write_text(json.dumps(exp))
+    st = subprocess.run([sys.executable, "predict.py", "--selftest"], cwd=bundle, capture_output=True, text=True,
+                        timeout=120)
+    assert st.returncode == 1 and "FAILED" in st.stdout
+
+
+def test_verify_detects_tampering(built, tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(cli, ["verify", str(built["bundle"]), "--selftest"]).exit_code == 0
+    for change in ("changed", "added", "missing"):
+        b = tmp_path / change
+        shutil.copytree(built["bundle"], b)
+        if change == "changed":
+            with open(b / "model.onnx", "r+b") as f:
+                f.seek(200)
+                byte = f.read(1)
+                f.seek(200)
+                f.write(bytes([byte[0] ^ 0xFF]))
+        elif change == "added":
+            (b / "extra.txt").write_text("x")
+        else:
+            (b / "labels.txt").unlink()
+        res = runner.invoke(cli, ["verify", str(b), "--json"])
+        assert res.exit_code == 1, change
+        assert any(p.startswith(change) for p in json.loads(res.output)["details"])
+
+
+def test_predict_and_info_commands(built, tiny_data):
+    runner = CliRunner()
+    imgs = [str(sorted((tiny_data / c).glob("*.png"))[0]) for c in ("blue", "green")]
+    res = runner.invoke(cli, ["predict", str(built["bundle"]), *imgs, "--json"])
+    assert res.exit_code == 0, res.output
+    assert [p["label"] for p in json.loads(res.output)["predictions"]] == ["blue", "green"]
+    info = runner.invoke(cli, ["info", str(built["bundle"])])
+    assert info.exit_code == 0 and "mobilenet_v2" in info.output and "blue, green, red" in info.output

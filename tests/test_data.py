@@ -1,0 +1,126 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetl import data
+from edgetl.errors import DataError
+from edgetl.runtime.preprocess import ImageDecodeError, load_rgb, preprocess
+from tests.conftest import make_image_folder
+
+
+def _save(img, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def test_modes_become_rgb(tmp_path):
+    gray = load_rgb(_save(Image.new("L", (4, 4), 100), tmp_path / "g.png"))
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (100, 100, 100)
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    assert load_rgb(_save(pal, tmp_path / "p.png")).getpixel((0, 0)) == (10, 20, 30)
+    cmyk = load_rgb(_save(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), tmp_path / "c.jpg"))
+    assert cmyk.mode == "RGB" and min(cmyk.getpixel((0, 0))) > 240
+
+
+def test_alpha_composited_on_white(tmp_path):
+    img = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    img.putpixel((1, 0), (0, 0, 255, 0))  # fully transparent blue -> background
+    out = load_rgb(_save(img, tmp_path / "a.png"))
+    assert out.getpixel((0, 0)) == (255, 0, 0) and out.getpixel((1, 0)) == (255, 255, 255)
+
+
+def test_16bit_scaled_not_clamped(tmp_path):
+    arr = np.array([[0, 32896, 65535]], dtype=np.uint16)
+    out = load_rgb(_save(Image.fromarray(arr), tmp_path / "d.png"))
+    assert [out.getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+def test_exif_orientation_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert load_rgb(tmp_path / "r.jpg").size == (20, 40)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"hello, not an image", "not an image"),
+])
+def test_bad_bytes(tmp_path, content, reason):
+    (tmp_path / "x.png").write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=reason):
+        load_rgb(tmp_path / "x.png")
+
+
+def test_truncated_and_bomb(tmp_path, monkeypatch):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "t.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        load_rgb(tmp_path / "t.jpg")
+    _save(Image.new("RGB", (100, 100)), tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        load_rgb(tmp_path / "big.png")
+
+
+def test_preprocess_contract():
+    c = {"input_size": [8, 8], "resize_size": 10, "interpolation": "bilinear", "mean": [0.5] * 3,
+         "std": [0.5] * 3, "layout": "NCHW"}
+    x = preprocess(Image.new("RGB", (30, 20), (255, 0, 0)), c)
+    assert x.shape == (3, 8, 8) and x.dtype == np.float32
+    assert np.allclose(x[0], 1.0) and np.allclose(x[1], -1.0)
+
+
+def test_scan_splits_and_skips(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=10)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    (root / "green" / "notes.txt").write_text("hi")
+    ds = data.scan(root, seed=1)
+    assert ds.classes == ["blue", "green", "red"]
+    assert {s["file"] for s in ds.skipped} == {"red/empty.jpg", "green/notes.txt"}
+    for split in data.SPLITS:
+        assert {it.label for it in ds.split(split)} == {0, 1, 2}
+    all_paths = [it.path for s in data.SPLITS for it in ds.split(s)]
+    assert len(all_paths) == len(set(all_paths)) == 30
+    again = data.scan(root, seed=1)
+    assert again.sha256 == ds.sha256 and data.scan(root, seed=2).sha256 != ds.sha256
+
+
+def test_presplit(tmp_path):
+    make_image_folder(tmp_path / "p" / "train", per_class=8)
+    make_image_folder(tmp_path / "p" / "test", per_class=3, seed=5)
+    ds = data.scan(tmp_path / "p")
+    assert ds.presplit and len(ds.split("test")) == 9
+    assert len(ds.split("train")) + len(ds.split("val")) == 24 and ds.split("val")
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        data.scan(tmp_path / "nope")
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    _save(Image.new("RGB", (8, 8)), tmp_path / "one" / "cat" / "a.png")
+    with pytest.raises(DataError, match="only one class"):
+        data.scan(tmp_path / "one")
+    root = make_image_folder(tmp_path / "e", per_class=4)
+    (root / "purple").mkdir()
+    (root / "purple" / "broken.png").write_bytes(b"xx")
+    with pytest.raises(DataError, match="'purple' has 0 readable image"):
+        data.scan(root)
+    (tmp_path / "none" / "a").mkdir(parents=True)
+    (tmp_path / "none" / "b").mkdir(parents=True)
+    with pytest.raises(DataError, match="readable image"):
+        data.scan(tmp_path / "none")
+
+
+def test_calibration_subset_balanced_from_train(tmp_path):
+    ds = data.scan(make_image_folder(tmp_path / "d", per_class=12))
+    train = ds.split("train")
+    sub = data.calibration_subset(train, 3, 6, seed=0)
+    assert np.bincount([it.label for it in sub]).tolist() == [2, 2, 2]
+    assert set(sub) <= set(train)
+    assert data.calibration_subset(train, 3, 6, seed=0) == sub

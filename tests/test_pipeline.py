@@ -1,0 +1,118 @@
+"""End-to-end behaviour of `edgetl build`: exit codes, JSON, nothing half-written, the gate."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgetl.backends.onnxruntime import OnnxRuntimeBackend, ort_static
+from edgetl.cli import cli
+from tests.conftest import FAST_FLAGS
+
+pytestmark = pytest.mark.integration
+
+
+def test_build_json_result(built):
+    r = built["result"]
+    assert r["ok"] and r["targets"][0]["published"]
+    t = r["targets"][0]
+    assert t["quantization"]["attempts"][0]["quantizer"] == "ort_static"
+    assert t["metrics"]["n_test"] == sum(r["data"]["counts"]["test"].values())
+    assert set(r["timings"]) >= {"prepare", "train", "total"}
+    report = json.loads((built["out"] / "report.json").read_text())
+    assert report["targets"][0]["metrics"] == json.loads(json.dumps(t["metrics"]))
+
+
+def test_build_is_reproducible(built, tiny_data, tmp_path):
+    out = tmp_path / "again"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *FAST_FLAGS])
+    assert res.exit_code == 0, res.output
+    again = json.loads(res.output)["targets"][0]["metrics"]
+    first = built["result"]["targets"][0]["metrics"]
+    for k in ("reference_accuracy", "accuracy", "top1_agreement"):
+        assert again[k] == pytest.approx(first[k])
+    m1 = json.loads((built["bundle"] / "manifest.json").read_text())
+    m2 = json.loads((out / "cpu" / "manifest.json").read_text())
+    assert m1["data_sha256"] == m2["data_sha256"] and m1["calibration_sha256"] == m2["calibration_sha256"]
+
+
+def _corrupt_scales(fp32, data, profile, workdir):
+    """A real ORT INT8 model whose weight scales are then scrambled (a broken quantizer)."""
+    art = ort_static(fp32, data, profile, workdir)
+    model = onnx.load(str(art.path))
+    inits = {i.name: i for i in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[1] in inits:
+            t = inits[node.input[1]]
+            arr = onnx.numpy_helper.to_array(t)
+            if arr.ndim == 1 and arr.size > 1:  # per-channel weight scales
+                t.CopyFrom(onnx.numpy_helper.from_array(
+                    (arr * rng.uniform(0.05, 20, arr.shape)).astype(arr.dtype), t.name))
+    onnx.save(model, str(art.path))
+    return type(art).of(art.path, art.kind, **art.meta)
+
+
+def test_broken_quantization_fails_the_gate_and_publishes_nothing(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(OnnxRuntimeBackend.quantizers, "ort_static", _corrupt_scales)
+    profile = tmp_path / "only-ort.toml"
+    profile.write_text('name = "cpu"\nbackend = "onnxruntime"\n[quantization]\nquantizers = ["ort_static"]\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target",
+                                   str(profile), "--json", *FAST_FLAGS])
+    assert res.exit_code == 1, res.output
+    r = json.loads(res.output)
+    t = r["targets"][0]
+    assert not r["ok"] and not t["published"] and t["misses"]
+    assert any("agreement" in m or "accuracy drop" in m for m in t["misses"])
+    assert not (out / "cpu").exists() and not list(out.glob(".staging-*"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/nonexistent/folder"], "not a directory"),
+    (["--backbone", "mobilenet_v9"], "unknown backbone"),
+    (["--target", "tpu"], "unknown target"),
+    (["--epochs", "0"], "train.epochs"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_data, args, needle):
+    out = tmp_path / "out"
+    base = ["build", "--out", str(out), "--data", str(tiny_data)]
+    res = CliRunner().invoke(cli, base + args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output and res.output.count("\n") <= 2
+    assert not out.exists()
+
+
+def test_bad_recipe_key_exits_2(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text("[model]\nbackbon = 'x'\n")
+    res = CliRunner().invoke(cli, ["build", str(f)])
+    assert res.exit_code == 2 and "unknown key 'model.backbon'" in res.output
+
+
+def test_init_writes_a_valid_recipe(tmp_path):
+    runner = CliRunner()
+    f = tmp_path / "edgetl.toml"
+    assert runner.invoke(cli, ["init", str(f)]).exit_code == 0
+    assert runner.invoke(cli, ["init", str(f)]).exit_code == 2  # no silent overwrite
+    from edgetl.recipe import load_recipe
+
+    assert load_recipe(f).train.strategy == "feature-extract"
+
+
+def test_escalation_recovers_from_a_bad_first_quantizer(tiny_data, tmp_path, monkeypatch):
+    """The first quantizer misses on the validation split; NNCF PTQ (real) is tried next and ships."""
+    monkeypatch.setitem(OnnxRuntimeBackend.quantizers, "ort_static", _corrupt_scales)
+    profile = tmp_path / "escalate.toml"
+    profile.write_text('name = "cpu"\nbackend = "onnxruntime"\n'
+                       '[quantization]\nquantizers = ["ort_static", "nncf_ptq"]\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target",
+                                   str(profile), "--json", *FAST_FLAGS])
+    assert res.exit_code == 0, res.output
+    q = json.loads((out / "cpu" / "manifest.json").read_text())["quantization"]
+    assert [a["quantizer"] for a in q["attempts"]] == ["ort_static", "nncf_ptq"]
+    assert q["attempts"][0]["val_misses"] and not q["attempts"][1]["val_misses"]
+    assert q["chosen"] == "nncf_ptq" and q["float_nodes"] == []

@@ -1,0 +1,34 @@
+"""Quantizers on a real exported MobileNetV2 (64 px): NNCF accuracy control and the float-node report."""
+
+import numpy as np
+import pytest
+
+from edgetl import backbones, data, export, parity, train
+from edgetl.backends import QuantInputs
+from edgetl.backends.onnxruntime import float_nodes, mixed_precision
+from edgetl.profiles import load_profile
+from edgetl.recipe import TrainSection
+from edgetl.runtime.ort_predict import Predictor
+
+pytestmark = pytest.mark.integration
+
+
+def test_mixed_precision_meets_the_tolerance_on_val(tiny_data, tmp_path):
+    ds = data.scan(tiny_data)
+    spec = backbones.get("mobilenet_v2")
+    contract = spec.contract(64)
+    trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
+    imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
+    labels = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
+    net = train.fit_feature_extract(trunk, 3, imgs["train"], labels["train"], imgs["val"], labels["val"],
+                                    contract, TrainSection(epochs=10, augment_views=0), seed=0).model
+    fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
+    val_x = train.eval_arrays(imgs["val"], contract)
+    ref = train._batched_forward(net, val_x, 8, train.NullProgress(), "").numpy()
+    qi = QuantInputs(train.eval_arrays(imgs["train"], contract), val_x, labels["val"], ref, 0.0, 0.9, 0)
+    art = mixed_precision(fp32, qi, load_profile("cpu"), tmp_path)
+    assert art.meta["quantizer"] == "mixed_precision" and art.size < 0.5 * fp32.size
+    rep = parity.evaluate(ref, parity.logits_of(Predictor(art.path, contract, ds.classes), val_x),
+                          labels["val"], ds.classes, split="val")
+    assert rep.accuracy_drop_pp <= 0.0
+    assert isinstance(float_nodes(art.path), list) and float_nodes(fp32.path)  # fp32: every conv is float
