@@ -6,7 +6,6 @@ A backbone is one registered function returning a BackboneSpec; adding one touch
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
 
+from .artifact import file_sha256
 from .errors import WeightsError
 
 log = logging.getLogger(__name__)
@@ -151,16 +151,8 @@ class WeightsSource:
     sha256: str
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checked(path: Path, origin: str) -> WeightsSource:
-    digest = _sha256(path)
+    digest = file_sha256(path)
     m = re.search(r"-([0-9a-f]{8,64})\.pth?$", path.name)
     if m and not digest.startswith(m[1]):
         raise WeightsError(
@@ -221,7 +213,9 @@ def load_pretrained(spec: BackboneSpec, source: WeightsSource, image_size: int |
     try:
         state = torch.load(source.path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{source.path}: not a loadable PyTorch state dict ({e}); fix: pass the right file") from None
+        raise WeightsError(
+            f"{source.path}: not a loadable PyTorch state dict ({e}); fix: pass the right file"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if spec.remap:

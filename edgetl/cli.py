@@ -5,6 +5,7 @@ Exit codes: 0 ok; 1 parity gate failed / bundle not intact; 2 usage or bad input
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -63,8 +64,9 @@ def cli(verbose: int):
 
 @cli.command()
 @click.argument("recipe_file", required=False, type=click.Path(path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), help="ImageFolder or pre-split folder (default: built-in shapes)")
-@click.option("--backbone", help="mobilenet_v2 | mobilenet_v3_small | mobilenet_v3_large | efficientnet_b0 | efficientnet_lite0")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="ImageFolder or pre-split folder (default: built-in shapes)")
+@click.option("--backbone", help="registered backbone, e.g. mobilenet_v2, efficientnet_lite0 (`edgetl backbones`)")
 @click.option("--weights", type=click.Path(path_type=Path), help="local ImageNet checkpoint (.pth)")
 @click.option("--strategy", type=click.Choice(["feature-extract", "fine-tune"]))
 @click.option("--target", multiple=True, help="built-in target name or profile .toml (repeatable)")
@@ -88,7 +90,8 @@ def build(recipe_file, as_json, quiet, **flags):
         recipe = load_recipe(recipe_file, overrides)
         console = Console(stderr=True)
         progress = NullProgress() if (quiet or as_json) else RichProgress(console)
-        return run_build(recipe, progress)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result
+            return run_build(recipe, progress)
 
     result = _run(go, as_json)
     if as_json:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import file_sha256
 from .errors import DataError
 from .runtime.preprocess import ImageDecodeError, load_rgb
 
@@ -60,10 +61,6 @@ def items_sha256(items: list[Item], root: Path) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -82,7 +79,7 @@ def _scan_classes(folder: Path, classes: list[str], skipped: list[dict], root: P
             except ImageDecodeError as e:
                 skipped.append({"file": f.relative_to(root).as_posix(), "reason": str(e)})
                 continue
-            items.append(Item(f, label, _file_sha256(f)))
+            items.append(Item(f, label, file_sha256(f)))
     return items
 
 

@@ -34,6 +34,9 @@ class QuantizationProfile(_Strict):
 class Tolerances(_Strict):
     max_accuracy_drop_pp: float = Field(1.0, ge=0)
     min_top1_agreement: float = Field(0.90, ge=0, le=1)
+    # The quantizer search (validation split) aims higher than the gate's floor: a model that
+    # flips 6 % of validation images is damaged even when its accuracy happens to hold.
+    search_top1_agreement: float = Field(0.97, ge=0, le=1)
     export_atol: float = Field(1e-3, gt=0)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "cross", "hexagon", "square", "star", "triangle")
-VERSION = 3
+VERSION = 4
 SIZE = 96
 _SS = 2  # supersampling factor
 
@@ -66,7 +66,7 @@ def render(label: int, index: int, seed: int = 0) -> Image.Image:
     img = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(img)
     # distractor strokes and small shapes of any class
-    for _ in range(rng.integers(1, 4)):
+    for _ in range(rng.integers(0, 3)):
         xy = rng.uniform(0, big, 4)
         draw.line(tuple(xy), fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(2, 8)))
     for _ in range(rng.integers(0, 2)):
@@ -79,12 +79,12 @@ def render(label: int, index: int, seed: int = 0) -> Image.Image:
     fill = tuple(int(v) for v in rng.integers(0, 256, 3))
     _draw_shape(draw, CLASSES[label], cx, cy, r, rng.uniform(0, 2 * math.pi), fill)
     # partial occlusion by a bar
-    if rng.uniform() < 0.25:
+    if rng.uniform() < 0.2:
         ox, oy = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r)
         draw.rectangle((ox, oy, ox + rng.uniform(0.2, 0.6) * r, oy + rng.uniform(0.5, 1.5) * r),
                        fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.8))).resize((SIZE, SIZE), Image.Resampling.BOX)
-    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(3, 16), (SIZE, SIZE, 3))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))).resize((SIZE, SIZE), Image.Resampling.BOX)
+    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, rng.uniform(3, 12), (SIZE, SIZE, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -93,7 +93,7 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser()
 
 
-def ensure_shapes(root: Path | None = None, per_class: int = 100, seed: int = 0) -> Path:
+def ensure_shapes(root: Path | None = None, per_class: int = 150, seed: int = 0) -> Path:
     """Render the data set once (idempotent); returns the ImageFolder path."""
     folder = (root or default_cache_dir()) / f"shapes-v{VERSION}-n{per_class}-s{seed}"
     stamp = folder / ".complete"

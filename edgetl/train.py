@@ -67,24 +67,47 @@ def _batched_forward(module, arrays: np.ndarray, batch: int, progress: Progress,
     return torch.cat(out)
 
 
-def _twin_forward(session, arrays: np.ndarray, progress: Progress, description: str, batch: int = 32):
-    starts = range(0, len(arrays), batch)
-    return np.concatenate([session.run(None, {"input": arrays[s:s + batch]})[0]
-                           for s in progress.track(starts, total=len(starts), description=description)])
+def _twin_forward(session, jobs: list, progress: Progress, description: str, batch: int = 32) -> np.ndarray:
+    """Features for (transform, image) pairs, preprocessed one batch at a time (memory stays flat)."""
+    starts = range(0, len(jobs), batch)
+    out = []
+    for s in progress.track(starts, total=len(starts), description=description):
+        x = np.stack([fn(img) for fn, img in jobs[s:s + batch]])
+        out.append(session.run(None, {"input": x})[0])
+    return np.concatenate(out)
 
 
-def _fit(params_groups, step_fn, eval_fn, snapshot, cfg: TrainSection, steps_per_epoch: int, progress: Progress):
-    """Shared loop: AdamW + cosine per step, early stopping on val accuracy, best state kept."""
+def _fit(param_groups, *, n: int, batch_loss, train_mode, val_logits, y_val, snapshot, cfg: TrainSection,
+         seed: int, progress: Progress):
+    """Shared loop: AdamW + cosine per step, early stopping on val accuracy (then loss), best state kept.
+
+    batch_loss(idx) -> loss for training rows idx; train_mode() puts the trainable parts in train mode;
+    val_logits() -> validation logits in eval mode; snapshot() -> a copy of the state to keep.
+    """
     import torch
+    from torch.nn import functional as F
 
-    opt = torch.optim.AdamW(params_groups, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    steps = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
+    opt = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps))
     best = (-1.0, float("inf"))
     best_state, best_epoch, history, stale = None, 0, [], 0
     for epoch in progress.track(range(1, cfg.epochs + 1), total=cfg.epochs, description="train"):
-        train_loss = step_fn(opt, sched)
-        val_acc, val_loss = eval_fn()
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5),
+        train_mode()
+        total = 0.0
+        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            loss = batch_loss(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        with torch.no_grad():
+            logits = val_logits()
+        val_acc = float((logits.argmax(1) == y_val).float().mean())
+        val_loss = float(F.cross_entropy(logits, y_val))
+        history.append({"epoch": epoch, "train_loss": round(total / n, 5), "val_accuracy": round(val_acc, 5),
                         "val_loss": round(val_loss, 5)})
         if (val_acc, -val_loss) > (best[0], -best[1]):
             best, best_state, best_epoch, stale = (val_acc, val_loss), snapshot(), epoch, 0
@@ -108,46 +131,31 @@ def fit_feature_extract(trunk, num_classes: int, train_images, train_labels, val
     trunk.eval().requires_grad_(False)
     t0 = time.perf_counter()
     aug = _augmenter(contract)
-    views = [eval_arrays(train_images, contract)]
-    for _ in range(cfg.augment_views):
-        views.append(np.stack([aug(img) for img in train_images]))
-    x_train = np.concatenate(views)
+    clean = lambda img: preprocess(img, contract)  # noqa: E731
+    views = [clean] + [aug] * cfg.augment_views  # view 0 is the clean image, the rest augmented
     y_train = torch.as_tensor(np.tile(np.asarray(train_labels), len(views)))
-    x_val = eval_arrays(val_images, contract)
     with tempfile.TemporaryDirectory(prefix="edgetl-twin-") as tmp:
-        twin = onnxruntime_twin(trunk, contract["input_size"], Path(tmp), check=x_val[:4])
-        f_train = torch.from_numpy(_twin_forward(twin, x_train, progress, "features (train)"))
-        f_val = torch.from_numpy(_twin_forward(twin, x_val, progress, "features (val)"))
+        twin = onnxruntime_twin(trunk, contract["input_size"], Path(tmp),
+                                check=eval_arrays(val_images[:4], contract))
+        jobs = [(view, img) for view in views for img in train_images]
+        f_train = torch.from_numpy(_twin_forward(twin, jobs, progress, "features (train)"))
+        f_val = torch.from_numpy(_twin_forward(twin, [(clean, img) for img in val_images], progress,
+                                               "features (val)"))
     y_val = torch.as_tensor(np.asarray(val_labels))
     seconds = time.perf_counter() - t0
 
     head = nn.Linear(f_train.shape[1], num_classes)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(f_train)
-    steps = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
 
-    def step(opt, sched):
-        head.train()
-        total = 0.0
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            loss = loss_fn(head(f_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        return total / n
-
-    def evaluate():
+    def val_logits():
         head.eval()
-        with torch.no_grad():
-            logits = head(f_val)
-        return float((logits.argmax(1) == y_val).float().mean()), float(nn.functional.cross_entropy(logits, y_val))
+        return head(f_val)
 
     state, best_epoch, best_acc, history = _fit(
-        [{"params": head.parameters(), "lr": cfg.lr}], step, evaluate,
-        lambda: copy.deepcopy(head.state_dict()), cfg, steps, progress)
+        [{"params": head.parameters(), "lr": cfg.lr}], n=len(f_train),
+        batch_loss=lambda idx: loss_fn(head(f_train[idx]), y_train[idx]), train_mode=head.train,
+        val_logits=val_logits, y_val=y_val, snapshot=lambda: copy.deepcopy(head.state_dict()), cfg=cfg,
+        seed=seed, progress=progress)
     head.load_state_dict(state)
     model = nn.Sequential(trunk, head).eval()
     return TrainResult(model, history, best_epoch, best_acc, seconds)
@@ -175,13 +183,10 @@ def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_image
     model = nn.Sequential(trunk, head)
     backbone_params = _unfreeze_top(trunk, cfg.unfreeze_blocks)
     aug = _augmenter(contract)
-    x_val = torch.from_numpy(eval_arrays(val_images, contract))
+    x_val = eval_arrays(val_images, contract)
     y_val = torch.as_tensor(np.asarray(val_labels))
     y_train = torch.as_tensor(np.asarray(train_labels))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(train_images)
-    steps = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
 
     def set_train_mode():
         model.eval()  # frozen BatchNorm layers keep their ImageNet statistics
@@ -189,29 +194,20 @@ def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_image
             if any(p.requires_grad for p in m.parameters(recurse=False)):
                 m.train()
 
-    def step(opt, sched):
-        set_train_mode()
-        total = 0.0
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-            x = torch.from_numpy(np.stack([aug(train_images[i]) for i in idx.tolist()]))
-            loss = loss_fn(model(x), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        return total / n
+    def batch_loss(idx):
+        x = torch.from_numpy(np.stack([aug(train_images[i]) for i in idx.tolist()]))
+        return loss_fn(model(x), y_train[idx])
 
-    def evaluate():
+    def val_logits():
         model.eval()
-        logits = _batched_forward(model, x_val.numpy(), 64, NullProgress(), "")
-        return float((logits.argmax(1) == y_val).float().mean()), float(nn.functional.cross_entropy(logits, y_val))
+        return _batched_forward(model, x_val, 64, NullProgress(), "")
 
     groups = [{"params": head.parameters(), "lr": cfg.lr}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale})
     state, best_epoch, best_acc, history = _fit(
-        groups, step, evaluate, lambda: copy.deepcopy(model.state_dict()), cfg, steps, progress)
+        groups, n=len(train_images), batch_loss=batch_loss, train_mode=set_train_mode, val_logits=val_logits,
+        y_val=y_val, snapshot=lambda: copy.deepcopy(model.state_dict()), cfg=cfg, seed=seed, progress=progress)
     model.load_state_dict(state)
     model.eval().requires_grad_(False)
     return TrainResult(model, history, best_epoch, best_acc)

@@ -47,4 +47,4 @@ def built(tmp_path_factory, tiny_data) -> dict:
     out = tmp_path_factory.mktemp("out") / "build"
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *FAST_FLAGS])
     assert res.exit_code == 0, res.output
-    return {"out": out, "bundle": out / "cpu", "result": json.loads(res.output)}
+    return {"out": out, "bundle": out / "cpu", "result": json.loads(res.stdout)}

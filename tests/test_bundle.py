@@ -107,7 +107,7 @@ def test_verify_detects_tampering(built, tmp_path):
             (b / "labels.txt").unlink()
         res = runner.invoke(cli, ["verify", str(b), "--json"])
         assert res.exit_code == 1, change
-        assert any(p.startswith(change) for p in json.loads(res.output)["details"])
+        assert any(p.startswith(change) for p in json.loads(res.stdout)["details"])
 
 
 def test_predict_and_info_commands(built, tiny_data):
@@ -115,6 +115,6 @@ def test_predict_and_info_commands(built, tiny_data):
     imgs = [str(sorted((tiny_data / c).glob("*.png"))[0]) for c in ("blue", "green")]
     res = runner.invoke(cli, ["predict", str(built["bundle"]), *imgs, "--json"])
     assert res.exit_code == 0, res.output
-    assert [p["label"] for p in json.loads(res.output)["predictions"]] == ["blue", "green"]
+    assert [p["label"] for p in json.loads(res.stdout)["predictions"]] == ["blue", "green"]
     info = runner.invoke(cli, ["info", str(built["bundle"])])
     assert info.exit_code == 0 and "mobilenet_v2" in info.output and "blue, green, red" in info.output

@@ -29,7 +29,7 @@ def test_build_is_reproducible(built, tiny_data, tmp_path):
     out = tmp_path / "again"
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *FAST_FLAGS])
     assert res.exit_code == 0, res.output
-    again = json.loads(res.output)["targets"][0]["metrics"]
+    again = json.loads(res.stdout)["targets"][0]["metrics"]
     first = built["result"]["targets"][0]["metrics"]
     for k in ("reference_accuracy", "accuracy", "top1_agreement"):
         assert again[k] == pytest.approx(first[k])
@@ -63,7 +63,7 @@ def test_broken_quantization_fails_the_gate_and_publishes_nothing(tiny_data, tmp
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target",
                                    str(profile), "--json", *FAST_FLAGS])
     assert res.exit_code == 1, res.output
-    r = json.loads(res.output)
+    r = json.loads(res.stdout)
     t = r["targets"][0]
     assert not r["ok"] and not t["published"] and t["misses"]
     assert any("agreement" in m or "accuracy drop" in m for m in t["misses"])

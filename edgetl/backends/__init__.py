@@ -29,7 +29,7 @@ class QuantInputs:
     val_y: np.ndarray
     val_reference_logits: np.ndarray  # float model's logits on val_x
     max_drop_pp: float
-    min_agreement: float
+    target_agreement: float  # what the quantizer search aims for on val (>= the gate's floor)
     seed: int
 
 

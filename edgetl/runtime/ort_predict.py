@@ -113,7 +113,8 @@ def main(argv=None) -> int:
         print(json.dumps({"predictions": results}))
     else:
         for r in results:
-            print(f"{r['file']}\terror: {r['error']}" if "error" in r else f"{r['file']}\t{r['label']}\t{r['probability']:.4f}")
+            line = f"error: {r['error']}" if "error" in r else f"{r['label']}\t{r['probability']:.4f}"
+            print(f"{r['file']}\t{line}")
     return 1 if any("error" in r for r in results) else 0
 
 
