@@ -60,6 +60,7 @@ def main() -> None:
         print(f"run {i + 1}: wall {r['wall_s']:.1f} s (in-process total {res['timings']['total']:.1f} s), "
               f"peak RSS {r['peak_rss_mb']:.0f} MB, exit {r['exit']}")
         print("  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items() if k != "total"))
+        print("  peak RSS after stage (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
         for t in res["targets"]:
             m = t["metrics"]
             lo, hi = m["accuracy_drop_ci95_pp"]

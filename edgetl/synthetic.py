@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES = ("circle", "cross", "hexagon", "square", "star", "triangle")
-VERSION = 4
+VERSION = 5
 SIZE = 96
 _SS = 2  # supersampling factor
 
@@ -69,7 +69,7 @@ def render(label: int, index: int, seed: int = 0) -> Image.Image:
     for _ in range(rng.integers(0, 3)):
         xy = rng.uniform(0, big, 4)
         draw.line(tuple(xy), fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(2, 8)))
-    for _ in range(rng.integers(0, 2)):
+    for _ in range(rng.integers(0, 2) if rng.uniform() < 0.5 else 0):
         other = CLASSES[int(rng.integers(len(CLASSES)))]
         _draw_shape(draw, other, *rng.uniform(0, big, 2), rng.uniform(4, 9) * _SS / 2, rng.uniform(0, 6.3),
                     tuple(int(v) for v in rng.integers(0, 256, 3)))
@@ -79,7 +79,7 @@ def render(label: int, index: int, seed: int = 0) -> Image.Image:
     fill = tuple(int(v) for v in rng.integers(0, 256, 3))
     _draw_shape(draw, CLASSES[label], cx, cy, r, rng.uniform(0, 2 * math.pi), fill)
     # partial occlusion by a bar
-    if rng.uniform() < 0.2:
+    if rng.uniform() < 0.1:
         ox, oy = cx + rng.uniform(-r, r), cy + rng.uniform(-r, r)
         draw.rectangle((ox, oy, ox + rng.uniform(0.2, 0.6) * r, oy + rng.uniform(0.5, 1.5) * r),
                        fill=tuple(int(v) for v in rng.integers(0, 256, 3)))

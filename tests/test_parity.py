@@ -35,3 +35,16 @@ def test_identical_models_pass():
     assert rep.accuracy_drop_pp == 0 and rep.top1_agreement == 1 and rep.logits_cosine_min == pytest.approx(1.0)
     assert not rep.warnings
     parity.gate(rep, target="cpu", max_accuracy_drop_pp=1.0, min_top1_agreement=0.9)
+
+
+def test_search_judges_the_drop_by_its_interval():
+    labels = np.arange(100) % 2
+    ref = _logits(labels, 2)
+    pred = labels.copy()
+    pred[:2] = 1 - pred[:2]  # 2 pp point drop, but within noise for n=100
+    rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"])
+    assert parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.9)
+    assert not parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.9, drop_by_ci=True)
+    pred[:20] = 1 - labels[:20]  # 20 pp: significant
+    rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"])
+    assert parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.0, drop_by_ci=True)

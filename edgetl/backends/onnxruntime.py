@@ -18,7 +18,8 @@ from . import QuantInputs, register
 
 log = logging.getLogger(__name__)
 CALIB_BATCH = 16
-RANKING_SUBSET = 100
+RANKING_SUBSET = 64
+MAX_RESTORE_STEPS = 12
 
 
 def _finish(out: Path, fp32: Artifact, quantizer: str) -> Artifact:
@@ -126,15 +127,23 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
     pairs = list(zip(_batches(data.val_x, 1), float_top1, strict=True))
     val = nncf.Dataset(pairs, lambda item: {INPUT: item[0]})
 
+    cache: dict = {}
+
     def validate(model: onnx.ModelProto, items) -> tuple[float, list[float]]:
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        # NNCF's ranking calls this once per image with the same model: build its session once.
+        if cache.get("model") is not model:
+            cache.update(model=model, sess=ort.InferenceSession(model.SerializeToString(),
+                                                                providers=["CPUExecutionProvider"]))
+        sess = cache["sess"]
         same = [float(sess.run(None, {INPUT: x})[0].argmax() == k) for x, k in items]
         return float(np.mean(same)) if same else 0.0, same
 
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     # Ranking layers by sensitivity is the slow part: rank on a subset of the validation split.
-    restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=min(len(pairs), RANKING_SUBSET))
+    # NNCF re-ranks every remaining layer after each step that does not help; bound the steps.
+    restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=min(len(pairs), RANKING_SUBSET),
+                                                  max_num_iterations=MAX_RESTORE_STEPS)
     with contextlib.redirect_stdout(sys.stderr):
         model = nncf.quantize_with_accuracy_control(
             onnx.load(str(fp32.path)), calib, val, validate, max_drop=max(0.0, 1.0 - data.target_agreement),
