@@ -67,7 +67,7 @@ def _batched_forward(module, arrays: np.ndarray, batch: int, progress: Progress,
     return torch.cat(out)
 
 
-def _twin_forward(session, jobs: list, progress: Progress, description: str, batch: int = 32) -> np.ndarray:
+def _twin_forward(session, jobs: list, progress: Progress, description: str, batch: int = 8) -> np.ndarray:
     """Features for (transform, image) pairs, preprocessed one batch at a time (memory stays flat)."""
     starts = range(0, len(jobs), batch)
     out = []
