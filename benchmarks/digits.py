@@ -2,7 +2,7 @@
 upscaled to 64x64 PNGs. Builds twice with the same seed: plain onnxruntime PTQ only
 (`[quantize] escalate = false`) and with the profile's escalation, and prints both results.
 
-    python benchmarks/digits.py [--image-size 128] [--backbone mobilenet_v2]
+    python benchmarks/digits.py [--image-size 128] [--backbone mobilenet_v2] [--target cpu|PROFILE.toml]
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--image-size", default="128")
     ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--target", default="cpu", help="built-in target or profile .toml")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_digits(Path(tmp) / "digits")
         for escalate in (False, True):
             r = build(data, Path(tmp) / f"out-{escalate}", escalate,
-                      ["--image-size", a.image_size, "--backbone", a.backbone])
+                      ["--image-size", a.image_size, "--backbone", a.backbone, "--target", a.target])
             t = r["targets"][0]
             m = t["metrics"]
             lo, hi = m["accuracy_drop_ci95_pp"]
