@@ -70,6 +70,18 @@ class _Prepared:
     contract: dict
 
 
+@dataclass
+class _Evidence:
+    """What every target is built and judged from: the same model outputs and images for all."""
+
+    calibration: np.ndarray  # preprocessed, class-balanced training images
+    x: dict[str, np.ndarray]  # "val"/"test" -> preprocessed images
+    y: dict[str, np.ndarray]  # split -> labels
+    reference: dict[str, np.ndarray]  # "val"/"test" -> float PyTorch logits
+    golden: list  # (label, image) pairs shipped for device self-tests
+    manifest: dict  # manifest fields shared by every target
+
+
 def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepared:
     profiles = [load_profile(t) for t in recipe.targets]
     names = [p.name for p in profiles]
@@ -114,9 +126,6 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     t = lap("decode", t)
 
     progress.stage(f"train ({cfg.strategy})")
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = backbones.load_pretrained(p.spec, p.weights, recipe.model.image_size)
     trunk = backbones.trunk_of(model)
     fit = train.STRATEGIES[cfg.strategy]
@@ -126,15 +135,15 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     t = lap("train", t)
 
     progress.stage("float reference")
-    ref = {s: train._batched_forward(net, arrays[s], 8, progress, f"float reference ({s})").numpy()
+    ref = {s: train.forward_batches(net, arrays[s], 8, progress, f"float reference ({s})").numpy()
            for s in ("val", "test")}
     t = lap("reference", t)
 
     calib_items = data.calibration_subset(ds.split("train"), len(ds.classes), recipe.data.calibration_size,
                                           recipe.seed)
-    calib = np.stack([preprocess(im, contract) for im in data.load_images(calib_items)])
+    train_index = {it: i for i, it in enumerate(ds.split("train"))}
+    calib = np.stack([preprocess(images["train"][train_index[it]], contract) for it in calib_items])
     calib_sha = data.items_sha256(calib_items, ds.root)
-    golden = _golden_items(ds, images["test"], labels["test"])
     common = {
         "edgetl_version": __version__, "seed": recipe.seed, "data_sha256": ds.sha256,
         "calibration_sha256": calib_sha, "calibration_size": len(calib_items),
@@ -146,6 +155,7 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
         "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
                  "skipped": len(ds.skipped), "presplit": ds.presplit},
     }
+    ev = _Evidence(calib, arrays, labels, ref, _golden_items(ds, images["test"], labels["test"]), common)
 
     results: list[TargetResult] = []
     out = Path(recipe.out)
@@ -162,8 +172,7 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
                 diff = export.check_against_torch(net, art, arrays["val"][:16], profile.tolerances.export_atol)
                 fp32_by_opset[profile.opset] = Artifact(art.path, art.kind, art.sha256,
                                                         {**art.meta, "max_abs_diff": diff})
-            result = _build_target(profile, fp32_by_opset[profile.opset], p, recipe, ds, contract, calib, arrays,
-                                   labels, ref, golden, common, out, work / profile.name, progress)
+            result = _build_target(profile, fp32_by_opset[profile.opset], p, ev, out, work / profile.name, progress)
             results.append(result)
             timings[f"target:{profile.name}"] = round(time.perf_counter() - t_target, 3)
             peak_rss[f"target:{profile.name}"] = _peak_rss_mb()
@@ -192,7 +201,8 @@ def _golden_items(ds: data.Dataset, test_images, test_labels) -> list[tuple[str,
     return [(ds.classes[test_labels[i]], test_images[i]) for i in order]
 
 
-def _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays, labels, ref, tol, work, progress):
+def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence,
+                              tol: dict, work: Path, progress: Progress):
     """Try the profile's quantizers in order, judged on the *validation* split only.
 
     An attempt meets the search when its val agreement with the float model is at least
@@ -200,9 +210,10 @@ def _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays, 
     (the CI's lower end; the val split is small). The first that meets it is taken; otherwise the
     best attempt goes to the gate if it at least meets the gate tolerances on val. Returns the
     chosen artifact, its val misses of the gate tolerances (non-empty = budget spent), attempts."""
+    recipe = p.recipe
     target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
-    qins = backends.QuantInputs(calib, arrays["val"], labels["val"], ref["val"], tol["max_accuracy_drop_pp"],
-                                target_agreement, recipe.seed)
+    qins = backends.QuantInputs(ev.calibration, ev.x["val"], ev.y["val"], ev.reference["val"],
+                                tol["max_accuracy_drop_pp"], target_agreement, recipe.seed)
     names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
     attempts, best = [], None
     for name in names:
@@ -218,8 +229,8 @@ def _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays, 
                              "seconds": round(time.perf_counter() - t0, 2)})
             continue
         runner = backend.runner(art.path, p.contract, p.dataset.classes, profile)
-        val_logits = parity.logits_of(runner, arrays["val"], progress=progress, description=f"{name} (val)")
-        rep = parity.evaluate(ref["val"], val_logits, labels["val"], p.dataset.classes, seed=recipe.seed,
+        val_logits = parity.logits_of(runner, ev.x["val"], progress=progress, description=f"{name} (val)")
+        rep = parity.evaluate(ev.reference["val"], val_logits, ev.y["val"], p.dataset.classes, seed=recipe.seed,
                               split="val")
         gate_missed = parity.misses(rep, **tol, drop_by_ci=True)
         missed = parity.misses(rep, max_accuracy_drop_pp=tol["max_accuracy_drop_pp"],
@@ -237,21 +248,21 @@ def _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays, 
     return best[1], best[2], attempts
 
 
-def _build_target(profile, fp32, p, recipe, ds, contract, calib, arrays, labels, ref, golden, common, out, work,
-                  progress) -> TargetResult:
+def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, out: Path, work: Path,
+                  progress: Progress) -> TargetResult:
+    recipe, ds, contract = p.recipe, p.dataset, p.contract
     work.mkdir(parents=True, exist_ok=True)
     backend = backends.get(profile)
     tol = {"max_accuracy_drop_pp": recipe.gate.max_accuracy_drop_pp if recipe.gate.max_accuracy_drop_pp
            is not None else profile.tolerances.max_accuracy_drop_pp,
            "min_top1_agreement": recipe.gate.min_top1_agreement if recipe.gate.min_top1_agreement
            is not None else profile.tolerances.min_top1_agreement}
-    art, val_missed, attempts = _quantize_with_escalation(backend, profile, fp32, p, recipe, calib, arrays,
-                                                          labels, ref, tol, work, progress)
+    art, val_missed, attempts = _quantize_with_escalation(backend, profile, fp32, p, ev, tol, work, progress)
     # The gate: the test split is looked at here for the first time, once, with the chosen model.
     progress.stage(f"{profile.name}: parity gate")
     runner = backend.runner(art.path, contract, ds.classes, profile)
-    test_logits = parity.logits_of(runner, arrays["test"], progress=progress, description="parity (test)")
-    report = parity.evaluate(ref["test"], test_logits, labels["test"], ds.classes, seed=recipe.seed,
+    test_logits = parity.logits_of(runner, ev.x["test"], progress=progress, description="parity (test)")
+    report = parity.evaluate(ev.reference["test"], test_logits, ev.y["test"], ds.classes, seed=recipe.seed,
                              tolerance_pp=tol["max_accuracy_drop_pp"])
     missed = parity.misses(report, **tol)
     if val_missed:
@@ -281,7 +292,7 @@ def _build_target(profile, fp32, p, recipe, ds, contract, calib, arrays, labels,
         files["recipe.toml"] = _recipe_toml(recipe)
         files["README.md"] = _bundle_readme(profile, p, metrics, sizes, quant)
         expected = []
-        for k, (label, img) in enumerate(golden):
+        for k, (label, img) in enumerate(ev.golden):
             rel = f"golden/{k:02d}_{label}.png"
             buf = _png_bytes(img)
             files[rel] = buf
@@ -296,7 +307,7 @@ def _build_target(profile, fp32, p, recipe, ds, contract, calib, arrays, labels,
         manifest = {
             "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **common, "versions": _versions(backend), "metrics": metrics, "quantization": quant, "sizes": sizes,
+            **ev.manifest, "versions": _versions(backend), "metrics": metrics, "quantization": quant, "sizes": sizes,
             "preprocess": contract, "warnings": report.warnings,
         }
         bundle.write_manifest(stage, manifest)

@@ -56,7 +56,7 @@ def eval_arrays(images, contract: dict) -> np.ndarray:
     return np.stack([preprocess(img, contract) for img in images])
 
 
-def _batched_forward(module, arrays: np.ndarray, batch: int, progress: Progress, description: str):
+def forward_batches(module, arrays: np.ndarray, batch: int, progress: Progress, description: str):
     import torch
 
     out = []
@@ -200,7 +200,7 @@ def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_image
 
     def val_logits():
         model.eval()
-        return _batched_forward(model, x_val, 64, NullProgress(), "")
+        return forward_batches(model, x_val, 64, NullProgress(), "")
 
     groups = [{"params": head.parameters(), "lr": cfg.lr}]
     if backbone_params:

@@ -24,7 +24,7 @@ def test_mixed_precision_meets_the_tolerance_on_val(tiny_data, tmp_path):
                                     contract, TrainSection(epochs=10, augment_views=0), seed=0).model
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
     val_x = train.eval_arrays(imgs["val"], contract)
-    ref = train._batched_forward(net, val_x, 8, train.NullProgress(), "").numpy()
+    ref = train.forward_batches(net, val_x, 8, train.NullProgress(), "").numpy()
     qi = QuantInputs(train.eval_arrays(imgs["train"], contract), val_x, labels["val"], ref, 0.0, 1.0, 0)
     art = mixed_precision(fp32, qi, load_profile("cpu"), tmp_path)
     assert art.meta["quantizer"] == "mixed_precision" and art.size < 0.5 * fp32.size
