@@ -15,8 +15,9 @@ CATS, COFFEE = {281, 282, 283, 284, 285}, {504, 967, 968}
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
-def test_pretrained_weights_recognise_imagenet_photos(name):
+def test_pretrained_weights_recognise_imagenet_photos(name, tmp_path, monkeypatch):
     skdata = pytest.importorskip("skimage.data")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the offline package must serve
     spec = backbones.get(name)
     src = backbones.resolve_weights(spec)
     assert src.origin.startswith("package")
