@@ -115,6 +115,18 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+# Paths written in a recipe file are relative to that file (flags stay relative to the working dir).
+_PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"))
+
+
+def _relative_to(raw: dict, base: Path) -> None:
+    for section, key in _PATH_KEYS:
+        node = raw.get(section) if section else raw
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            value = Path(node[key]).expanduser()
+            node[key] = str(value if value.is_absolute() else base / value)
+
+
 def load_recipe(path: Path | None = None, overrides: dict[str, Any] | None = None) -> BuildRecipe:
     """Defaults <- TOML file <- overrides (dotted keys). Raises UsageError with the file and key named."""
     raw: dict[str, Any] = {}
@@ -127,6 +139,7 @@ def load_recipe(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raise UsageError(f"{path}: recipe file not found; fix: check the path or run `edgetl init`") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: not valid TOML ({e}); fix the syntax or run `edgetl init`") from None
+        _relative_to(raw, Path(path).resolve().parent)
     for dotted, value in (overrides or {}).items():
         if value is None or value == ():
             continue

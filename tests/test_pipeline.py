@@ -116,3 +116,14 @@ def test_escalation_recovers_from_a_bad_first_quantizer(tiny_data, tmp_path, mon
     assert [a["quantizer"] for a in q["attempts"]] == ["ort_static", "nncf_ptq"]
     assert q["attempts"][0]["val_misses"] and not q["attempts"][1]["val_misses"]
     assert q["chosen"] == "nncf_ptq" and q["float_nodes"] == []
+
+
+def test_fine_tune_build(tiny_data, tmp_path):
+    out = tmp_path / "ft"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--strategy", "fine-tune",
+                                   "--image-size", "64", "--epochs", "2", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["targets"][0]["metrics"]["reference_accuracy"] >= 0.8
+    assert r["training"]["strategy"] == "fine-tune" and r["training"]["epochs_run"] == 2
+    assert r["targets"][0]["metrics"]["export_max_abs_diff"] < 1e-3

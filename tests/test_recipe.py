@@ -51,3 +51,13 @@ def test_profiles(tmp_path):
     bad.write_text('name = "x"\nbackend = "onnxruntime"\nwhat = 1\n[quantization]\nquantizers = ["ort_static"]\n')
     with pytest.raises(UsageError, match="unknown key 'what'"):
         load_profile(str(bad))
+
+
+def test_paths_in_a_recipe_are_relative_to_it(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    f = tmp_path / "cfg" / "r.toml"
+    f.write_text('out = "build"\n[data]\npath = "../imgs"\n')
+    r = load_recipe(f, {"model.weights": "w.pth"})
+    assert r.data.path == tmp_path / "cfg" / ".." / "imgs"
+    assert r.out == tmp_path / "cfg" / "build"
+    assert str(r.model.weights) == "w.pth"  # a flag stays relative to the working directory
