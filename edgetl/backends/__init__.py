@@ -52,6 +52,8 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
+    def float_nodes(self, artifact: Artifact) -> list[str]: ...
+
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
 
