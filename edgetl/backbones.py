@@ -218,9 +218,17 @@ def load_pretrained(spec: BackboneSpec, source: WeightsSource, image_size: int |
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{source.path}: holds a {type(state).__name__}, not a state dict; "
+                           "fix: pass the ImageNet checkpoint for this backbone")
     if spec.remap:
         state = spec.remap(state)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)[:200]
+        raise WeightsError(f"{source.path}: does not fit backbone '{spec.name}' ({first.strip()}); "
+                           "fix: pass the ImageNet checkpoint for this backbone") from None
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
             f"{source.path}: does not fit backbone '{spec.name}' (missing {len(result.missing_keys)} keys, e.g. "

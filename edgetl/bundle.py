@@ -12,6 +12,7 @@ from .artifact import file_sha256
 from .errors import UsageError, VerifyError
 
 MANIFEST = "manifest.json"
+REQUIRED_KEYS = ("target", "backend", "files", "versions", "seed", "data_sha256", "calibration_sha256", "metrics")
 
 
 def staging_dir(out: Path, target: str) -> Path:
@@ -52,7 +53,12 @@ def publish(stage: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.replace(final, old)
-    os.replace(stage, final)
+    try:
+        os.replace(stage, final)
+    except OSError:
+        if old is not None:
+            os.replace(old, final)  # put the previous bundle back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -67,9 +73,13 @@ def read_manifest(bundle: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{bundle}: no {MANIFEST}; fix: pass a bundle folder written by `edgetl build`")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise VerifyError(f"{path}: not valid JSON ({e})", [f"{MANIFEST}: unreadable"]) from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise VerifyError(f"{path}: not a readable JSON manifest ({e})", [f"{MANIFEST}: unreadable"]) from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing or not isinstance(manifest.get("files"), dict):
+        raise VerifyError(f"{path}: manifest lacks {missing or ['files']}", [f"{MANIFEST}: incomplete"])
+    return manifest
 
 
 def verify(bundle: Path) -> dict:

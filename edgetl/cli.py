@@ -49,6 +49,9 @@ def _run(fn, as_json: bool):
         return fn()
     except EdgetlError as e:
         _fail(e, as_json)
+    except Exception as e:  # a bug or an unsupported model: exit 3, never 1 (1 means "gate failed")
+        logging.getLogger("edgetl").debug("internal error", exc_info=True)
+        _fail(EdgetlError(f"internal error: {type(e).__name__}: {e} (run with -vv for the traceback)"), as_json)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,7 +136,10 @@ def init(path: Path, force: bool):
 
     if path.exists() and not force:
         _fail(UsageError(f"{path}: already exists; fix: pass --force or another path"), False)
-    path.write_text(template(), encoding="utf-8")
+    try:
+        path.write_text(template(), encoding="utf-8")
+    except OSError as e:
+        _fail(UsageError(f"{path}: cannot write ({e.strerror}); fix: choose a writable path"), False)
     click.echo(f"wrote {path}")
 
 
@@ -167,7 +173,11 @@ def _predictor(bundle_dir: Path):
     if manifest.get("backend") != "onnxruntime":
         raise UsageError(f"{bundle_dir}: backend '{manifest.get('backend')}' has no in-process runner; "
                          "fix: run the bundle's own predict.py")
-    return Predictor.from_bundle(bundle_dir)
+    try:
+        return Predictor.from_bundle(bundle_dir)
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({e}); fix: run `edgetl verify`",
+                          [str(e)]) from None
 
 
 @cli.command()
@@ -197,6 +207,13 @@ def info(bundle_dir: Path, as_json: bool):
     if as_json:
         click.echo(json.dumps({k: v for k, v in m.items() if k != "files"}))
         return
+    try:
+        _print_info(m)
+    except (KeyError, TypeError, IndexError) as e:
+        _fail(VerifyError(f"{bundle_dir}: manifest lacks {e}; fix: rebuild the bundle"), False)
+
+
+def _print_info(m: dict) -> None:
     met = m["metrics"]
     click.echo(f"target      {m['target']} ({m['backend']})")
     click.echo(f"backbone    {m['backbone']['name']} ({m['backbone']['weights_origin']})")

@@ -83,6 +83,18 @@ def _scan_classes(folder: Path, classes: list[str], skipped: list[dict], root: P
     return items
 
 
+def _drop_duplicates(items: list[Item], seen: dict[str, str], skipped: list[dict], root: Path) -> list[Item]:
+    """Keep the first file of each content hash: a copy in another split would leak it into training."""
+    kept = []
+    for it in items:
+        first = seen.setdefault(it.sha256, it.rel(root))
+        if first == it.rel(root):
+            kept.append(it)
+        else:
+            skipped.append({"file": it.rel(root), "reason": f"duplicate of {first}"})
+    return kept
+
+
 def _stratified(items: list[Item], fractions: dict[str, float], rng: np.random.Generator) -> dict[str, list[Item]]:
     """Split every class by the fractions, at least one item of each class in each split."""
     out = {k: [] for k in fractions}
@@ -119,13 +131,14 @@ def scan(folder: Path, *, val_fraction: float = 0.15, test_fraction: float = 0.2
     if len(classes) < 2:
         raise DataError(f"{folder}: only one class ('{classes[0]}'); fix: add a sub-folder per class, at least two")
     if presplit:
-        splits = {s: _scan_classes(folder / s, classes, skipped, folder) if (folder / s).is_dir() else []
-                  for s in SPLITS}
+        seen: dict[str, str] = {}
+        splits = {s: _drop_duplicates(_scan_classes(folder / s, classes, skipped, folder), seen, skipped, folder)
+                  if (folder / s).is_dir() else [] for s in SPLITS}
         if not splits["val"]:
             carved = _stratified(splits["train"], {"train": 0, "val": val_fraction}, rng)
             splits["train"], splits["val"] = carved["train"], carved["val"]
     else:
-        items = _scan_classes(folder, classes, skipped, folder)
+        items = _drop_duplicates(_scan_classes(folder, classes, skipped, folder), {}, skipped, folder)
         if items:
             _check_counts(folder, classes, {"all": items}, minimum=3)
         splits = _stratified(items, {"train": 0, "val": val_fraction, "test": test_fraction}, rng)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import __version__, backbones, backends, bundle, data, export, parity, train
 from .artifact import Artifact
-from .errors import EdgetlError, ParityError, UsageError
+from .errors import EdgetlError, UsageError, require
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
@@ -66,6 +67,7 @@ class _Prepared:
     profiles: list[TargetProfile]
     spec: backbones.BackboneSpec
     weights: backbones.WeightsSource
+    model: object  # the pretrained ImageNet model (loaded here so a wrong checkpoint fails fast)
     dataset: data.Dataset
     contract: dict
 
@@ -88,9 +90,14 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
     if len(set(names)) != len(names):
         raise UsageError(f"--target: two profiles share the name {names}; fix: give each profile a unique name")
     for p in profiles:
-        backends.get(p)
+        backend = backends.get(p)
+        used = p.quantization.quantizers if recipe.quantize.escalate else p.quantization.quantizers[:1]
+        for q in used:
+            if q in backend.requires:
+                require(*backend.requires[q])
     spec = backbones.get(recipe.model.backbone)
     weights = backbones.resolve_weights(spec, recipe.model.weights)
+    model = backbones.load_pretrained(spec, weights, recipe.model.image_size)
     progress.stage("scan data")
     folder = recipe.data.path
     if folder is None:
@@ -99,10 +106,23 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
         folder = ensure_shapes()
     dataset = data.scan(folder, val_fraction=recipe.data.val_fraction,
                         test_fraction=recipe.data.test_fraction, seed=recipe.seed)
-    out = Path(recipe.out)
+    _check_out(Path(recipe.out), Path(folder))
+    return _Prepared(recipe, profiles, spec, weights, model, dataset, spec.contract(recipe.model.image_size))
+
+
+def _check_out(out: Path, data_root: Path) -> None:
+    """Fail before any work if OUT cannot be written (nothing is created here)."""
+    out = out.resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory; fix: choose another --out")
-    return _Prepared(recipe, profiles, spec, weights, dataset, spec.contract(recipe.model.image_size))
+    if out == data_root.resolve() or data_root.resolve() in out.parents:
+        raise UsageError(f"--out {out}: inside the data folder (bundles would be scanned as a class next time); "
+                         "fix: choose an --out outside it")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot be created in {ancestor}; fix: choose a writable --out")
 
 
 def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResult:
@@ -126,8 +146,7 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     t = lap("decode", t)
 
     progress.stage(f"train ({cfg.strategy})")
-    model = backbones.load_pretrained(p.spec, p.weights, recipe.model.image_size)
-    trunk = backbones.trunk_of(model)
+    trunk = backbones.trunk_of(p.model)
     fit = train.STRATEGIES[cfg.strategy]
     trained = fit(trunk, len(ds.classes), images["train"], labels["train"], images["val"], labels["val"],
                   contract, cfg, recipe.seed, progress)
@@ -244,7 +263,8 @@ def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p
         if not missed:
             break
     if best is None:
-        raise ParityError(f"target '{profile.name}': every quantizer failed", [a["error"] for a in attempts])
+        raise EdgetlError(f"target '{profile.name}': every quantizer failed: "
+                          + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts))
     return best[1], best[2], attempts
 
 

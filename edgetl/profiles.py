@@ -41,7 +41,7 @@ class Tolerances(_Strict):
 
 
 class TargetProfile(_Strict):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="bundle folder name: OUT/<name>/")
     backend: str
     description: str = ""
     opset: int = Field(17, ge=13, le=23)
@@ -61,7 +61,11 @@ def load_profile(name_or_path: str) -> TargetProfile:
         path = Path(name_or_path)
         if not path.is_file():
             raise UsageError(f"--target {name_or_path}: profile file not found; fix: check the path")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--target {name_or_path}: cannot read the profile ({e}); "
+                             "fix: pass a UTF-8 TOML file") from None
     else:
         if name_or_path not in builtin_names():
             raise UsageError(

@@ -61,7 +61,7 @@ class QuantizeSection(_Section):
 
 
 class BuildRecipe(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     out: Path = Path("edgetl-out")
     targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     data: DataSection = Field(default_factory=DataSection)
@@ -122,9 +122,16 @@ _PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"))
 def _relative_to(raw: dict, base: Path) -> None:
     for section, key in _PATH_KEYS:
         node = raw.get(section) if section else raw
-        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            if not node[key]:
+                node.pop(key)  # "" means "not set" (e.g. data.path = "" -> built-in data)
+                continue
             value = Path(node[key]).expanduser()
             node[key] = str(value if value.is_absolute() else base / value)
+    targets = raw.get("targets")
+    if isinstance(targets, list):  # profile files named in the recipe are relative to it too
+        raw["targets"] = [str(base / t) if isinstance(t, str) and (t.endswith(".toml") or "/" in t)
+                          and not Path(t).is_absolute() else t for t in targets]
 
 
 def load_recipe(path: Path | None = None, overrides: dict[str, Any] | None = None) -> BuildRecipe:
@@ -137,6 +144,8 @@ def load_recipe(path: Path | None = None, overrides: dict[str, Any] | None = Non
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UsageError(f"{path}: recipe file not found; fix: check the path or run `edgetl init`") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path}: cannot read the recipe ({e}); fix: pass a UTF-8 TOML file") from None
         except tomllib.TOMLDecodeError as e:
             raise UsageError(f"{path}: not valid TOML ({e}); fix the syntax or run `edgetl init`") from None
         _relative_to(raw, Path(path).resolve().parent)

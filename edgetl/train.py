@@ -96,7 +96,10 @@ def _fit(param_groups, *, n: int, batch_loss, train_mode, val_logits, y_val, sna
     for epoch in progress.track(range(1, cfg.epochs + 1), total=cfg.epochs, description="train"):
         train_mode()
         total = 0.0
-        for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+        batches = list(torch.randperm(n, generator=gen).split(cfg.batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on a batch of one
+            batches[-2:] = [torch.cat(batches[-2:])]
+        for idx in batches:
             loss = batch_loss(idx)
             opt.zero_grad()
             loss.backward()
@@ -165,7 +168,7 @@ def _unfreeze_top(trunk, n_blocks: int) -> list:
     """Trainable: the top n blocks of trunk.features (all when -1) and any pre-logit classifier layers."""
     trunk.requires_grad_(n_blocks == -1)
     blocks = list(trunk.features.children())
-    chosen = blocks if n_blocks == -1 else blocks[len(blocks) - n_blocks:] if n_blocks else []
+    chosen = blocks if n_blocks == -1 else blocks[max(0, len(blocks) - n_blocks):] if n_blocks else []
     for b in chosen:
         b.requires_grad_(True)
     trunk.classifier.requires_grad_(True)

@@ -124,3 +124,20 @@ def test_calibration_subset_balanced_from_train(tmp_path):
     assert np.bincount([it.label for it in sub]).tolist() == [2, 2, 2]
     assert set(sub) <= set(train)
     assert data.calibration_subset(train, 3, 6, seed=0) == sub
+
+
+def test_duplicate_files_never_cross_splits(tmp_path):
+    root = make_image_folder(tmp_path / "d", per_class=6)
+    import shutil
+
+    shutil.copyfile(root / "red" / "red_00.png", root / "red" / "copy_of_red_00.png")
+    ds = data.scan(root)
+    assert {"file": "red/red_00.png", "reason": "duplicate of red/copy_of_red_00.png"} in ds.skipped
+    pre = tmp_path / "p"
+    make_image_folder(pre / "train", per_class=6)
+    make_image_folder(pre / "test", per_class=3, seed=9)
+    shutil.copyfile(pre / "train" / "blue" / "blue_00.png", pre / "test" / "blue" / "leak.png")
+    ds = data.scan(pre)
+    assert any(s["file"] == "test/blue/leak.png" and "duplicate of train/" in s["reason"] for s in ds.skipped)
+    hashes = [{it.sha256 for it in ds.split(s)} for s in data.SPLITS]
+    assert not (hashes[0] & hashes[2]) and not (hashes[1] & hashes[2])

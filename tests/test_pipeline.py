@@ -127,3 +127,23 @@ def test_fine_tune_build(tiny_data, tmp_path):
     assert r["targets"][0]["metrics"]["reference_accuracy"] >= 0.8
     assert r["training"]["strategy"] == "fine-tune" and r["training"]["epochs_run"] == 2
     assert r["targets"][0]["metrics"]["export_max_abs_diff"] < 1e-3
+
+
+def test_unusable_profile_name_and_out_inside_data(tmp_path, tiny_data):
+    bad = tmp_path / "p.toml"
+    bad.write_text('name = "../escape"\nbackend = "onnxruntime"\n[quantization]\nquantizers = ["ort_static"]\n')
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--target", str(bad),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "name" in res.output and not (tmp_path / "o").exists()
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(tiny_data / "out")])
+    assert res.exit_code == 2 and "inside the data folder" in res.output and not (tiny_data / "out").exists()
+
+
+def test_wrong_weights_file_exits_2(tmp_path, tiny_data):
+    import torch
+
+    w = tmp_path / "w.pth"
+    torch.save({"features.0.0.weight": torch.zeros(1)}, w)
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--weights", str(w),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "does not fit backbone" in res.output and not (tmp_path / "o").exists()

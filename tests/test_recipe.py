@@ -39,7 +39,9 @@ def test_flags_override_file(tmp_path):
 def test_template_is_the_defaults(tmp_path):
     f = tmp_path / "edgetl.toml"
     f.write_text(template())
-    assert load_recipe(f) == BuildRecipe()
+    r = load_recipe(f)
+    assert r.out == tmp_path / "edgetl-out"  # relative to the recipe file
+    assert r.model_copy(update={"out": BuildRecipe().out}) == BuildRecipe()
 
 
 def test_profiles(tmp_path):

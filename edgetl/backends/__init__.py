@@ -43,6 +43,7 @@ Quantizer = Callable[[Artifact, QuantInputs, TargetProfile, Path], Artifact]
 class Backend(Protocol):
     name: str
     quantizers: dict[str, Quantizer]
+    requires: dict[str, tuple[str, str]]  # quantizer -> (module, pip extra)
 
     def runner(self, model: Path, contract: dict, labels: list[str], profile: TargetProfile) -> Runner: ...
 

@@ -168,6 +168,8 @@ def float_nodes(model_path: Path) -> list[str]:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     quantizers = {"ort_static": ort_static, "nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
+    # optional module (and the extra that installs it) each quantizer needs, checked before a build starts
+    requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_module = "ort_predict.py"
 
     def runner(self, model: Path, contract: dict, labels: list[str], profile: TargetProfile) -> Predictor:
