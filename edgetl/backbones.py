@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from difflib import get_close_matches
 from pathlib import Path
 
@@ -38,7 +38,6 @@ class BackboneSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     remap: Callable[[dict], dict] | None = None
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
     def contract(self, image_size: int | None = None) -> dict:
         """The preprocessing contract the bundle carries; runtime/preprocess.py implements it."""
