@@ -228,7 +228,8 @@ def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p
     `search_top1_agreement` and its val accuracy drop is not significantly above the tolerance
     (the CI's lower end; the val split is small). The first that meets it is taken; otherwise the
     best attempt goes to the gate if it at least meets the gate tolerances on val. Returns the
-    chosen artifact, its val misses of the gate tolerances (non-empty = budget spent), attempts."""
+    chosen artifact, its val misses of the gate tolerances (non-empty = budget spent), the nodes it
+    keeps in float, and every attempt."""
     recipe = p.recipe
     target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
     qins = backends.QuantInputs(ev.calibration, ev.x["val"], ev.y["val"], ev.reference["val"],
@@ -254,18 +255,19 @@ def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p
         gate_missed = parity.misses(rep, **tol, drop_by_ci=True)
         missed = parity.misses(rep, max_accuracy_drop_pp=tol["max_accuracy_drop_pp"],
                                min_top1_agreement=target_agreement, drop_by_ci=True)
+        float_nodes = backend.float_nodes(art)
         attempts.append({"quantizer": name, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
                          "val_top1_agreement": rep.top1_agreement, "val_misses": missed,
-                         "float_nodes": len(backend.float_nodes(art)), "seconds": round(time.perf_counter() - t0, 2)})
+                         "float_nodes": len(float_nodes), "seconds": round(time.perf_counter() - t0, 2)})
         key = (not gate_missed, not missed, -rep.accuracy_drop_pp, rep.top1_agreement)
         if best is None or key > best[0]:
-            best = (key, art, gate_missed)
+            best = (key, art, gate_missed, float_nodes)
         if not missed:
             break
     if best is None:
         raise EdgetlError(f"target '{profile.name}': every quantizer failed: "
                           + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts))
-    return best[1], best[2], attempts
+    return best[1], best[2], best[3], attempts
 
 
 def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, out: Path, work: Path,
@@ -277,7 +279,8 @@ def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evi
            is not None else profile.tolerances.max_accuracy_drop_pp,
            "min_top1_agreement": recipe.gate.min_top1_agreement if recipe.gate.min_top1_agreement
            is not None else profile.tolerances.min_top1_agreement}
-    art, val_missed, attempts = _quantize_with_escalation(backend, profile, fp32, p, ev, tol, work, progress)
+    art, val_missed, float_nodes, attempts = _quantize_with_escalation(backend, profile, fp32, p, ev, tol, work,
+                                                                       progress)
     # The gate: the test split is looked at here for the first time, once, with the chosen model.
     progress.stage(f"{profile.name}: parity gate")
     runner = backend.runner(art.path, contract, ds.classes, profile)
@@ -288,7 +291,6 @@ def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evi
     if val_missed:
         missed = [f"quantization budget spent: every quantizer missed on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
-    float_nodes = backend.float_nodes(art)
     quant = {"chosen": art.meta.get("quantizer"), "attempts": attempts, "float_nodes": float_nodes,
              "tolerances": tol, "judged_on": "validation split; gate on test split"}
     sizes = {"fp32_onnx_bytes": fp32.size, "int8_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
