@@ -27,5 +27,10 @@ class Artifact:
         return cls(Path(path), kind, file_sha256(path), meta)
 
     @property
+    def files(self) -> list[Path]:
+        """The model file and its companions (e.g. an OpenVINO IR's .bin)."""
+        return [self.path, *(Path(p) for p in self.meta.get("companions", ()))]
+
+    @property
     def size(self) -> int:
-        return self.path.stat().st_size
+        return sum(p.stat().st_size for p in self.files)

@@ -109,22 +109,25 @@ def _print_summary(result) -> None:
                f"{len(result.data['classes'])} classes, {len(result.data['skipped'])} skipped")
     for s in result.data["skipped"][:20]:
         click.echo(f"  skipped {s['file']}: {s['reason']}")
+    ref = result.reference
+    if ref:
+        click.echo(f"float reference: accuracy {ref['accuracy']:.4f}, n_test {ref['n_test']}, "
+                   f"FP32 ONNX {ref['fp32_onnx_bytes'] / 1e6:.2f} MB, {ref['latency_ms']:.2f} ms (batch 1, CPU)")
     for t in result.targets:
-        m = t.metrics
-        click.echo(
-            f"{t.target}: float {m['reference_accuracy']:.4f} -> int8 {m['accuracy']:.4f} "
-            f"(drop {m['accuracy_drop_pp']:+.2f} pp, 95% CI {m['accuracy_drop_ci95_pp'][0]:+.2f}.."
-            f"{m['accuracy_drop_ci95_pp'][1]:+.2f}), agreement {m['top1_agreement']:.4f}, n_test {m['n_test']}, "
-            f"quantizer {t.quantization['chosen']}, size {t.sizes['ratio']:.2f}x fp32")
+        click.echo(f"{t.target}: {'published ' + t.bundle if t.published else 'GATE FAILED, nothing published'}")
+        for m in t.models:
+            met = m["metrics"]
+            q = f", quantizer {m['quantization']['chosen']}" if m["quantization"] else ""
+            click.echo(
+                f"  {m['precision']}: accuracy {met['accuracy']:.4f} (drop {met['accuracy_drop_pp']:+.2f} pp, "
+                f"95% CI {met['accuracy_drop_ci95_pp'][0]:+.2f}..{met['accuracy_drop_ci95_pp'][1]:+.2f}), "
+                f"agreement {met['top1_agreement']:.4f}, {m['sizes']['ratio']:.2f}x fp32 size, "
+                f"{m['latency_ms']:.2f} ms{q}; validated with {m['validated_with']}")
         for w in t.warnings:
             click.echo(f"  warning: {w}")
-        if t.published:
-            click.echo(f"  published {t.bundle}")
-        else:
-            click.echo("  GATE FAILED, nothing published:")
-            for miss in t.misses:
-                click.echo(f"  - {miss}")
-    click.echo(f"total {result.timings['total']:.1f} s; report {Path(result.out) / 'report.json'}")
+        for miss in t.misses:
+            click.echo(f"  - {miss}")
+    click.echo(f"total {result.timings['total']:.1f} s; report {Path(result.out) / 'report.html'}")
 
 
 @cli.command()
@@ -154,10 +157,13 @@ def verify(bundle_dir: Path, selftest: bool, as_json: bool):
     def go():
         out = bundle.verify(bundle_dir)
         if selftest:
-            res = _predictor(bundle_dir).selftest(bundle_dir)
-            out["selftest"] = res
-            if not res["ok"]:
-                raise VerifyError(f"{bundle_dir}: golden self-test failed", res["failures"])
+            runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
+            results = [_predictor(bundle_dir, m).selftest(bundle_dir, m) for m in runtime["models"]]
+            out["selftest"] = {"ok": all(r["ok"] for r in results), "n": sum(r["n"] for r in results),
+                               "models": results}
+            failures = [f"{r['model']}: {f}" for r in results for f in r["failures"]]
+            if failures:
+                raise VerifyError(f"{bundle_dir}: golden self-test failed", failures)
         return out
 
     out = _run(go, as_json)
@@ -165,19 +171,84 @@ def verify(bundle_dir: Path, selftest: bool, as_json: bool):
                + (f", self-test passed ({out['selftest']['n']} golden inputs)" if selftest else ""))
 
 
-def _predictor(bundle_dir: Path):
+def _predictor(bundle_dir: Path, model: str | None = None):
+    """The bundle's own predict.py, imported from the bundle (so its own engine file runs)."""
     from .bundle import read_manifest
-    from .runtime.ort_predict import Predictor
+    from .errors import MissingDependencyError
 
     manifest = read_manifest(bundle_dir)
-    if manifest.get("backend") != "onnxruntime":
-        raise UsageError(f"{bundle_dir}: backend '{manifest.get('backend')}' has no in-process runner; "
-                         "fix: run the bundle's own predict.py")
+    module = _bundle_module(bundle_dir)
     try:
-        return Predictor.from_bundle(bundle_dir)
-    except (OSError, ValueError) as e:
+        return module.Predictor.from_bundle(bundle_dir, model=model)
+    except ImportError as e:
+        needs = " ".join(json.loads((bundle_dir / "runtime.json").read_text()).get("requires", []))
+        raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} "
+                                     f"(target {manifest.get('target')}); fix: pip install {needs}") from None
+    except (OSError, ValueError, KeyError) as e:
         raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({e}); fix: run `edgetl verify`",
                           [str(e)]) from None
+
+
+def _bundle_module(bundle_dir: Path):
+    """Import BUNDLE/predict.py under a private name (its engine_*.py and preprocess.py beside it)."""
+    import importlib.util
+
+    path = Path(bundle_dir) / "predict.py"
+    if not path.is_file():
+        raise VerifyError(f"{bundle_dir}: no predict.py; fix: rebuild the bundle or run `edgetl verify`",
+                          [f"missing {path}"])
+    name = f"_edgetl_bundle_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        for stale in ("preprocess", *(m for m in sys.modules if m.startswith("engine_"))):
+            sys.modules.pop(stale, None)  # another bundle's copies
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+@cli.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", default=8, show_default=True, help="batch size for the throughput figure")
+@click.option("--runs", default=100, show_default=True, help="timed batch-1 runs (after warm-up)")
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--rounds", default=3, show_default=True,
+              help="bundles are measured in turn, this many rounds, so drift hits all alike")
+@click.option("--model", help="which model of each bundle (default: its default model)")
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str | None, as_json: bool):
+    """Latency (p50/p90, batch 1), throughput at --batch, peak memory and cold-load time of BUNDLES,
+    each through its own runtime (predict.py + engine), interleaved in one process."""
+    from .bench import bench_bundles
+
+    def go():
+        for b in bundles:
+            _predictor(b, model)  # fail fast: missing runtime, damaged bundle
+        return bench_bundles({str(b): (lambda b=b: _predictor(b, model)) for b in bundles},
+                             {str(b): _input_shape(b) for b in bundles}, batch=batch, runs=runs, warmup=warmup,
+                             rounds=rounds)
+
+    res = _run(go, as_json)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"{'bundle':32s} {'runs on':26s} {'p50 ms':>8s} {'p90 ms':>8s} {'img/s@' + str(batch):>10s} "
+               f"{'cold ms':>8s} {'peak MB':>7s}")
+    for name, r in res["bundles"].items():
+        rss = r.get("standalone_peak_rss_mb") or r["rss_delta_mb"]
+        click.echo(f"{name[-32:]:32s} {r['executed_by'][:26]:26s} {r['batch1_p50_ms']:8.2f} "
+                   f"{r['batch1_p90_ms']:8.2f} {r['throughput_ips']:10.1f} {r['cold_load_ms']:8.0f} {rss:7.0f}")
+    click.echo(f"machine: {res['machine']['cpu']} ({res['machine']['cores']} cores); peak MB: the bundle's own "
+               "predict.py --bench in a fresh process")
+
+
+def _input_shape(bundle_dir: Path) -> tuple[int, int, int]:
+    contract = json.loads((Path(bundle_dir) / "preprocess.json").read_text(encoding="utf-8"))
+    return (3, *contract["input_size"])
 
 
 @cli.command()
@@ -220,11 +291,13 @@ def _print_info(m: dict) -> None:
     click.echo(f"classes     {', '.join(m['classes'])}")
     click.echo(f"input       {m['preprocess']['input_size']} {m['preprocess']['channel_order']} "
                f"{m['preprocess']['layout']}")
-    click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, int8 {met['accuracy']:.4f} "
+    click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, default model {met['accuracy']:.4f} "
                f"(drop {met['accuracy_drop_pp']:+.2f} pp), agreement {met['top1_agreement']:.4f}, "
                f"n_test {met['n_test']}")
     click.echo(f"quantizer   {m['quantization']['chosen']} ({len(m['quantization']['float_nodes'])} float layers)")
-    click.echo(f"size        {m['sizes']['int8_bytes']} bytes ({m['sizes']['ratio']:.2f}x fp32)")
+    click.echo(f"size        {m['sizes']['model_bytes']} bytes ({m['sizes']['ratio']:.2f}x fp32)")
+    models = ", ".join(f"{k} (validated with {v['validated_with']})" for k, v in m.get("models", {}).items())
+    click.echo(f"models      {models}")
     click.echo(f"built       {m['created']} with edgetl {m['edgetl_version']}, seed {m['seed']}")
     click.echo(f"files       {len(m['files'])}")
 

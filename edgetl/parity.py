@@ -23,6 +23,7 @@ class ParityReport:
     per_class: list[dict] = field(default_factory=list)  # {class, n, reference_recall, recall, change_pp}
     discordant: dict = field(default_factory=dict)  # McNemar counts: only-reference-right / only-target-right
     one_image_pp: float = 0.0
+    confusion: list[list[int]] = field(default_factory=list)  # [true class][predicted class]
     warnings: list[str] = field(default_factory=list)
     split: str = "test"
 
@@ -67,7 +68,13 @@ def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarra
         logits_cosine_min=float(cos.min()), sqnr_db=sqnr, per_class=per_class,
         discordant={"reference_only_correct": int((ref_ok & ~ok).sum()),
                     "target_only_correct": int((~ref_ok & ok).sum())},
-        one_image_pp=one, warnings=warnings, split=split)
+        one_image_pp=one, confusion=confusion(labels, pred, len(classes)), warnings=warnings, split=split)
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> list[list[int]]:
+    m = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(labels), np.asarray(predicted)), 1)
+    return m.tolist()
 
 
 def misses(report: ParityReport, *, max_accuracy_drop_pp: float, min_top1_agreement: float,

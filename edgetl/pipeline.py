@@ -11,6 +11,7 @@ import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ class TargetResult:
     quantization: dict
     sizes: dict
     warnings: list[str] = field(default_factory=list)
+    models: list[dict] = field(default_factory=list)  # one per precision: file, metrics, sizes, latency, misses
+    validated_with: str | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -52,6 +55,8 @@ class BuildResult:
     timings: dict
     recipe: dict
     peak_rss_mb: dict = field(default_factory=dict)  # process peak RSS after each stage
+    reference: dict = field(default_factory=dict)  # the float model: accuracy, FP32 ONNX size/latency, confusion
+    machine: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = self.__dict__.copy()
@@ -91,8 +96,9 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
         raise UsageError(f"--target: two profiles share the name {names}; fix: give each profile a unique name")
     for p in profiles:
         backend = backends.get(p)
-        used = p.quantization.quantizers if recipe.quantize.escalate else p.quantization.quantizers[:1]
-        for q in used:
+        quantizers = p.quantization.quantizers if p.quantization else []
+        used = quantizers if recipe.quantize.escalate else quantizers[:1]
+        for q in ["*", *(used if "int8" in p.precisions else [])]:
             if q in backend.requires:
                 require(*backend.requires[q])
     spec = backbones.get(recipe.model.backbone)
@@ -181,6 +187,7 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     with tempfile.TemporaryDirectory(prefix="edgetl-") as tmp:
         work = Path(tmp)
         fp32_by_opset: dict[int, Artifact] = {}
+        reference: dict = {}
         for profile in p.profiles:
             progress.stage(f"target {profile.name}")
             t_target = time.perf_counter()
@@ -191,6 +198,8 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
                 diff = export.check_against_torch(net, art, arrays["val"][:16], profile.tolerances.export_atol)
                 fp32_by_opset[profile.opset] = Artifact(art.path, art.kind, art.sha256,
                                                         {**art.meta, "max_abs_diff": diff})
+            if not reference:
+                reference.update(_reference_row(fp32_by_opset[profile.opset], p, ev))
             result = _build_target(profile, fp32_by_opset[profile.opset], p, ev, out, work / profile.name, progress)
             results.append(result)
             timings[f"target:{profile.name}"] = round(time.perf_counter() - t_target, 3)
@@ -199,8 +208,11 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     build_result = BuildResult(
         ok=all(r.published for r in results), out=str(out), targets=results, data=ds.report(),
         training={**common["training"], "history": trained.history, "feature_seconds": trained.seconds_features},
-        timings=timings, recipe=recipe.to_toml_dict(), peak_rss_mb=peak_rss)
-    _write_report(out, build_result)
+        timings=timings, recipe=recipe.to_toml_dict(), peak_rss_mb=peak_rss, reference=reference,
+        machine=_machine())
+    from . import report
+
+    report.write(out, build_result)
     return build_result
 
 
@@ -248,7 +260,7 @@ def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p
             attempts.append({"quantizer": name, "error": f"{type(e).__name__}: {e}",
                              "seconds": round(time.perf_counter() - t0, 2)})
             continue
-        runner = backend.runner(art.path, p.contract, p.dataset.classes, profile)
+        runner = backends.runner(backend, art, p.contract, p.dataset.classes, profile)
         val_logits = parity.logits_of(runner, ev.x["val"], progress=progress, description=f"{name} (val)")
         rep = parity.evaluate(ev.reference["val"], val_logits, ev.y["val"], p.dataset.classes, seed=recipe.seed,
                               split="val")
@@ -270,74 +282,175 @@ def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p
     return best[1], best[2], best[3], attempts
 
 
-def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, out: Path, work: Path,
-                  progress: Progress) -> TargetResult:
+def _tolerances(profile: TargetProfile, recipe: BuildRecipe) -> dict:
+    t, g = profile.tolerances, recipe.gate
+    drop = t.max_accuracy_drop_pp if g.max_accuracy_drop_pp is None else g.max_accuracy_drop_pp
+    return {"max_accuracy_drop_pp": drop,
+            "min_top1_agreement": t.min_top1_agreement if g.min_top1_agreement is None else g.min_top1_agreement}
+
+
+def _metrics(report: parity.ParityReport, fp32: Artifact) -> dict:
+    return {"reference_accuracy": report.reference_accuracy, "accuracy": report.accuracy,
+            "accuracy_drop_pp": report.accuracy_drop_pp, "accuracy_drop_ci95_pp": report.drop_ci95_pp,
+            "top1_agreement": report.top1_agreement, "n_test": report.n_test,
+            "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
+            "per_class": report.per_class, "discordant": report.discordant, "confusion": report.confusion,
+            "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
+
+
+@dataclass
+class _Model:
+    """One model of a target (one precision), gated on the test split."""
+
+    precision: str
+    stem: str  # bundle file stem: "model" for the default model, "model.<precision>" for the others
+    artifact: Artifact
+    runner: object
+    metrics: dict
+    misses: list[str]
+    quantization: dict | None
+    sizes: dict
+    latency_ms: float
+    warnings: list[str]
+
+    def summary(self, files: list[str]) -> dict:
+        return {"precision": self.precision, "files": files, "metrics": self.metrics, "misses": self.misses,
+                "quantization": self.quantization, "sizes": self.sizes, "latency_ms": self.latency_ms,
+                "validated_with": self.runner.executed_by}
+
+
+def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32: Artifact, p: _Prepared,
+                ev: _Evidence, tol: dict, work: Path, progress: Progress) -> _Model:
     recipe, ds, contract = p.recipe, p.dataset, p.contract
-    work.mkdir(parents=True, exist_ok=True)
-    backend = backends.get(profile)
-    tol = {"max_accuracy_drop_pp": recipe.gate.max_accuracy_drop_pp if recipe.gate.max_accuracy_drop_pp
-           is not None else profile.tolerances.max_accuracy_drop_pp,
-           "min_top1_agreement": recipe.gate.min_top1_agreement if recipe.gate.min_top1_agreement
-           is not None else profile.tolerances.min_top1_agreement}
-    art, val_missed, float_nodes, attempts = _quantize_with_escalation(backend, profile, fp32, p, ev, tol, work,
-                                                                       progress)
+    quant, val_missed = None, []
+    if precision == "int8":
+        art, val_missed, float_nodes, attempts = _quantize_with_escalation(backend, profile, fp32, p, ev, tol, work,
+                                                                           progress)
+        quant = {"chosen": art.meta.get("quantizer"), "attempts": attempts, "float_nodes": float_nodes,
+                 "tolerances": tol, "judged_on": "validation split; gate on test split"}
+    else:
+        progress.stage(f"{profile.name}: convert ({precision})")
+        art = backend.convert(fp32, precision, profile, work)
+        # A float conversion must agree with the float model almost everywhere.
+        tol = {**tol, "min_top1_agreement": profile.tolerances.float_min_top1_agreement}
     # The gate: the test split is looked at here for the first time, once, with the chosen model.
-    progress.stage(f"{profile.name}: parity gate")
-    runner = backend.runner(art.path, contract, ds.classes, profile)
-    test_logits = parity.logits_of(runner, ev.x["test"], progress=progress, description="parity (test)")
+    progress.stage(f"{profile.name}: parity gate ({precision})")
+    runner = backends.runner(backend, art, contract, ds.classes, profile)
+    test_logits = parity.logits_of(runner, ev.x["test"], progress=progress, description=f"parity (test, {precision})")
     report = parity.evaluate(ev.reference["test"], test_logits, ev.y["test"], ds.classes, seed=recipe.seed,
                              tolerance_pp=tol["max_accuracy_drop_pp"])
     missed = parity.misses(report, **tol)
     if val_missed:
         missed = [f"quantization budget spent: every quantizer missed on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
-    quant = {"chosen": art.meta.get("quantizer"), "attempts": attempts, "float_nodes": float_nodes,
-             "tolerances": tol, "judged_on": "validation split; gate on test split"}
-    sizes = {"fp32_onnx_bytes": fp32.size, "int8_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
-    metrics = {"reference_accuracy": report.reference_accuracy, "accuracy": report.accuracy,
-               "accuracy_drop_pp": report.accuracy_drop_pp, "accuracy_drop_ci95_pp": report.drop_ci95_pp,
-               "top1_agreement": report.top1_agreement, "n_test": report.n_test,
-               "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
-               "per_class": report.per_class, "discordant": report.discordant,
-               "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
-    final = out / profile.name
+    sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
+    return _Model(precision, "", art, runner, _metrics(report, fp32), [f"{precision}: {m}" for m in missed], quant,
+                  sizes, _latency_ms(runner, ev.x["test"][:1]), report.warnings)
+
+
+def _latency_ms(runner, x: np.ndarray, warmup: int = 5, runs: int = 30) -> float:
+    """Median batch-1 latency through the runner, as built (a quick figure for the report;
+    `edgetl bench` measures properly)."""
+    for _ in range(warmup):
+        runner.logits(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.logits(x)
+        times.append(time.perf_counter() - t0)
+    return round(float(np.median(times)) * 1e3, 3)
+
+
+def _reference_row(fp32: Artifact, p: _Prepared, ev: _Evidence) -> dict:
+    """The float model's row of the parity table: PyTorch accuracy, FP32 ONNX size and latency on
+    onnxruntime's CPU provider (the speed baseline)."""
+    from .runtime.engine_ort import Engine
+    from .runtime.predict import Predictor
+
+    ref_pred = ev.reference["test"].argmax(1)
+    runner = Predictor(Engine(fp32.path, {"providers": ["CPUExecutionProvider"]}), p.contract, p.dataset.classes)
+    return {"accuracy": float((ref_pred == ev.y["test"]).mean()), "n_test": int(len(ref_pred)),
+            "fp32_onnx_bytes": fp32.size, "latency_ms": _latency_ms(runner, ev.x["test"][:1]),
+            "latency_measured_with": runner.executed_by,
+            "confusion": parity.confusion(ev.y["test"], ref_pred, len(p.dataset.classes))}
+
+
+def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, out: Path, work: Path,
+                  progress: Progress) -> TargetResult:
+    recipe, ds, contract = p.recipe, p.dataset, p.contract
+    work.mkdir(parents=True, exist_ok=True)
+    backend = backends.get(profile)
+    tol = _tolerances(profile, recipe)
+    models: list[_Model] = []
+    for i, precision in enumerate(profile.precisions):
+        m = _make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, p, ev, tol,
+                        work, progress)
+        m.stem = "model" if i == 0 else f"model.{precision}"
+        models.append(m)
+    default = models[0]
+    int8 = next((m for m in models if m.quantization), None)
+    quant = int8.quantization if int8 else {"chosen": None, "attempts": [], "float_nodes": []}
+    missed = [miss for m in models for miss in m.misses]
+    warnings = sorted({w for m in models for w in m.warnings})
+    result = TargetResult(profile.name, False, None, default.metrics, missed, quant, default.sizes, warnings,
+                          [m.summary([]) for m in models], default.runner.executed_by)
     if missed:
         log.warning("target %s missed its gate: %s", profile.name, missed)
-        return TargetResult(profile.name, False, None, metrics, missed, quant, sizes, report.warnings)
+        return result
 
+    final = out / profile.name
     stage = bundle.staging_dir(out, profile.name)
     try:
-        files: dict = dict(backend.bundle_files(art))
+        files: dict = {}
+        runtime_dir = Path(str(resources.files("edgetl").joinpath("runtime")))
+        for name in ("predict.py", "preprocess.py", f"engine_{backend.engine}.py"):
+            files[name] = runtime_dir / name
+        model_files = {m.precision: backend.model_files(m.artifact, m.stem) for m in models}
+        for mf in model_files.values():
+            files.update(mf)
         files["labels.txt"] = "\n".join(ds.classes) + "\n"
         files["preprocess.json"] = json.dumps(contract, indent=2) + "\n"
-        files["runtime.json"] = json.dumps(backend.runtime_config(profile), indent=2) + "\n"
+        files["runtime.json"] = json.dumps({
+            "backend": backend.name, "engine": backend.engine, "requires": backend.runtime_requires,
+            "models": {prec: next(iter(mf)) for prec, mf in model_files.items()},
+            "default_model": default.precision, "settings": backend.settings(profile)}, indent=2) + "\n"
         files["recipe.toml"] = _recipe_toml(recipe)
-        files["README.md"] = _bundle_readme(profile, p, metrics, sizes, quant)
-        expected = []
+        files["README.md"] = _bundle_readme(profile, p, models, backend)
+        golden = []
         for k, (label, img) in enumerate(ev.golden):
             rel = f"golden/{k:02d}_{label}.png"
-            buf = _png_bytes(img)
-            files[rel] = buf
-            expected.append({"file": rel, "label": label})
+            files[rel] = _png_bytes(img)
+            golden.append((rel, label))
         bundle.write_files(stage, files)
-        for item in expected:  # expected outputs from the bundle's own files through its own runtime
-            logits = runner.logits(preprocess(load_rgb(stage / item["file"]), contract)[None])[0]
-            item.update(index=int(logits.argmax()), logits=[round(float(v), 6) for v in logits])
-        atol = max(1e-3, 0.05 * float(np.abs(test_logits).max()))
-        bundle.write_files(stage, {"golden/expected.json": json.dumps(
-            {"logit_atol": atol, "items": expected}, indent=1) + "\n"})
+        expected = {"models": {m.precision: _expected(m, stage, golden, contract) for m in models}}
+        bundle.write_files(stage, {"golden/expected.json": json.dumps(expected, indent=1) + "\n"})
         manifest = {
             "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **ev.manifest, "versions": _versions(backend), "metrics": metrics, "quantization": quant, "sizes": sizes,
-            "preprocess": contract, "warnings": report.warnings,
+            **ev.manifest, "versions": _versions(backend), "metrics": default.metrics, "quantization": quant,
+            "sizes": default.sizes, "validated_with": default.runner.executed_by,
+            "models": {m.precision: m.summary(list(model_files[m.precision])) for m in models},
+            "preprocess": contract, "warnings": warnings,
         }
         bundle.write_manifest(stage, manifest)
         bundle.publish(stage, final)
     except BaseException:
         bundle.discard(stage)
         raise
-    return TargetResult(profile.name, True, str(final), metrics, [], quant, sizes, report.warnings)
+    result.published, result.bundle = True, str(final)
+    result.models = [m.summary(list(model_files[m.precision])) for m in models]
+    return result
+
+
+def _expected(m: _Model, stage: Path, golden: list[tuple[str, str]], contract: dict) -> dict:
+    """Expected outputs of the bundle's own golden files through its own runtime."""
+    items = []
+    for rel, label in golden:
+        logits = m.runner.logits(preprocess(load_rgb(stage / rel), contract)[None])[0]
+        items.append({"file": rel, "label": label, "index": int(logits.argmax()),
+                      "logits": [round(float(v), 6) for v in logits]})
+    scale = max((abs(v) for it in items for v in it["logits"]), default=1.0)
+    return {"logit_atol": round(max(1e-3, 0.05 * scale), 6), "executed_by": m.runner.executed_by, "items": items}
 
 
 def _png_bytes(img) -> bytes:
@@ -374,8 +487,25 @@ def _versions(backend) -> dict:
     return v
 
 
-def _bundle_readme(profile, p, metrics, sizes, quant) -> str:
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version()}
+
+
+def _bundle_readme(profile: TargetProfile, p: _Prepared, models: list[_Model], backend) -> str:
     c = p.contract
+    rows = "\n".join(
+        f"| `{m.stem}` ({m.precision}) | {m.metrics['accuracy']:.4f} | {m.metrics['accuracy_drop_pp']:+.2f} | "
+        f"{m.metrics['top1_agreement']:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.runner.executed_by} |"
+        for m in models)
+    quant = next((m.quantization for m in models if m.quantization), None)
+    qline = (f"INT8 quantizer: `{quant['chosen']}`; layers kept in float: {len(quant['float_nodes'])}.\n"
+             if quant else "")
     return f"""# edgetl bundle: {profile.name}
 
 {profile.description}
@@ -384,10 +514,16 @@ Backbone `{p.spec.name}` fine-tuned on {len(p.dataset.classes)} classes ({", ".j
 
 ## Run
 
-    pip install numpy pillow onnxruntime
-    python predict.py IMAGE...        # label and probability per image
+    pip install {" ".join(backend.runtime_requires)}
+    python predict.py IMAGE...           # label and probability per image
     python predict.py --json IMAGE...
-    python predict.py --selftest      # golden inputs in golden/ must give the recorded outputs
+    python predict.py --selftest         # golden inputs in golden/ must give the recorded outputs
+    python predict.py --bench            # latency, throughput, cold-load time on this device
+    python predict.py --model {models[-1].precision} IMAGE...   # another model of this bundle
+    python predict.py --set KEY=VALUE    # override a setting of runtime.json "settings"
+
+`runtime.json` holds the models, the default one and the runtime settings
+(providers / device, performance hint); `--set` overrides them on the device.
 
 ## Input contract (preprocess.json)
 
@@ -395,24 +531,15 @@ RGB, resize shorter side to {c["resize_size"]} ({c["interpolation"]}),
 centre-crop {c["input_size"][0]}x{c["input_size"][1]}, x/255, subtract mean {c["mean"]},
 divide by std {c["std"]}, NCHW float32. `preprocess.py` implements it.
 
-## Parity (test split, n={metrics["n_test"]})
+## Parity (test split, n={models[0].metrics["n_test"]}; float PyTorch {models[0].metrics["reference_accuracy"]:.4f})
 
-| | top-1 accuracy |
-|---|---|
-| float PyTorch | {metrics["reference_accuracy"]:.4f} |
-| this model (INT8) | {metrics["accuracy"]:.4f} |
+| model | top-1 accuracy | drop (pp) | agreement | size | validated with |
+|---|---|---|---|---|---|
+{rows}
 
-Drop {metrics["accuracy_drop_pp"]:.2f} pp (95 % CI {metrics["accuracy_drop_ci95_pp"][0]:.2f} to
-{metrics["accuracy_drop_ci95_pp"][1]:.2f}), top-1 agreement {metrics["top1_agreement"]:.4f}.
-Quantizer: `{quant["chosen"]}`; layers kept in float: {len(quant["float_nodes"])}.
-Model size {sizes["int8_bytes"]} bytes ({sizes["ratio"]:.2f}x the FP32 ONNX).
+{qline}Validation ran on the build machine through the runtime named in the last column; where that
+is not the provider/device this bundle prefers, the numbers are numerical checks of the same
+model file, not measurements on the target hardware.
 
 `manifest.json` lists every file's sha256; `edgetl verify DIR` checks them.
 """
-
-
-def _write_report(out: Path, result: BuildResult) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(out / "report.json")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UsageError
 from .recipe import format_validation_error
@@ -29,6 +29,11 @@ class QuantizationProfile(_Strict):
     weight_type: Literal["int8", "uint8"] = "int8"
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     symmetric_activations: bool = False
+    preset: Literal["mixed", "performance"] | None = None  # NNCF preset; default: from symmetric_activations
+    bias_correction: Literal["full", "fast"] = "full"  # NNCF; MobileNetV3/hard-swish nets need "full"
+    # Op types left in float by every quantizer (e.g. ["Gemm"]: a fine-tuned classifier head is
+    # tiny but carries the low-margin decision; quantizing it costs agreement and buys no speed).
+    float_op_types: list[str] = Field(default_factory=list)
 
 
 class Tolerances(_Strict):
@@ -38,6 +43,19 @@ class Tolerances(_Strict):
     # flips 6 % of validation images is damaged even when its accuracy happens to hold.
     search_top1_agreement: float = Field(0.97, ge=0, le=1)
     export_atol: float = Field(1e-3, gt=0)
+    # Float (FP16/FP32) models of a target must agree with the float reference almost everywhere.
+    float_min_top1_agreement: float = Field(0.995, ge=0, le=1)
+
+
+class RuntimeSettings(_Strict):
+    """Written to the bundle's runtime.json "settings"; the device may override any of them."""
+
+    device: str = "CPU"  # OpenVINO device: CPU, GPU, NPU, AUTO
+    performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = "LATENCY"
+    static_batch: bool = True  # OpenVINO: compile a static-shape model per batch size
+    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # onnxruntime
+    strict_providers: bool = False  # onnxruntime: fail instead of falling back to the CPU provider
+    config: dict[str, Any] = Field(default_factory=dict)  # OpenVINO properties
 
 
 class TargetProfile(_Strict):
@@ -46,9 +64,24 @@ class TargetProfile(_Strict):
     description: str = ""
     opset: int = Field(17, ge=13, le=23)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
-    quantization: QuantizationProfile
+    # The models a bundle carries, first = default. int8 goes through the quantizer search;
+    # fp16/fp32 are conversions. Each one is gated on its own.
+    precisions: list[Literal["int8", "fp16", "fp32"]] = Field(default_factory=lambda: ["int8"], min_length=1)
+    quantization: QuantizationProfile | None = None  # required when precisions has int8
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    # Where this profile's models are checked at build time, when that differs from where they
+    # will run (e.g. GPU models validated on the CPU provider). Recorded in the manifest.
+    validate_providers: list[str] | None = None
     tolerances: Tolerances = Field(default_factory=Tolerances)
     source: str = Field("", exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if len(set(self.precisions)) != len(self.precisions):
+            raise ValueError(f"precisions {self.precisions} lists one twice")
+        if "int8" in self.precisions and self.quantization is None:
+            raise ValueError("precisions has int8: add a [quantization] table with quantizers = [...]")
+        return self
 
 
 def builtin_names() -> list[str]:

@@ -1,8 +1,10 @@
 """Backends: a few classes under the target profiles. A profile names its backend by `backend = "..."`.
 
-A backend knows how to quantize an exported FP32 ONNX model (a list of named quantizers the
-profile picks from), how to run a model exactly as its bundle will, and which runtime files
-go into a bundle. Adding a target is a profile TOML; adding a runtime is one class here.
+A backend knows how to make a target's models from the exported FP32 ONNX (named INT8 quantizers
+the profile picks from, plus float conversions), which engine runs them (a torch-free file in
+edgetl/runtime/ that goes into the bundle and that the parity gate uses too), which settings that
+engine gets, and which files a model is. Adding a target is a profile TOML; adding a runtime is
+one backend class here and one engine file.
 """
 
 from __future__ import annotations
@@ -33,23 +35,28 @@ class QuantInputs:
     seed: int
 
 
-class Runner(Protocol):
-    def logits(self, batch: np.ndarray) -> np.ndarray: ...
-
-
 Quantizer = Callable[[Artifact, QuantInputs, TargetProfile, Path], Artifact]
 
 
 class Backend(Protocol):
     name: str
+    engine: str  # runtime/engine_<engine>.py runs this backend's models
+    requires: dict[str, tuple[str, str]]  # quantizer -> (module, pip extra); "*" -> needed for anything
     quantizers: dict[str, Quantizer]
-    requires: dict[str, tuple[str, str]]  # quantizer -> (module, pip extra)
+    runtime_requires: list[str]  # pip packages a device needs to run the bundle
 
-    def runner(self, model: Path, contract: dict, labels: list[str], profile: TargetProfile) -> Runner: ...
+    def convert(self, fp32: Artifact, precision: str, profile: TargetProfile, workdir: Path) -> Artifact:
+        """A float model (fp32/fp16) in this backend's format."""
+        ...
 
-    def bundle_files(self, artifact: Artifact) -> dict[str, Path]: ...
+    def model_files(self, artifact: Artifact, stem: str) -> dict[str, Path]:
+        """Bundle-relative names (first = the file the engine loads) -> source files."""
+        ...
 
-    def runtime_config(self, profile: TargetProfile) -> dict: ...
+    def settings(self, profile: TargetProfile, validating: bool = False) -> dict:
+        """Engine settings: what the bundle's runtime.json carries, or (validating=True) what the
+        build's parity gate runs with."""
+        ...
 
     def versions(self) -> dict[str, str]: ...
 
@@ -67,15 +74,34 @@ def register(name: str):
     return deco
 
 
-def get(profile: TargetProfile) -> Backend:
-    from . import onnxruntime as _ort  # noqa: F401  (registers itself)
+def _load_builtin() -> None:
+    from . import onnxruntime as _ort  # noqa: F401  (each module registers itself)
+    from . import openvino as _ov  # noqa: F401
 
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_BACKENDS)
+
+
+def get(profile: TargetProfile) -> Backend:
+    _load_builtin()
     if profile.backend not in _BACKENDS:
         raise UsageError(f"{profile.source}: backend '{profile.backend}' is unknown; "
                          f"fix: use one of {', '.join(sorted(_BACKENDS))}")
     backend = _BACKENDS[profile.backend]()
-    unknown = [q for q in profile.quantization.quantizers if q not in backend.quantizers]
+    quantizers = profile.quantization.quantizers if profile.quantization else []
+    unknown = [q for q in quantizers if q not in backend.quantizers]
     if unknown:
         raise UsageError(f"{profile.source}: quantizer(s) {unknown} not offered by backend '{profile.backend}'; "
                          f"fix: use {', '.join(backend.quantizers)}")
     return backend
+
+
+def runner(backend: Backend, artifact: Artifact, contract: dict, labels: list[str], profile: TargetProfile,
+           validating: bool = True):
+    """A Predictor running `artifact` through the backend's bundle engine (what the device runs)."""
+    from ..runtime.predict import Predictor, load_engine
+
+    engine = load_engine(backend.engine).Engine(artifact.path, backend.settings(profile, validating))
+    return Predictor(engine, contract, labels)

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..artifact import Artifact
-from ..errors import require
 from ..export import INPUT
 from ..profiles import TargetProfile
-from ..runtime.ort_predict import Predictor
-from . import QuantInputs, register
+from . import QuantInputs, _nncf, register
 
 log = logging.getLogger(__name__)
 # onnxruntime's calibrator exposes every tensor as a model output, so its memory grows with the
 # batch (MobileNetV2 at 224 px: ~1.8 GB peak at 16 images, ~0.6 GB at 4); same ranges either way.
 CALIB_BATCH = 4
-RANKING_SUBSET = 64
-MAX_RESTORE_STEPS = 12
 
 
-def _finish(out: Path, fp32: Artifact, quantizer: str) -> Artifact:
+def _finish(out: Path, fp32: Artifact, quantizer: str, unsigned_activations: bool = False) -> Artifact:
     """Carry the FP32 model's metadata (labels, preprocessing contract) into the quantized model."""
     import onnx
 
@@ -32,10 +26,40 @@ def _finish(out: Path, fp32: Artifact, quantizer: str) -> Artifact:
 
     src = onnx.load(str(fp32.path), load_external_data=False)
     model = onnx.load(str(out))
+    if unsigned_activations:
+        _unsigned_activations(model)
     set_metadata(model, {p.key: p.value for p in src.metadata_props})
     set_metadata(model, {"edgetl.quantizer": quantizer})
     onnx.save(model, str(out))
-    return Artifact.of(out, "onnx-int8", quantizer=quantizer)
+    return Artifact.of(out, "onnx-int8", quantizer=quantizer, precision="int8")
+
+
+def _unsigned_activations(model) -> int:
+    """Re-encode signed INT8 activation Q/DQ pairs as UINT8 (zero point + 128): the same grid, exactly.
+
+    NNCF quantizes tensors that can go negative to int8 and the rest to uint8. onnxruntime's CPU
+    kernels fuse DQ -> Conv -> Q into QLinearConv only when input and output share one type, so a
+    mixed model runs its convolutions in float between Q/DQ pairs (measured 3x *slower* than FP32
+    for MobileNetV2). Weights (stored pre-quantized, no QuantizeLinear) stay int8 (U8S8)."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    changed = set()
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is not None and (zp.name in changed or zp.data_type == onnx.TensorProto.INT8):
+            if zp.name not in changed:
+                shifted = numpy_helper.to_array(zp).astype(np.int16) + 128
+                zp.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), zp.name))
+                changed.add(zp.name)
+            outputs = set(node.output)
+            for vi in model.graph.value_info:
+                if vi.name in outputs:
+                    vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    return len(changed)
 
 
 def _batches(x: np.ndarray, size: int = CALIB_BATCH):
@@ -76,83 +100,44 @@ def ort_static(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdi
         weight_type=qtype[q.weight_type],
         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[q.calibrate_method],
+        nodes_to_exclude=_nodes_of_types(prepped, q.float_op_types),
         extra_options={"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True},
     )
     prepped.unlink(missing_ok=True)
     return _finish(out, fp32, "ort_static")
 
 
-def _import_nncf():
-    """NNCF logs and draws progress bars on stdout; edgetl keeps stdout for results (--json)."""
-    nncf = require("nncf", "nncf")
-    nncf_log = logging.getLogger("nncf")
-    for handler in nncf_log.handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
-            handler.setStream(sys.stderr)
-    if not log.isEnabledFor(logging.INFO):
-        nncf.set_log_level(logging.WARNING)
-    return nncf
+def _nodes_of_types(model_path: Path, op_types: list[str]) -> list[str]:
+    import onnx
 
-
-def _nncf_args(data: QuantInputs, profile: TargetProfile):
-    nncf = _import_nncf()
-    calib = nncf.Dataset(_batches(data.calibration, 1), lambda b: {INPUT: b})  # NNCF statistics want batch 1
-    preset = nncf.QuantizationPreset.PERFORMANCE if profile.quantization.symmetric_activations \
-        else nncf.QuantizationPreset.MIXED
-    return nncf, calib, dict(preset=preset, subset_size=len(data.calibration), fast_bias_correction=False)
+    if not op_types:
+        return []
+    return [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node if n.op_type in op_types]
 
 
 def nncf_ptq(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
-    """NNCF post-training quantization with full bias correction (per-channel weights)."""
+    """NNCF post-training quantization (bias correction from the profile; per-channel weights)."""
     import onnx
 
-    nncf, calib, kw = _nncf_args(data, profile)
-    with contextlib.redirect_stdout(sys.stderr):
-        model = nncf.quantize(onnx.load(str(fp32.path)), calib, **kw)
+    model = _nncf.ptq(onnx.load(str(fp32.path)), data, profile)
     out = workdir / "nncf_ptq.int8.onnx"
     onnx.save(model, str(out))
-    return _finish(out, fp32, "nncf_ptq")
+    return _finish(out, fp32, "nncf_ptq", profile.quantization.activation_type == "uint8")
 
 
 def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
-    """NNCF accuracy control on the validation split: reverts the most harmful layers to float.
-
-    The metric NNCF restores is top-1 *agreement with the float model* (per image: same class or
-    not), with max drop 1 - target_agreement: it targets exactly what the search asks for, and it
-    still sees damage when the INT8 model's accuracy happens to hold (errors that cancel out).
-    """
+    """NNCF accuracy control on the validation split (see _nncf.accuracy_control)."""
     import onnx
     import onnxruntime as ort
 
-    nncf, calib, kw = _nncf_args(data, profile)
-    float_top1 = data.val_reference_logits.argmax(1).tolist()
-    pairs = list(zip(_batches(data.val_x, 1), float_top1, strict=True))
-    val = nncf.Dataset(pairs, lambda item: {INPUT: item[0]})
+    def compile_fn(model):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return lambda x: sess.run(None, {INPUT: x})[0]
 
-    cache: dict = {}
-
-    def validate(model: onnx.ModelProto, items) -> tuple[float, list[float]]:
-        # NNCF's ranking calls this once per image with the same model: build its session once.
-        if cache.get("model") is not model:
-            cache.update(model=model, sess=ort.InferenceSession(model.SerializeToString(),
-                                                                providers=["CPUExecutionProvider"]))
-        sess = cache["sess"]
-        same = [float(sess.run(None, {INPUT: x})[0].argmax() == k) for x, k in items]
-        return float(np.mean(same)) if same else 0.0, same
-
-    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-
-    # Ranking layers by sensitivity is the slow part: rank on a subset of the validation split.
-    # NNCF re-ranks every remaining layer after each step that does not help; bound the steps.
-    restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=min(len(pairs), RANKING_SUBSET),
-                                                  max_num_iterations=MAX_RESTORE_STEPS)
-    with contextlib.redirect_stdout(sys.stderr):
-        model = nncf.quantize_with_accuracy_control(
-            onnx.load(str(fp32.path)), calib, val, validate, max_drop=max(0.0, 1.0 - data.target_agreement),
-            drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer, **kw)
+    model = _nncf.accuracy_control(onnx.load(str(fp32.path)), data, profile, compile_fn)
     out = workdir / "mixed_precision.int8.onnx"
     onnx.save(model, str(out))
-    return _finish(out, fp32, "mixed_precision")
+    return _finish(out, fp32, "mixed_precision", profile.quantization.activation_type == "uint8")
 
 
 def float_nodes(model_path: Path) -> list[str]:
@@ -165,28 +150,39 @@ def float_nodes(model_path: Path) -> list[str]:
             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] not in dq_outputs]
 
 
+def to_fp16(fp32: Artifact, workdir: Path) -> Artifact:
+    """FP16 weights and compute with float32 inputs/outputs (Cast at the edges), for GPU providers."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32.path)), keep_io_types=True)
+    out = workdir / "model.fp16.onnx"
+    onnx.save(model, str(out))
+    return Artifact.of(out, "onnx-fp16", precision="fp16")
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    engine = "ort"
     quantizers = {"ort_static": ort_static, "nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
     # optional module (and the extra that installs it) each quantizer needs, checked before a build starts
     requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
-    runtime_module = "ort_predict.py"
+    runtime_requires = ["numpy", "pillow", "onnxruntime"]
 
-    def runner(self, model: Path, contract: dict, labels: list[str], profile: TargetProfile) -> Predictor:
-        return Predictor(model, contract, labels, providers=profile.providers)
+    def convert(self, fp32: Artifact, precision: str, profile: TargetProfile, workdir: Path) -> Artifact:
+        return to_fp16(fp32, workdir) if precision == "fp16" else fp32
 
-    def bundle_files(self, artifact: Artifact) -> dict[str, Path]:
-        """Bundle-relative name -> source file, for the model and this backend's runtime."""
-        from importlib.resources import files
+    def model_files(self, artifact: Artifact, stem: str) -> dict[str, Path]:
+        return {f"{stem}.onnx": artifact.path}
 
-        runtime = files("edgetl").joinpath("runtime")
-        return {"model.onnx": artifact.path,
-                "predict.py": Path(str(runtime.joinpath(self.runtime_module))),
-                "preprocess.py": Path(str(runtime.joinpath("preprocess.py")))}
-
-    def runtime_config(self, profile: TargetProfile) -> dict:
-        return {"backend": self.name, "model": "model.onnx", "providers": profile.providers,
-                "requires": ["numpy", "pillow", "onnxruntime"]}
+    def settings(self, profile: TargetProfile, validating: bool = False) -> dict:
+        rt = profile.runtime
+        if validating:  # the build checks numbers with what exists here, and says so in the manifest
+            return {"providers": profile.validate_providers or profile.providers}
+        out = {"providers": profile.providers, "strict_providers": rt.strict_providers}
+        if rt.provider_options:
+            out["provider_options"] = rt.provider_options
+        return out
 
     def versions(self) -> dict[str, str]:
         import onnxruntime

@@ -1,0 +1,89 @@
+"""`edgetl bench`: several bundles (or any Predictor-like runners) timed in one process, in turn,
+through their own runtimes, so machine drift hits all of them alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):  # pragma: no cover (not Linux)
+        return float("nan")
+
+
+def interleaved(runners: dict[str, object], x: np.ndarray, *, runs: int, warmup: int, rounds: int) -> dict:
+    """name -> per-call seconds: every runner gets `warmup` calls then runs/rounds timed calls, in turn,
+    for `rounds` rounds."""
+    per_round = max(1, runs // rounds)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, r in runners.items():
+            for _ in range(warmup):
+                r.logits(x)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                r.logits(x)
+                times[name].append(time.perf_counter() - t0)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def _ms(v: np.ndarray, q: float) -> float:
+    return round(float(np.percentile(v, q)) * 1e3, 3)
+
+
+def standalone_peak_rss_mb(bundle: Path, batch: int) -> float | None:
+    """Peak RSS of the bundle's own `predict.py --bench` in a fresh process (what a device would see)."""
+    try:
+        res = subprocess.run([sys.executable, str(Path(bundle) / "predict.py"), "--bench", "--json",
+                              "--batch", str(batch)], capture_output=True, text=True, timeout=600, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, batch: int = 8, runs: int = 100,
+                  warmup: int = 10, rounds: int = 3, seed: int = 0, standalone_memory: bool = True) -> dict:
+    from .pipeline import _machine
+
+    rng = np.random.default_rng(seed)
+    runners, out = {}, {}
+    for name, load in loaders.items():
+        before = current_rss_mb()
+        t0 = time.perf_counter()
+        runner = load()
+        runner.logits(rng.standard_normal((1, *shapes[name])).astype(np.float32))
+        cold = time.perf_counter() - t0
+        runners[name] = runner
+        out[name] = {"executed_by": runner.executed_by, "cold_load_ms": round(cold * 1e3, 1),
+                     "rss_delta_mb": round(current_rss_mb() - before, 1)}
+    by_shape: dict[tuple, list[str]] = {}
+    for name in runners:
+        by_shape.setdefault(tuple(shapes[name]), []).append(name)
+    for shape, names in by_shape.items():
+        group = {n: runners[n] for n in names}
+        lat = interleaved(group, rng.standard_normal((1, *shape)).astype(np.float32), runs=runs, warmup=warmup,
+                          rounds=rounds)
+        lat_b = interleaved(group, rng.standard_normal((batch, *shape)).astype(np.float32),
+                            runs=max(rounds, runs // 4), warmup=max(1, warmup // 4), rounds=rounds)
+        for n in names:
+            out[n].update(batch1_p50_ms=_ms(lat[n], 50), batch1_p90_ms=_ms(lat[n], 90), batch=batch,
+                          batch_p50_ms=_ms(lat_b[n], 50), throughput_ips=round(batch / np.median(lat_b[n]), 1))
+    for name in runners:
+        out[name]["rss_delta_mb"] = max(out[name]["rss_delta_mb"], 0.0)
+        if standalone_memory and Path(name, "predict.py").is_file():
+            out[name]["standalone_peak_rss_mb"] = standalone_peak_rss_mb(Path(name), batch)
+    return {"bundles": out, "machine": _machine(), "runs": runs, "warmup": warmup, "rounds": rounds,
+            "method": "batch-1 latency: p50/p90 over all timed runs; bundles measured in turn each round; "
+                      "cold load = load + first inference (runtime library already imported); "
+                      "standalone_peak_rss_mb = peak RSS of the bundle's own predict.py --bench in a fresh process"}

@@ -1,0 +1,55 @@
+"""onnxruntime engine for bundle runtimes (copied into onnxruntime bundles). numpy + onnxruntime only.
+
+Settings (runtime.json "settings", overridable with `predict.py --set KEY=VALUE`):
+  providers          execution providers in order of preference; the missing ones are skipped
+  provider_options   {provider: {option: value}}; a relative trt_engine_cache_path is put under
+                     ~/.cache/edgetl-trt (a bundle folder stays read-only and verifiable)
+  strict_providers   true: fail instead of falling back when the first provider is missing
+  threads            intra-op threads (0: onnxruntime's default)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class Engine:
+    def __init__(self, model_path, settings: dict):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if settings.get("threads"):
+            opts.intra_op_num_threads = int(settings["threads"])
+        wanted = settings.get("providers") or ["CPUExecutionProvider"]
+        if isinstance(wanted, str):
+            wanted = [p.strip() for p in wanted.split(",")]
+        available = ort.get_available_providers()
+        chosen = [p for p in wanted if p in available]
+        self.skipped = [p for p in wanted if p not in available]
+        if self.skipped and settings.get("strict_providers"):
+            raise RuntimeError(f"provider(s) {self.skipped} not available in this onnxruntime "
+                               f"(available: {available}); install onnxruntime-gpu or drop strict_providers")
+        chosen = chosen or ["CPUExecutionProvider"]
+        options = [_resolve(p, dict(settings.get("provider_options", {}).get(p, {}))) for p in chosen]
+        self.session = ort.InferenceSession(str(model_path), opts, providers=chosen, provider_options=options)
+        self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def executed_by(self) -> str:
+        return self.session.get_providers()[0]
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+def _resolve(provider: str, options: dict) -> dict:
+    cache = options.get("trt_engine_cache_path")
+    if cache and not os.path.isabs(cache):
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl-trt" / cache
+        root.mkdir(parents=True, exist_ok=True)
+        options["trt_engine_cache_path"] = str(root)
+    return {k: str(v) if isinstance(v, bool) else v for k, v in options.items()}

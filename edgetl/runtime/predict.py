@@ -1,0 +1,221 @@
+"""Bundle runtime: copied into every bundle as predict.py, next to preprocess.py and one engine
+file (engine_<name>.py) that runs the model. Needs numpy, Pillow and that engine's runtime
+(listed in runtime.json "requires"); never torch or edgetl.
+
+    python predict.py IMAGE...              # prints "<file>\t<label>\t<probability>"
+    python predict.py --json IMAGE...
+    python predict.py --selftest            # golden inputs shipped in the bundle must give the recorded outputs
+    python predict.py --bench [--batch 8]   # latency/throughput through this runtime
+    python predict.py --model fp16 ...      # another model of the bundle (runtime.json "models")
+    python predict.py --set device=GPU ...  # override a runtime setting (runtime.json "settings")
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:  # inside the edgetl package
+    from .preprocess import ImageDecodeError, load_contract, load_rgb, preprocess
+except ImportError:  # inside a bundle, run as a script
+    from preprocess import ImageDecodeError, load_contract, load_rgb, preprocess
+
+HERE = Path(__file__).resolve().parent
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def load_engine(name: str):
+    """The engine module `engine_<name>` beside this file (bundle) or in edgetl.runtime (package)."""
+    if __package__:
+        return importlib.import_module(f"{__package__}.engine_{name}")
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    return importlib.import_module(f"engine_{name}")
+
+
+def read_runtime(bundle: Path) -> dict:
+    return json.loads((Path(bundle) / "runtime.json").read_text(encoding="utf-8"))
+
+
+class Predictor:
+    """One model + its preprocessing contract + labels. edgetl's parity gate runs models through
+    this same class, so what was validated is what the device runs."""
+
+    def __init__(self, engine, contract: dict, labels: list[str]):
+        self.engine = engine
+        self.contract = contract
+        self.labels = labels
+
+    @classmethod
+    def from_bundle(cls, bundle=HERE, model: str | None = None, settings: dict | None = None) -> Predictor:
+        bundle = Path(bundle)
+        runtime = read_runtime(bundle)
+        name = model or runtime["default_model"]
+        if name not in runtime["models"]:
+            raise ValueError(f"model '{name}' not in this bundle; choose one of {', '.join(runtime['models'])}")
+        merged = {**runtime.get("settings", {}), **(settings or {})}
+        engine = load_engine(runtime["engine"]).Engine(bundle / runtime["models"][name], merged)
+        labels = (bundle / "labels.txt").read_text(encoding="utf-8").splitlines()
+        return cls(engine, load_contract(bundle / "preprocess.json"), labels)
+
+    @property
+    def executed_by(self) -> str:
+        """What actually ran the model (e.g. 'CPUExecutionProvider', 'OpenVINO CPU')."""
+        return self.engine.executed_by
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def predict_files(self, paths) -> list[dict]:
+        out = []
+        for p in paths:
+            try:
+                x = preprocess(load_rgb(p), self.contract)[None]
+            except ImageDecodeError as e:
+                out.append({"file": str(p), "error": str(e)})
+                continue
+            probs = softmax(self.logits(x))[0]
+            k = int(probs.argmax())
+            top = np.argsort(-probs)[:3]
+            out.append({"file": str(p), "label": self.labels[k], "index": k, "probability": float(probs[k]),
+                        "top": [{"label": self.labels[i], "probability": float(probs[i])} for i in top]})
+        return out
+
+    def selftest(self, bundle=HERE, model: str | None = None) -> dict:
+        """Golden inputs -> same top-1 as at build time, logits within the recorded tolerance."""
+        bundle = Path(bundle)
+        spec = json.loads((bundle / "golden" / "expected.json").read_text())
+        runtime = read_runtime(bundle) if (bundle / "runtime.json").exists() else {}
+        model = model or runtime.get("default_model")
+        expected = spec["models"][model] if "models" in spec else spec
+        failures, max_diff = [], 0.0
+        for item in expected["items"]:
+            x = preprocess(load_rgb(bundle / item["file"]), self.contract)[None]
+            got = self.logits(x)[0]
+            diff = float(np.abs(got - np.asarray(item["logits"], dtype=np.float32)).max())
+            max_diff = max(max_diff, diff)
+            if int(got.argmax()) != item["index"]:
+                failures.append(f"{item['file']}: expected {item['label']}, got {self.labels[int(got.argmax())]}")
+            elif diff > expected["logit_atol"]:
+                failures.append(f"{item['file']}: logits differ by {diff:.4g} > {expected['logit_atol']}")
+        return {"ok": not failures, "model": model, "n": len(expected["items"]), "max_logit_diff": max_diff,
+                "executed_by": self.executed_by, "failures": failures}
+
+
+def _rss_mb() -> float | None:
+    """Peak resident memory of this process. VmHWM first: ru_maxrss survives exec, so a process
+    started from a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover (Windows)
+        return None
+
+
+def benchmark(load, input_shape, *, batch: int = 8, warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
+    """Latency at batch 1 (p50/p90 of `runs` timed calls after `warmup`), throughput at `batch`,
+    cold-load time (`load()` -> first result) and the process's peak RSS. `load` builds a Predictor."""
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    predictor = load()
+    x1 = rng.standard_normal((1, *input_shape)).astype(np.float32)
+    predictor.logits(x1)
+    cold = time.perf_counter() - t0
+    lat = _timed(predictor, x1, warmup, runs)
+    xb = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+    lat_b = _timed(predictor, xb, max(2, warmup // 2), max(5, runs // 4))
+    return {"executed_by": predictor.executed_by, "cold_load_ms": round(cold * 1e3, 2),
+            "batch1_p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
+            "batch1_p90_ms": round(float(np.percentile(lat, 90)) * 1e3, 3),
+            "batch": batch, f"batch{batch}_p50_ms": round(float(np.percentile(lat_b, 50)) * 1e3, 3),
+            "throughput_ips": round(batch / float(np.percentile(lat_b, 50)), 1),
+            "peak_rss_mb": None if _rss_mb() is None else round(_rss_mb(), 1), "runs": runs, "warmup": warmup}
+
+
+def _timed(predictor, x, warmup: int, runs: int) -> np.ndarray:
+    for _ in range(warmup):
+        predictor.logits(x)
+    out = np.empty(runs)
+    for i in range(runs):
+        t = time.perf_counter()
+        predictor.logits(x)
+        out[i] = time.perf_counter() - t
+    return out
+
+
+def _settings(pairs) -> dict:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair}: expected KEY=VALUE, e.g. --set device=GPU")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Classify images with this bundle.")
+    ap.add_argument("images", nargs="*")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--selftest", action="store_true", help="check the golden inputs; exit 1 on mismatch")
+    ap.add_argument("--bench", action="store_true", help="measure latency, throughput and cold-load time")
+    ap.add_argument("--batch", type=int, default=8, help="batch size for --bench throughput")
+    ap.add_argument("--model", help="which of the bundle's models (runtime.json 'models'); default: the first")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a runtime setting, e.g. device=GPU, performance_hint=THROUGHPUT")
+    args = ap.parse_args(argv)
+    settings = _settings(args.set)
+
+    def load():
+        return Predictor.from_bundle(HERE, model=args.model, settings=settings)
+
+    if args.bench:
+        contract = load_contract(HERE / "preprocess.json")
+        result = benchmark(load, (3, *contract["input_size"]), batch=args.batch)
+        print(json.dumps(result) if args.json else "\n".join(f"{k}\t{v}" for k, v in result.items()))
+        return 0
+    predictor = load()
+    if args.selftest:
+        result = predictor.selftest(HERE, args.model)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            status = "selftest passed" if result["ok"] else "selftest FAILED"
+            print(f"{status} ({result['n']} golden inputs, model {result['model']} on {result['executed_by']}, "
+                  f"max logit diff {result['max_logit_diff']:.3g})")
+            for failure in result["failures"]:
+                print(f"  {failure}")
+        return 0 if result["ok"] else 1
+    if not args.images:
+        ap.error("give IMAGE paths, --selftest or --bench")
+    results = predictor.predict_files(args.images)
+    if args.json:
+        print(json.dumps({"predictions": results}))
+    else:
+        for r in results:
+            line = f"error: {r['error']}" if "error" in r else f"{r['label']}\t{r['probability']:.4f}"
+            print(f"{r['file']}\t{line}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
