@@ -39,12 +39,15 @@ FAST_FLAGS = ["--image-size", "64", "--epochs", "15", "--seed", "0", "-q"]
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, tiny_data) -> dict:
-    """One real build: real MobileNetV2 ImageNet weights, ORT INT8, gate, CPU bundle."""
+    """One real build of every built-in target: real MobileNetV2 ImageNet weights, real NNCF/ORT/OpenVINO."""
     from click.testing import CliRunner
 
     from edgetl.cli import cli
 
     out = tmp_path_factory.mktemp("out") / "build"
-    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *FAST_FLAGS])
+    targets = ["--target", "cpu", "--target", "openvino", "--target", "gpu"]
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *targets,
+                                   *FAST_FLAGS])
     assert res.exit_code == 0, res.output
-    return {"out": out, "bundle": out / "cpu", "result": json.loads(res.stdout)}
+    return {"out": out, "bundle": out / "cpu", "openvino": out / "openvino", "gpu": out / "gpu",
+            "result": json.loads(res.stdout)}

@@ -48,7 +48,8 @@ def test_int8_model_is_per_channel_qdq(built):
     meta = {p.key: p.value for p in onnx.load(str(built["bundle"] / "model.onnx")).metadata_props}
     assert json.loads(meta["edgetl.labels"]) == ["blue", "green", "red"]
     assert json.loads(meta["edgetl.preprocess"])["input_size"] == [64, 64]
-    assert meta["edgetl.quantizer"] == "ort_static"
+    manifest = json.loads((built["bundle"] / "manifest.json").read_text())
+    assert meta["edgetl.quantizer"] == manifest["quantization"]["chosen"]
 
 
 def _torchless_env(tmp_path):
@@ -81,7 +82,7 @@ def test_selftest_catches_a_wrong_model(built, tmp_path):
     bundle = tmp_path / "b"
     shutil.copytree(built["bundle"], bundle)
     exp = json.loads((bundle / "golden" / "expected.json").read_text())
-    for item in exp["items"]:
+    for item in exp["models"]["int8"]["items"]:
         item["index"] = (item["index"] + 1) % 3
     (bundle / "golden" / "expected.json").write_text(json.dumps(exp))
     st = subprocess.run([sys.executable, "predict.py", "--selftest"], cwd=bundle, capture_output=True, text=True,

@@ -8,7 +8,8 @@ from edgetl.backends import QuantInputs
 from edgetl.backends.onnxruntime import float_nodes, mixed_precision
 from edgetl.profiles import load_profile
 from edgetl.recipe import TrainSection
-from edgetl.runtime.ort_predict import Predictor
+from edgetl.runtime.engine_ort import Engine
+from edgetl.runtime.predict import Predictor
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +29,7 @@ def test_mixed_precision_meets_the_tolerance_on_val(tiny_data, tmp_path):
     qi = QuantInputs(train.eval_arrays(imgs["train"], contract), val_x, labels["val"], ref, 0.0, 1.0, 0)
     art = mixed_precision(fp32, qi, load_profile("cpu"), tmp_path)
     assert art.meta["quantizer"] == "mixed_precision" and art.size < 0.5 * fp32.size
-    rep = parity.evaluate(ref, parity.logits_of(Predictor(art.path, contract, ds.classes), val_x),
+    rep = parity.evaluate(ref, parity.logits_of(Predictor(Engine(art.path, {}), contract, ds.classes), val_x),
                           labels["val"], ds.classes, split="val")
     assert rep.top1_agreement == 1.0 and rep.accuracy_drop_pp == 0.0
     assert isinstance(float_nodes(art.path), list) and float_nodes(fp32.path)  # fp32: every conv is float

@@ -1,0 +1,171 @@
+"""The openvino and gpu targets of the shared build, the parity report, `edgetl bench`, and a
+failing target beside passing ones."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgetl.cli import cli
+from tests.conftest import FAST_FLAGS
+from tests.test_bundle import _torchless_env
+from tests.test_pipeline import _corrupt_scales
+
+pytestmark = pytest.mark.integration
+
+
+def test_openvino_bundle(built, tmp_path):
+    b = built["openvino"]
+    for f in ("model.xml", "model.bin", "predict.py", "preprocess.py", "engine_openvino.py", "runtime.json",
+              "labels.txt", "preprocess.json", "golden/expected.json", "manifest.json"):
+        assert (b / f).is_file(), f
+    assert not (b / "engine_ort.py").exists()
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["backend"] == "openvino" and m["validated_with"] == "OpenVINO CPU" and m["versions"]["openvino"]
+    assert m["quantization"]["chosen"] in ("nncf_ptq", "mixed_precision")
+    assert isinstance(m["quantization"]["float_nodes"], list)
+    assert m["metrics"]["accuracy_drop_pp"] <= 1.0 and m["sizes"]["ratio"] < 0.4  # xml + bin vs FP32 ONNX
+    rt = json.loads((b / "runtime.json").read_text())
+    assert rt["settings"]["device"] == "CPU" and rt["settings"]["performance_hint"] == "LATENCY"
+    assert rt["requires"] == ["numpy", "pillow", "openvino"]
+    import openvino as ov
+
+    model = ov.Core().read_model(str(b / "model.xml"))
+    assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())  # INT8 IR
+    assert json.loads(model.get_rt_info(["edgetl", "labels"]).astype(str)) == ["blue", "green", "red"]
+    # The runtime needs only numpy, pillow and openvino; the device can override the settings.
+    copy = tmp_path / "ov"
+    shutil.copytree(b, copy)
+    env = _torchless_env(tmp_path)
+    for extra in ([], ["--set", "performance_hint=THROUGHPUT", "--set", "static_batch=false"]):
+        st = subprocess.run([sys.executable, "predict.py", "--selftest", *extra], cwd=copy, env=env,
+                            capture_output=True, text=True, timeout=300)
+        assert st.returncode == 0 and "selftest passed" in st.stdout and "OpenVINO CPU" in st.stdout, st.stderr
+
+
+def test_gpu_bundle_fp16_and_symmetric_int8(built):
+    b = built["gpu"]
+    m = json.loads((b / "manifest.json").read_text())
+    rt = json.loads((b / "runtime.json").read_text())
+    assert rt["models"] == {"fp16": "model.onnx", "int8": "model.int8.onnx"} and rt["default_model"] == "fp16"
+    assert rt["settings"]["providers"] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                           "CPUExecutionProvider"]
+    assert rt["settings"]["provider_options"]["TensorrtExecutionProvider"]["trt_int8_enable"] is True
+    # No GPU here: both models were validated on the CPU provider, and the manifest says so.
+    assert m["validated_with"] == "CPUExecutionProvider"
+    assert {k: v["validated_with"] for k, v in m["models"].items()} == {"fp16": "CPUExecutionProvider",
+                                                                         "int8": "CPUExecutionProvider"}
+    assert m["models"]["fp16"]["metrics"]["top1_agreement"] >= 0.995
+    fp16 = onnx.load(str(b / "model.onnx"))
+    io_types = {v.type.tensor_type.elem_type for v in [*fp16.graph.input, *fp16.graph.output]}
+    assert io_types == {onnx.TensorProto.FLOAT}
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
+    int8 = onnx.load(str(b / "model.int8.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in int8.graph.initializer}
+    zps = [inits[n.input[2]] for n in int8.graph.node
+           if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
+    assert zps and all(z.dtype in (np.int8, np.int32) and not z.any() for z in zps)  # TensorRT: signed, zp 0
+    res = CliRunner().invoke(cli, ["verify", str(b), "--selftest", "--json"])
+    assert res.exit_code == 0, res.output
+    assert [r["model"] for r in json.loads(res.stdout)["selftest"]["models"]] == ["fp16", "int8"]
+
+
+def test_cpu_int8_runs_fused(built):
+    """Every Conv of the shipped CPU model becomes QLinearConv in onnxruntime (the reason it is fast)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(built["out"] / "opt.onnx")
+    ort.InferenceSession(str(built["bundle"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    (built["out"] / "opt.onnx").unlink()
+    assert ops.count("QLinearConv") == 52 and "Conv" not in ops and "FusedConv" not in ops
+
+
+def test_report_table_and_plots(built):
+    out, r = built["out"], built["result"]
+    md = (out / "report.md").read_text()
+    for row in ("float reference (FP32)", "cpu int8", "openvino int8", "gpu fp16", "gpu int8"):
+        assert f"| {row} |" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6  # 5 confusion matrices + the accuracy/latency/size plot
+    assert r["reference"]["latency_ms"] > 0 and r["machine"]["cores"] >= 1
+    for t in r["targets"]:
+        for m in t["models"]:
+            assert m["latency_ms"] > 0 and m["sizes"]["model_bytes"] > 0
+            conf = np.asarray(m["metrics"]["confusion"])
+            assert conf.shape == (3, 3) and conf.sum() == m["metrics"]["n_test"]
+            assert np.trace(conf) / conf.sum() == pytest.approx(m["metrics"]["accuracy"])
+
+
+def test_bench_command(built):
+    res = CliRunner().invoke(cli, ["bench", str(built["bundle"]), str(built["openvino"]), "--runs", "12",
+                                   "--rounds", "2", "--batch", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)["bundles"]
+    assert [v["executed_by"] for v in out.values()] == ["CPUExecutionProvider", "OpenVINO CPU"]
+    for v in out.values():
+        assert 0 < v["batch1_p50_ms"] <= v["batch1_p90_ms"] and v["throughput_ips"] > 0 and v["cold_load_ms"] > 0
+        assert 20 < v["standalone_peak_rss_mb"] < 4000
+
+
+def test_a_failing_target_does_not_stop_the_others(tiny_data, tmp_path, monkeypatch):
+    from edgetl.backends.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setitem(OnnxRuntimeBackend.quantizers, "ort_static", _corrupt_scales)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\nbackend = "onnxruntime"\n[quantization]\nquantizers = ["ort_static"]\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target", str(bad),
+                                   "--target", "openvino", "--json", *FAST_FLAGS])
+    assert res.exit_code == 1, res.output
+    r = json.loads(res.stdout)
+    by = {t["target"]: t for t in r["targets"]}
+    assert not by["bad"]["published"] and by["bad"]["misses"] and not (out / "bad").exists()
+    assert by["openvino"]["published"] and (out / "openvino" / "manifest.json").is_file()
+    assert "Failed targets" in (out / "report.md").read_text() and "FAILED" in (out / "report.html").read_text()
+
+
+def test_unsigned_reencoding_is_exact(tmp_path):
+    """int8 activation Q/DQ -> uint8 with zero point + 128 gives identical outputs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgetl.backends.onnxruntime import _unsigned_activations
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+             numpy_helper.from_array(np.array(-7, np.int8), "z")]
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits,
+        value_info=[helper.make_tensor_value_info("q", TensorProto.INT8, [64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.linspace(-10, 10, 64).astype(np.float32)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    before = run(model)
+    assert _unsigned_activations(model) == 1
+    assert {i.name: i.data_type for i in model.graph.initializer}["z"] == TensorProto.UINT8
+    np.testing.assert_array_equal(run(model), before)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('precisions = ["fp16", "fp16"]\n[quantization]\nquantizers = ["ort_static"]\n', "twice"),
+    ('precisions = ["int8"]\n', "quantization"),
+    ('[quantization]\nquantizers = ["ort_static"]\n[runtime]\nperformance_hint = "FAST"\n', "performance_hint"),
+])
+def test_profile_validation(tmp_path, tiny_data, text, needle):
+    p = tmp_path / "p.toml"
+    p.write_text('name = "x"\nbackend = "onnxruntime"\n' + text)
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--target", str(p), "--out",
+                                   str(tmp_path / "o"), *FAST_FLAGS])
+    assert res.exit_code == 2 and needle in res.output and not (tmp_path / "o").exists()
