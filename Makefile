@@ -22,13 +22,14 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(BIN)/edgetl build --out edgetl-out
+	$(BIN)/edgetl build --target cpu --target openvino --target gpu --out edgetl-out
 
 test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
-	$(BIN)/python benchmarks/build_time.py
+	$(BIN)/python benchmarks/build_time.py -- --target cpu --target openvino --target gpu
+	$(BIN)/python benchmarks/speed.py
 
 lint: venv
 	$(BIN)/ruff check edgetl tests benchmarks

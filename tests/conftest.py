@@ -45,9 +45,9 @@ def built(tmp_path_factory, tiny_data) -> dict:
     from edgetl.cli import cli
 
     out = tmp_path_factory.mktemp("out") / "build"
-    targets = ["--target", "cpu", "--target", "openvino", "--target", "gpu"]
+    targets = ["--target", "cpu", "--target", "openvino", "--target", "gpu-int8"]
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *targets,
                                    *FAST_FLAGS])
     assert res.exit_code == 0, res.output
-    return {"out": out, "bundle": out / "cpu", "openvino": out / "openvino", "gpu": out / "gpu",
+    return {"out": out, "bundle": out / "cpu", "openvino": out / "openvino", "gpu": out / "gpu-int8",
             "result": json.loads(res.stdout)}

@@ -29,6 +29,8 @@ def test_openvino_bundle(built, tmp_path):
     assert m["backend"] == "openvino" and m["validated_with"] == "OpenVINO CPU" and m["versions"]["openvino"]
     assert m["quantization"]["chosen"] in ("nncf_ptq", "mixed_precision")
     assert isinstance(m["quantization"]["float_nodes"], list)
+    if m["quantization"]["chosen"] == "nncf_ptq":
+        assert m["quantization"]["float_nodes"] == []  # every Convolution/MatMul has INT8 weights
     assert m["metrics"]["accuracy_drop_pp"] <= 1.0 and m["sizes"]["ratio"] < 0.4  # xml + bin vs FP32 ONNX
     rt = json.loads((b / "runtime.json").read_text())
     assert rt["settings"]["device"] == "CPU" and rt["settings"]["performance_hint"] == "LATENCY"
@@ -90,7 +92,7 @@ def test_cpu_int8_runs_fused(built):
 def test_report_table_and_plots(built):
     out, r = built["out"], built["result"]
     md = (out / "report.md").read_text()
-    for row in ("float reference (FP32)", "cpu int8", "openvino int8", "gpu fp16", "gpu int8"):
+    for row in ("float reference (FP32)", "cpu int8", "openvino int8", "gpu-int8 fp16", "gpu-int8 int8"):
         assert f"| {row} |" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 6  # 5 confusion matrices + the accuracy/latency/size plot
@@ -169,3 +171,19 @@ def test_profile_validation(tmp_path, tiny_data, text, needle):
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--target", str(p), "--out",
                                    str(tmp_path / "o"), *FAST_FLAGS])
     assert res.exit_code == 2 and needle in res.output and not (tmp_path / "o").exists()
+
+
+def _benchmark_app():
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("benchmark_app")
+    return str(exe) if exe.is_file() else shutil.which("benchmark_app")
+
+
+@pytest.mark.skipif(_benchmark_app() is None, reason="OpenVINO's benchmark_app is not installed")
+def test_openvino_ir_loads_in_benchmark_app(built):
+    res = subprocess.run([_benchmark_app(), "-m", str(built["openvino"] / "model.xml"), "-d", "CPU", "-t", "1",
+                          "-hint", "latency", "-shape", "input[1,3,64,64]"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Throughput" in res.stdout

@@ -49,11 +49,8 @@ def quantize_kwargs(nncf, data: QuantInputs, profile: TargetProfile) -> dict:
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     mode = QuantizationMode.SYMMETRIC if q.symmetric_activations else QuantizationMode.ASYMMETRIC
     # Per-tensor activations: onnxruntime's fused INT8 kernels and TensorRT take one scale each.
-    # TensorRT-style profiles (symmetric, int8) get signed activations everywhere: TensorRT takes
-    # INT8 Q/DQ with zero point 0 only.
-    signed = True if (q.symmetric_activations and q.activation_type == "int8") else None
     adv = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(
-        per_channel=False, mode=mode, signedness_to_force=signed))
+        per_channel=False, mode=mode))
     kw = dict(preset={"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}[
         preset], subset_size=len(data.calibration), fast_bias_correction=q.bias_correction == "fast",
         advanced_parameters=adv)

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 CALIB_BATCH = 4
 
 
-def _finish(out: Path, fp32: Artifact, quantizer: str, unsigned_activations: bool = False) -> Artifact:
+def _finish(out: Path, fp32: Artifact, quantizer: str, profile: TargetProfile | None = None) -> Artifact:
     """Carry the FP32 model's metadata (labels, preprocessing contract) into the quantized model."""
     import onnx
 
@@ -26,8 +26,11 @@ def _finish(out: Path, fp32: Artifact, quantizer: str, unsigned_activations: boo
 
     src = onnx.load(str(fp32.path), load_external_data=False)
     model = onnx.load(str(out))
-    if unsigned_activations:
+    q = profile.quantization if profile else None
+    if q and q.activation_type == "uint8":
         _unsigned_activations(model)
+    elif q and q.symmetric_activations:
+        _signed_activations(model)
     set_metadata(model, {p.key: p.value for p in src.metadata_props})
     set_metadata(model, {"edgetl.quantizer": quantizer})
     onnx.save(model, str(out))
@@ -59,6 +62,34 @@ def _unsigned_activations(model) -> int:
             for vi in model.graph.value_info:
                 if vi.name in outputs:
                     vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    return len(changed)
+
+
+def _signed_activations(model) -> int:
+    """Make every activation Q/DQ signed INT8 with zero point 0 (TensorRT's explicit quantization
+    takes nothing else). NNCF's symmetric scheme gives non-negative tensors (after ReLU) UINT8 with
+    zero point 0; the INT8 grid covering the same range needs scale x 255/127 (one bit coarser) —
+    the gate then judges the model as converted."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    changed = set()
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        zp, scale = inits.get(node.input[2]), inits.get(node.input[1])
+        if zp is None or scale is None or zp.data_type != onnx.TensorProto.UINT8 or zp.name in changed:
+            continue
+        if numpy_helper.to_array(zp).any():
+            continue  # asymmetric: not ours to change
+        zp.CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(zp).shape, np.int8), zp.name))
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(255 / 127), scale.name))
+        changed.add(zp.name)
+        outputs = set(node.output)
+        for vi in model.graph.value_info:
+            if vi.name in outputs:
+                vi.type.tensor_type.elem_type = onnx.TensorProto.INT8
     return len(changed)
 
 
@@ -122,7 +153,7 @@ def nncf_ptq(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir:
     model = _nncf.ptq(onnx.load(str(fp32.path)), data, profile)
     out = workdir / "nncf_ptq.int8.onnx"
     onnx.save(model, str(out))
-    return _finish(out, fp32, "nncf_ptq", profile.quantization.activation_type == "uint8")
+    return _finish(out, fp32, "nncf_ptq", profile)
 
 
 def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
@@ -131,13 +162,16 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
     import onnxruntime as ort
 
     def compile_fn(model):
+        if profile.quantization.symmetric_activations and profile.quantization.activation_type == "int8":
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+            _signed_activations(model)  # judge what will ship (see _finish)
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {INPUT: x})[0]
 
     model = _nncf.accuracy_control(onnx.load(str(fp32.path)), data, profile, compile_fn)
     out = workdir / "mixed_precision.int8.onnx"
     onnx.save(model, str(out))
-    return _finish(out, fp32, "mixed_precision", profile.quantization.activation_type == "uint8")
+    return _finish(out, fp32, "mixed_precision", profile)
 
 
 def float_nodes(model_path: Path) -> list[str]:

@@ -61,7 +61,8 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
 def float_nodes(model_path: Path) -> list[str]:
     """Convolution/MatMul nodes whose weights reach them without INT8 (no FakeQuantize, no i8/u8
     constant on the weight path): NNCF left or put them back in float."""
-    core = _ov().Core()
+    ov = _ov()
+    core, int8 = ov.Core(), (ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4)
     out = []
     for op in core.read_model(str(model_path)).get_ordered_ops():
         if op.get_type_name() not in COMPUTE_OPS:
@@ -70,7 +71,7 @@ def float_nodes(model_path: Path) -> list[str]:
         while stack and not quantized:
             node = stack.pop()
             kind = node.get_type_name()
-            if kind == "FakeQuantize" or (kind == "Constant" and str(node.get_element_type()) in ("i8", "u8")):
+            if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type() in int8):
                 quantized = True
             elif kind in WEIGHT_PATH_OPS:
                 stack.extend(v.get_node() for v in node.input_values())
