@@ -312,6 +312,16 @@ def list_backbones():
         click.echo(f"{name:20s} {spec.native_size}px  {spec.weights_file}")
 
 
+@cli.command("targets")
+def list_targets():
+    """List the built-in target profiles (pass a name or your own profile .toml to --target)."""
+    from .profiles import builtin_names, load_profile
+
+    for name in builtin_names():
+        p = load_profile(name)
+        click.echo(f"{name:10s} {p.backend:12s} {'+'.join(p.precisions):10s} {p.description}")
+
+
 def main() -> None:
     cli(prog_name="edgetl")
 

@@ -105,7 +105,8 @@ def plots(result) -> dict[str, str]:
                         xytext=(5, 5), textcoords="offset points")
         ax.set_xlabel("latency, batch 1 (ms, build machine, through the validating runtime)")
         ax.set_ylabel("top-1 accuracy (test split)")
-        ax.set_title("accuracy vs latency (marker area ~ model size)", fontsize=9)
+        ax.set_title("accuracy vs latency (marker area ~ model size)", fontsize=9, pad=12)
+        ax.margins(x=0.2, y=0.25)
         out["accuracy vs latency vs size"] = _png(fig)
         plt.close(fig)
     return out

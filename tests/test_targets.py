@@ -122,15 +122,32 @@ def test_a_failing_target_does_not_stop_the_others(tiny_data, tmp_path, monkeypa
     monkeypatch.setitem(OnnxRuntimeBackend.quantizers, "ort_static", _corrupt_scales)
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\nbackend = "onnxruntime"\n[quantization]\nquantizers = ["ort_static"]\n')
+    ov16 = tmp_path / "openvino.toml"  # the built-in openvino profile asking for an FP16 IR too
+    from importlib.resources import files
+
+    ov16.write_text(files("edgetl").joinpath("targets", "openvino.toml").read_text().replace(
+        'precisions = ["int8"]', 'precisions = ["int8", "fp16"]'))
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target", str(bad),
-                                   "--target", "openvino", "--json", *FAST_FLAGS])
+                                   "--target", str(ov16), "--target", "gpu", "--json", *FAST_FLAGS])
     assert res.exit_code == 1, res.output
     r = json.loads(res.stdout)
     by = {t["target"]: t for t in r["targets"]}
     assert not by["bad"]["published"] and by["bad"]["misses"] and not (out / "bad").exists()
     assert by["openvino"]["published"] and (out / "openvino" / "manifest.json").is_file()
+    rt = json.loads((out / "openvino" / "runtime.json").read_text())
+    assert rt["models"] == {"int8": "model.xml", "fp16": "model.fp16.xml"}
+    import openvino as ov
+
+    fp16 = ov.Core().read_model(str(out / "openvino" / "model.fp16.xml"))
+    assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f16 for op in fp16.get_ops())
+    assert [m["metrics"]["top1_agreement"] >= 0.995 for m in by["openvino"]["models"]][1]
     assert "Failed targets" in (out / "report.md").read_text() and "FAILED" in (out / "report.html").read_text()
+    # The built-in gpu profile: one FP16 model, no quantization at all.
+    assert by["gpu"]["published"] and by["gpu"]["quantization"]["chosen"] is None
+    assert json.loads((out / "gpu" / "runtime.json").read_text())["models"] == {"fp16": "model.onnx"}
+    info = CliRunner().invoke(cli, ["info", str(out / "gpu")])
+    assert info.exit_code == 0 and "fp16 (validated with CPUExecutionProvider)" in info.output
 
 
 def test_unsigned_reencoding_is_exact(tmp_path):
@@ -187,3 +204,10 @@ def test_openvino_ir_loads_in_benchmark_app(built):
                          timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Throughput" in res.stdout
+
+
+def test_targets_command_lists_every_builtin_profile():
+    res = CliRunner().invoke(cli, ["targets"])
+    assert res.exit_code == 0
+    names = [line.split()[0] for line in res.output.splitlines()]
+    assert names == ["cpu", "gpu", "gpu-int8", "openvino"]
