@@ -14,7 +14,7 @@ from edgetl.runtime.predict import Predictor
 pytestmark = pytest.mark.integration
 
 
-def test_mixed_precision_meets_the_tolerance_on_val(tiny_data, tmp_path):
+def _setup(tiny_data, tmp_path):
     ds = data.scan(tiny_data)
     spec = backbones.get("mobilenet_v2")
     contract = spec.contract(64)
@@ -27,9 +27,30 @@ def test_mixed_precision_meets_the_tolerance_on_val(tiny_data, tmp_path):
     val_x = train.eval_arrays(imgs["val"], contract)
     ref = train.forward_batches(net, val_x, 8, train.NullProgress(), "").numpy()
     qi = QuantInputs(train.eval_arrays(imgs["train"], contract), val_x, labels["val"], ref, 0.0, 1.0, 0)
+    return ds, contract, fp32, qi, val_x, ref, labels
+
+
+def test_mixed_precision_meets_the_tolerance_on_val(tiny_data, tmp_path):
+    ds, contract, fp32, qi, val_x, ref, labels = _setup(tiny_data, tmp_path)
     art = mixed_precision(fp32, qi, load_profile("cpu"), tmp_path)
     assert art.meta["quantizer"] == "mixed_precision" and art.size < 0.5 * fp32.size
     rep = parity.evaluate(ref, parity.logits_of(Predictor(Engine(art.path, {}), contract, ds.classes), val_x),
                           labels["val"], ds.classes, split="val")
     assert rep.top1_agreement == 1.0 and rep.accuracy_drop_pp == 0.0
     assert isinstance(float_nodes(art.path), list) and float_nodes(fp32.path)  # fp32: every conv is float
+
+
+def test_openvino_accuracy_control_on_val(tiny_data, tmp_path):
+    """OpenVINO fallback: NNCF accuracy control on the OpenVINO model; float layers are reported."""
+    from edgetl.backends import openvino as ovb
+    from edgetl.runtime.engine_openvino import Engine as OvEngine
+
+    ds, contract, fp32, qi, val_x, ref, labels = _setup(tiny_data, tmp_path)
+    art = ovb.mixed_precision(fp32, qi, load_profile("openvino"), tmp_path)
+    assert art.path.suffix == ".xml" and art.files[1].suffix == ".bin" and art.size < 0.5 * fp32.size
+    runner = Predictor(OvEngine(art.path, {}), contract, ds.classes)
+    rep = parity.evaluate(ref, parity.logits_of(runner, val_x), labels["val"], ds.classes, split="val")
+    assert rep.top1_agreement == 1.0
+    fp32_ir = ovb.OpenVinoBackend().convert(fp32, "fp32", load_profile("openvino"), tmp_path)
+    assert len(ovb.float_nodes(fp32_ir.path)) >= 50  # every Convolution/MatMul of the FP32 IR is float
+    assert isinstance(ovb.float_nodes(art.path), list) and len(ovb.float_nodes(art.path)) < 50

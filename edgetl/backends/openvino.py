@@ -49,7 +49,8 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
     core = ov.Core()
 
     def compile_fn(model):
-        compiled = core.compile_model(model, "CPU")
+        # NNCF's OpenVINO backend hands the metric an already compiled model.
+        compiled = model if isinstance(model, ov.CompiledModel) else core.compile_model(model, "CPU")
         return lambda x: compiled(x)[0]
 
     model = _nncf.accuracy_control(_read_onnx(fp32), data, profile, compile_fn)
