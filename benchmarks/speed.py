@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
+    if args.batch < 2:
+        ap.error("--batch: the throughput batch must be 2 or more (batch 1 is always measured)")
 
     from edgetl.bench import interleaved
     from edgetl.cli import _predictor

@@ -42,18 +42,20 @@ def _ms(v: np.ndarray, q: float) -> float:
     return round(float(np.percentile(v, q)) * 1e3, 3)
 
 
-def standalone_peak_rss_mb(bundle: Path, batch: int) -> float | None:
+def standalone_peak_rss_mb(bundle: Path, batch: int, model: str | None = None) -> float | None:
     """Peak RSS of the bundle's own `predict.py --bench` in a fresh process (what a device would see)."""
+    cmd = [sys.executable, str(Path(bundle) / "predict.py"), "--bench", "--json", "--batch", str(batch)]
     try:
-        res = subprocess.run([sys.executable, str(Path(bundle) / "predict.py"), "--bench", "--json",
-                              "--batch", str(batch)], capture_output=True, text=True, timeout=600, check=True)
+        res = subprocess.run(cmd + (["--model", model] if model else []), capture_output=True, text=True,
+                             timeout=600, check=True)
         return json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     except (subprocess.SubprocessError, OSError, ValueError, KeyError, IndexError):
         return None
 
 
 def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, batch: int = 8, runs: int = 100,
-                  warmup: int = 10, rounds: int = 3, seed: int = 0, standalone_memory: bool = True) -> dict:
+                  warmup: int = 10, rounds: int = 3, seed: int = 0, standalone_memory: bool = True,
+                  model: str | None = None) -> dict:
     from .pipeline import _machine
 
     rng = np.random.default_rng(seed)
@@ -82,7 +84,7 @@ def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, bat
     for name in runners:
         out[name]["rss_delta_mb"] = max(out[name]["rss_delta_mb"], 0.0)
         if standalone_memory and Path(name, "predict.py").is_file():
-            out[name]["standalone_peak_rss_mb"] = standalone_peak_rss_mb(Path(name), batch)
+            out[name]["standalone_peak_rss_mb"] = standalone_peak_rss_mb(Path(name), batch, model)
     return {"bundles": out, "machine": _machine(), "runs": runs, "warmup": warmup, "rounds": rounds,
             "method": "batch-1 latency: p50/p90 over all timed runs; bundles measured in turn each round; "
                       "cold load = load + first inference (runtime library already imported); "

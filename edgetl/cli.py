@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EdgetlError, ParityError, UsageError, VerifyError
+from .errors import EdgetlError, UsageError, VerifyError
 
 
 class RichProgress:
@@ -101,7 +101,7 @@ def build(recipe_file, as_json, quiet, **flags):
         click.echo(json.dumps(result.to_dict(), default=str))
     else:
         _print_summary(result)
-    sys.exit(0 if result.ok else ParityError.exit_code)
+    sys.exit(result.exit_code)
 
 
 def _print_summary(result) -> None:
@@ -114,7 +114,9 @@ def _print_summary(result) -> None:
         click.echo(f"float reference: accuracy {ref['accuracy']:.4f}, n_test {ref['n_test']}, "
                    f"FP32 ONNX {ref['fp32_onnx_bytes'] / 1e6:.2f} MB, {ref['latency_ms']:.2f} ms (batch 1, CPU)")
     for t in result.targets:
-        click.echo(f"{t.target}: {'published ' + t.bundle if t.published else 'GATE FAILED, nothing published'}")
+        state = ("published " + t.bundle if t.published else
+                 "COULD NOT BE BUILT, nothing published" if t.error else "GATE FAILED, nothing published")
+        click.echo(f"{t.target}: {state}")
         for m in t.models:
             met = m["metrics"]
             q = f", quantizer {m['quantization']['chosen']}" if m["quantization"] else ""
@@ -177,15 +179,26 @@ def _predictor(bundle_dir: Path, model: str | None = None):
     from .errors import MissingDependencyError
 
     manifest = read_manifest(bundle_dir)
+    try:
+        runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"{bundle_dir}: runtime.json unreadable ({e}); fix: run `edgetl verify` or rebuild",
+                          [str(e)]) from None
+    if "engine" not in runtime or "models" not in runtime:
+        raise UsageError(f"{bundle_dir}: made by an older edgetl (no engine/models in runtime.json); "
+                         "fix: rebuild it, or run the bundle's own predict.py")
+    if model is not None and model not in runtime["models"]:
+        raise UsageError(f"--model {model}: {bundle_dir} has no such model; fix: use one of "
+                         f"{', '.join(runtime['models'])}")
     module = _bundle_module(bundle_dir)
     try:
         return module.Predictor.from_bundle(bundle_dir, model=model)
     except ImportError as e:
-        needs = " ".join(json.loads((bundle_dir / "runtime.json").read_text()).get("requires", []))
-        raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} "
-                                     f"(target {manifest.get('target')}); fix: pip install {needs}") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({e}); fix: run `edgetl verify`",
+        raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} (target {manifest.get('target')}); "
+                                     f"fix: pip install {' '.join(runtime.get('requires', []))}") from None
+    except Exception as e:  # the runtime could not load the bundle's files: damaged, truncated, missing
+        raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); fix: run `edgetl verify {bundle_dir}`",
                           [str(e)]) from None
 
 
@@ -203,8 +216,7 @@ def _bundle_module(bundle_dir: Path):
     saved = list(sys.path)
     sys.path.insert(0, str(path.parent))
     try:
-        for stale in ("preprocess", *(m for m in sys.modules if m.startswith("engine_"))):
-            sys.modules.pop(stale, None)  # another bundle's copies
+        sys.modules.pop("preprocess", None)  # another bundle's copy
         spec.loader.exec_module(module)
     finally:
         sys.path[:] = saved
@@ -213,10 +225,12 @@ def _bundle_module(bundle_dir: Path):
 
 @cli.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--batch", default=8, show_default=True, help="batch size for the throughput figure")
-@click.option("--runs", default=100, show_default=True, help="timed batch-1 runs (after warm-up)")
-@click.option("--warmup", default=10, show_default=True)
-@click.option("--rounds", default=3, show_default=True,
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="batch size for the throughput figure")
+@click.option("--runs", default=100, show_default=True, type=click.IntRange(min=1),
+              help="timed batch-1 runs (after warm-up)")
+@click.option("--warmup", default=10, show_default=True, type=click.IntRange(min=0))
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="bundles are measured in turn, this many rounds, so drift hits all alike")
 @click.option("--model", help="which model of each bundle (default: its default model)")
 @click.option("--json", "as_json", is_flag=True)
@@ -230,7 +244,7 @@ def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str |
             _predictor(b, model)  # fail fast: missing runtime, damaged bundle
         return bench_bundles({str(b): (lambda b=b: _predictor(b, model)) for b in bundles},
                              {str(b): _input_shape(b) for b in bundles}, batch=batch, runs=runs, warmup=warmup,
-                             rounds=rounds)
+                             rounds=rounds, model=model)
 
     res = _run(go, as_json)
     if as_json:
@@ -294,8 +308,11 @@ def _print_info(m: dict) -> None:
     click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, default model {met['accuracy']:.4f} "
                f"(drop {met['accuracy_drop_pp']:+.2f} pp), agreement {met['top1_agreement']:.4f}, "
                f"n_test {met['n_test']}")
-    click.echo(f"quantizer   {m['quantization']['chosen']} ({len(m['quantization']['float_nodes'])} float layers)")
-    click.echo(f"size        {m['sizes']['model_bytes']} bytes ({m['sizes']['ratio']:.2f}x fp32)")
+    q = m["quantization"]
+    click.echo(f"quantizer   {q['chosen']} ({len(q['float_nodes'])} float layers)" if q.get("chosen")
+               else "quantizer   none (float model)")
+    size = m["sizes"].get("model_bytes", m["sizes"].get("int8_bytes"))
+    click.echo(f"size        {size} bytes ({m['sizes']['ratio']:.2f}x fp32)")
     models = ", ".join(f"{k} (validated with {v['validated_with']})" for k, v in m.get("models", {}).items())
     click.echo(f"models      {models}")
     click.echo(f"built       {m['created']} with edgetl {m['edgetl_version']}, seed {m['seed']}")

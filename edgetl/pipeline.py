@@ -40,6 +40,7 @@ class TargetResult:
     warnings: list[str] = field(default_factory=list)
     models: list[dict] = field(default_factory=list)  # one per precision: file, metrics, sizes, latency, misses
     validated_with: str | None = None
+    error: dict | None = None  # the target could not be built (not a gate miss): message, exit code
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -62,6 +63,12 @@ class BuildResult:
         d = self.__dict__.copy()
         d["targets"] = [t.to_dict() for t in self.targets]
         return d
+
+    @property
+    def exit_code(self) -> int:
+        """0 all published; 1 a gate failed; the worst error's code when a target could not be built."""
+        errors = [t.error["exit_code"] for t in self.targets if t.error]
+        return max(errors) if errors else (0 if self.ok else 1)
 
 
 @dataclass
@@ -101,6 +108,7 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
         for q in ["*", *(used if "int8" in p.precisions else [])]:
             if q in backend.requires:
                 require(*backend.requires[q])
+        backend.check(p)
     spec = backbones.get(recipe.model.backbone)
     weights = backbones.resolve_weights(spec, recipe.model.weights)
     model = backbones.load_pretrained(spec, weights, recipe.model.image_size)
@@ -191,16 +199,21 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
         for profile in p.profiles:
             progress.stage(f"target {profile.name}")
             t_target = time.perf_counter()
-            if profile.opset not in fp32_by_opset:
-                art = export.to_onnx(net, work / f"model.fp32.opset{profile.opset}.onnx", contract=contract,
-                                     labels=ds.classes, opset=profile.opset,
-                                     extra_metadata={"edgetl.backbone": p.spec.name, "edgetl.version": __version__})
-                diff = export.check_against_torch(net, art, arrays["val"][:16], profile.tolerances.export_atol)
-                fp32_by_opset[profile.opset] = Artifact(art.path, art.kind, art.sha256,
-                                                        {**art.meta, "max_abs_diff": diff})
-            if not reference:
-                reference.update(_reference_row(fp32_by_opset[profile.opset], p, ev))
-            result = _build_target(profile, fp32_by_opset[profile.opset], p, ev, out, work / profile.name, progress)
+            try:
+                if profile.opset not in fp32_by_opset:
+                    fp32_by_opset[profile.opset] = _export_checked(net, work, profile, p, arrays, ds)
+                fp32 = fp32_by_opset[profile.opset]
+                if not reference:
+                    reference.update(_reference_row(fp32, p, ev))
+                result = _build_target(profile, fp32, p, ev, out, work / profile.name, progress)
+            except Exception as e:  # one target's failure must not hide the others' results
+                log.warning("target %s could not be built: %s", profile.name, e)
+                log.debug("target %s failed", profile.name, exc_info=True)
+                code = e.exit_code if isinstance(e, EdgetlError) else EdgetlError.exit_code
+                message = str(e) if isinstance(e, EdgetlError) else f"internal error: {type(e).__name__}: {e}"
+                result = TargetResult(profile.name, False, None, {}, [message],
+                                      {"chosen": None, "attempts": [], "float_nodes": []}, {},
+                                      error={"message": message, "exit_code": code})
             results.append(result)
             timings[f"target:{profile.name}"] = round(time.perf_counter() - t_target, 3)
             peak_rss[f"target:{profile.name}"] = _peak_rss_mb()
@@ -214,6 +227,15 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
 
     report.write(out, build_result)
     return build_result
+
+
+def _export_checked(net, work: Path, profile: TargetProfile, p: _Prepared, arrays: dict, ds) -> Artifact:
+    """The fine-tuned model as FP32 ONNX at the profile's opset, checked against torch on val images."""
+    art = export.to_onnx(net, work / f"model.fp32.opset{profile.opset}.onnx", contract=p.contract,
+                         labels=ds.classes, opset=profile.opset,
+                         extra_metadata={"edgetl.backbone": p.spec.name, "edgetl.version": __version__})
+    diff = export.check_against_torch(net, art, arrays["val"][:16], profile.tolerances.export_atol)
+    return Artifact(art.path, art.kind, art.sha256, {**art.meta, "max_abs_diff": diff})
 
 
 def _peak_rss_mb() -> float:

@@ -50,7 +50,8 @@ class Tolerances(_Strict):
 class RuntimeSettings(_Strict):
     """Written to the bundle's runtime.json "settings"; the device may override any of them."""
 
-    device: str = "CPU"  # OpenVINO device: CPU, GPU, NPU, AUTO
+    # OpenVINO device name (case matters): CPU, GPU, GPU.1, NPU, AUTO, AUTO:GPU,CPU, HETERO:..., MULTI:...
+    device: str = Field("CPU", pattern=r"^(CPU|GPU(\.\d+)?|NPU|(AUTO|HETERO|MULTI)(:[A-Z0-9.,]+)?)$")
     performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = "LATENCY"
     static_batch: bool = True  # OpenVINO: compile a static-shape model per batch size
     provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # onnxruntime
@@ -63,7 +64,7 @@ class TargetProfile(_Strict):
     backend: str
     description: str = ""
     opset: int = Field(17, ge=13, le=23)
-    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     # The models a bundle carries, first = default. int8 goes through the quantizer search;
     # fp16/fp32 are conversions. Each one is gated on its own.
     precisions: list[Literal["int8", "fp16", "fp32"]] = Field(default_factory=lambda: ["int8"], min_length=1)
@@ -71,7 +72,7 @@ class TargetProfile(_Strict):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     # Where this profile's models are checked at build time, when that differs from where they
     # will run (e.g. GPU models validated on the CPU provider). Recorded in the manifest.
-    validate_providers: list[str] | None = None
+    validate_providers: list[str] | None = Field(None, min_length=1)
     tolerances: Tolerances = Field(default_factory=Tolerances)
     source: str = Field("", exclude=True)
 
@@ -79,6 +80,8 @@ class TargetProfile(_Strict):
     def _consistent(self):
         if len(set(self.precisions)) != len(self.precisions):
             raise ValueError(f"precisions {self.precisions} lists one twice")
+        if self.quantization and len(set(self.quantization.quantizers)) != len(self.quantization.quantizers):
+            raise ValueError(f"quantization.quantizers {self.quantization.quantizers} lists one twice")
         if "int8" in self.precisions and self.quantization is None:
             raise ValueError("precisions has int8: add a [quantization] table with quantizers = [...]")
         return self

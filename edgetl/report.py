@@ -40,25 +40,43 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def markdown(result) -> str:
-    lines = ["| model | top-1 accuracy | drop (pp) | agreement | per-class recall change (pp, worst) "
-             "| size (MB) | latency b=1 (ms) | measured with | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+HEADER = ["model", "top-1 accuracy", "drop (pp)", "agreement", "per-class recall change (pp, worst)", "size (MB)",
+          "latency b=1 (ms)", "measured with", "status"]
+
+
+def cells(result) -> list[list[str]]:
+    """The parity table as text cells (one list per row), shared by the Markdown and HTML reports."""
+    out = []
     for r in rows(result):
         worst = min(r["per_class"], key=lambda c: c["change_pp"], default=None)
-        worst_s = f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-"
-        lines.append(f"| {r['name']} | {_fmt(r['accuracy'], '.4f')} | {_fmt(r['drop_pp'], '+.2f')} | "
-                     f"{_fmt(r['agreement'], '.4f')} | {worst_s} | {_fmt(r['size_mb'], '.2f')} | "
-                     f"{_fmt(r['latency_ms'], '.2f')} | {r['validated_with']} | {r['status']} |")
+        out.append([r["name"], _fmt(r["accuracy"], ".4f"), _fmt(r["drop_pp"], "+.2f"), _fmt(r["agreement"], ".4f"),
+                    f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-", _fmt(r["size_mb"], ".2f"),
+                    _fmt(r["latency_ms"], ".2f"), r["validated_with"], r["status"]])
+    return out
+
+
+def notes(result) -> list[str]:
+    lines = [f"`{t.target}` failed: {miss}" for t in result.targets if not t.published for miss in t.misses]
+    m = result.machine
+    lines.append(f"n_test = {result.reference.get('n_test')}; latency: median of 30 batch-1 runs during the build on "
+                 f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), through the runtime that validated the model "
+                 "— use `edgetl bench` for careful numbers.")
+    return lines
+
+
+def _md(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
+
+
+def markdown(result) -> str:
+    table = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    table += ["| " + " | ".join(_md(c) for c in row) + " |" for row in cells(result)]
     failed = [t for t in result.targets if not t.published]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(table) + "\n"
     if failed:
         text += "\nFailed targets (nothing published for them):\n\n" + "".join(
-            f"- `{t.target}`: {miss}\n" for t in failed for miss in t.misses)
-    m = result.machine
-    text += (f"\nn_test = {result.reference.get('n_test')}; latency: median of 30 batch-1 runs during the build on "
-             f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores) — use `edgetl bench` for careful numbers.\n")
-    return text
+            f"- `{t.target}`: {_md(miss)}\n" for t in failed for miss in t.misses)
+    return text + "\n" + _md(notes(result)[-1]) + "\n"
 
 
 def _png(fig) -> str:
@@ -113,31 +131,20 @@ def plots(result) -> dict[str, str]:
 
 
 def html_page(result, images: dict[str, str]) -> str:
-    import re
-
-    table = markdown(result)
-    head, body = [], []
-    for line in table.splitlines():
-        if line.startswith("|---"):
-            continue
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            (body if head else head).append(cells)
-    thead = "".join(f"<th>{c}</th>" for c in head[0]) if head else ""
-    tbody = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
-    notes = "".join(f"<p>{html.escape(line)}</p>" for line in table.splitlines()
-                    if line and not line.startswith("|"))
-    figs = "".join(f'<figure><img alt="{html.escape(k)}" src="data:image/png;base64,{v}">'
-                   f"<figcaption>{html.escape(k)}</figcaption></figure>" for k, v in images.items())
+    esc = html.escape
+    thead = "".join(f"<th>{esc(c)}</th>" for c in HEADER)
+    tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells(result))
+    paragraphs = "".join(f"<p>{esc(line)}</p>" for line in notes(result))
+    figs = "".join(f'<figure><img alt="{esc(k)}" src="data:image/png;base64,{v}">'
+                   f"<figcaption>{esc(k)}</figcaption></figure>" for k, v in images.items())
     status = "all targets passed" if result.ok else "SOME TARGETS FAILED"
     css = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
            "padding:4px 8px;font-size:13px}figure{display:inline-block;margin:8px}")
     title = f"edgetl build report: {status}"
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{css}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{html.escape(result.out)} · total {result.timings.get('total', 0):.1f} s</p>"
-            f"<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>{notes}{figs}</body></html>\n")
-    return re.sub(r"\n\s*\n", "\n", page)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{css}</style></head><body><h1>{esc(title)}</h1>"
+            f"<p>{esc(result.out)} · total {result.timings.get('total', 0):.1f} s</p>"
+            f"<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>{paragraphs}{figs}</body></html>\n")
 
 
 def write(out: Path, result) -> None:

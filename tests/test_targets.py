@@ -181,6 +181,9 @@ def test_unsigned_reencoding_is_exact(tmp_path):
     ('precisions = ["fp16", "fp16"]\n[quantization]\nquantizers = ["ort_static"]\n', "twice"),
     ('precisions = ["int8"]\n', "quantization"),
     ('[quantization]\nquantizers = ["ort_static"]\n[runtime]\nperformance_hint = "FAST"\n', "performance_hint"),
+    ('[quantization]\nquantizers = ["ort_static"]\n[runtime]\ndevice = "gpu"\n', "device"),
+    ('providers = ["CUDAExecutionProviders"]\n[quantization]\nquantizers = ["ort_static"]\n', "unknown to onnxruntime"),
+    ('[quantization]\nquantizers = ["ort_static", "ort_static"]\n', "twice"),
 ])
 def test_profile_validation(tmp_path, tiny_data, text, needle):
     p = tmp_path / "p.toml"
@@ -211,3 +214,48 @@ def test_targets_command_lists_every_builtin_profile():
     assert res.exit_code == 0
     names = [line.split()[0] for line in res.output.splitlines()]
     assert names == ["cpu", "gpu", "gpu-int8", "openvino"]
+
+
+def test_a_crashing_target_is_reported_and_the_others_published(tiny_data, tmp_path, monkeypatch):
+    from edgetl.backends.onnxruntime import OnnxRuntimeBackend
+
+    def boom(self, artifact, stem):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "model_files", boom)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target", "cpu",
+                                   "--target", "openvino", "--json", *FAST_FLAGS])
+    assert res.exit_code == 3, res.output  # internal error, but only after every target had its turn
+    by = {t["target"]: t for t in json.loads(res.stdout)["targets"]}
+    assert by["cpu"]["error"]["exit_code"] == 3 and "disk on fire" in by["cpu"]["misses"][0]
+    assert by["openvino"]["published"] and (out / "openvino" / "manifest.json").is_file()
+    assert not (out / "cpu").exists() and not list(out.glob(".staging-*"))
+    assert "disk on fire" in (out / "report.md").read_text()
+
+
+def test_bundles_in_one_process_run_their_own_engine_files(built, tmp_path):
+    from edgetl.cli import _predictor
+
+    other = tmp_path / "other"
+    shutil.copytree(built["bundle"], other)
+    first, second, again = (_predictor(b) for b in (built["bundle"], other, built["bundle"]))
+    files = [sys.modules[type(p.engine).__module__].__file__ for p in (first, second, again)]
+    assert files == [str(built["bundle"] / "engine_ort.py"), str(other / "engine_ort.py"),
+                     str(built["bundle"] / "engine_ort.py")]
+
+
+def test_bench_and_predict_refuse_bad_requests(built, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["bench", str(built["bundle"]), "--model", "fp16"])
+    assert res.exit_code == 2 and "int8" in res.output  # names the models the bundle has
+    assert runner.invoke(cli, ["bench", str(built["bundle"]), "--rounds", "0"]).exit_code == 2
+    st = subprocess.run([sys.executable, str(built["bundle"] / "predict.py"), "--model", "fp16", "--selftest"],
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 2 and "choose one of int8" in st.stderr
+    damaged = tmp_path / "ov"
+    shutil.copytree(built["openvino"], damaged)
+    (damaged / "model.bin").unlink()
+    img = next(iter((damaged / "golden").glob("*.png")))
+    res = runner.invoke(cli, ["predict", str(damaged), str(img)])
+    assert res.exit_code == 1 and "edgetl verify" in res.output

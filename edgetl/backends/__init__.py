@@ -45,6 +45,10 @@ class Backend(Protocol):
     quantizers: dict[str, Quantizer]
     runtime_requires: list[str]  # pip packages a device needs to run the bundle
 
+    def check(self, profile: TargetProfile) -> None:
+        """Reject settings this backend cannot honour (UsageError), before any work starts."""
+        ...
+
     def convert(self, fp32: Artifact, precision: str, profile: TargetProfile, workdir: Path) -> Artifact:
         """A float model (fp32/fp16) in this backend's format."""
         ...

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
+from ..errors import UsageError
 from ..export import INPUT
 from ..profiles import TargetProfile
 from . import QuantInputs, _nncf, register
@@ -202,6 +203,21 @@ class OnnxRuntimeBackend:
     # optional module (and the extra that installs it) each quantizer needs, checked before a build starts
     requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "onnxruntime"]
+
+    def check(self, profile: TargetProfile) -> None:
+        """Provider names must be ones onnxruntime knows (a typo would silently fall back to CPU)."""
+        import onnxruntime as ort
+
+        known = set(ort.get_all_providers())
+        for key in ("providers", "validate_providers"):
+            bad = [p for p in getattr(profile, key) or [] if p not in known]
+            if bad:
+                raise UsageError(f"{profile.source}: {key} {bad} unknown to onnxruntime; fix: use names such as "
+                                 "TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider")
+        bad = [p for p in profile.runtime.provider_options if p not in profile.providers]
+        if bad:
+            raise UsageError(f"{profile.source}: runtime.provider_options for {bad}, which providers does not list; "
+                             "fix: add them to providers or remove their options")
 
     def convert(self, fp32: Artifact, precision: str, profile: TargetProfile, workdir: Path) -> Artifact:
         return to_fp16(fp32, workdir) if precision == "fp16" else fp32

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..artifact import Artifact
-from ..errors import require
+from ..errors import UsageError, require
 from ..profiles import TargetProfile
 from . import QuantInputs, _nncf, register
 
@@ -87,6 +87,16 @@ class OpenVinoBackend:
     quantizers = {"nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
     requires = {"*": ("openvino", "openvino"), "nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "openvino"]
+
+    def check(self, profile: TargetProfile) -> None:
+        """OpenVINO properties in runtime.config must be ones the CPU plugin knows (else every device fails)."""
+        if not profile.runtime.config or profile.runtime.device != "CPU":
+            return  # other plugins have other properties; those are checked on the device
+        known = set(_ov().Core().get_property("CPU", "SUPPORTED_PROPERTIES"))
+        bad = [k for k in profile.runtime.config if k not in known]
+        if bad:
+            raise UsageError(f"{profile.source}: runtime.config {bad} unknown to OpenVINO; fix: use properties "
+                             f"such as INFERENCE_NUM_THREADS, NUM_STREAMS, ENABLE_CPU_PINNING")
 
     def convert(self, fp32: Artifact, precision: str, profile: TargetProfile, workdir: Path) -> Artifact:
         """FP32 IR, or FP16-compressed weights (half the size; for Intel GPUs) when precision is fp16."""

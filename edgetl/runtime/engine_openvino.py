@@ -27,7 +27,7 @@ class Engine:
         self.device = str(settings.get("device", "CPU"))
         self.config = {"PERFORMANCE_HINT": str(settings.get("performance_hint", "LATENCY")),
                        **settings.get("config", {})}
-        self.static = bool(settings.get("static_batch", True))
+        self.static = _flag(settings.get("static_batch", True))
         self._requests: OrderedDict = OrderedDict()
         self._devices: list[str] = []
 
@@ -59,3 +59,10 @@ class Engine:
         request.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))  # no copy of the input
         request.infer()
         return request.get_output_tensor().data.copy()
+
+
+def _flag(value) -> bool:
+    """A setting that may arrive as a string from `predict.py --set key=value`."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)

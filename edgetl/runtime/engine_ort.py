@@ -10,7 +10,9 @@ Settings (runtime.json "settings", overridable with `predict.py --set KEY=VALUE`
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +32,15 @@ class Engine:
         available = ort.get_available_providers()
         chosen = [p for p in wanted if p in available]
         self.skipped = [p for p in wanted if p not in available]
-        if self.skipped and settings.get("strict_providers"):
+        if self.skipped and _flag(settings.get("strict_providers", False)):
             raise RuntimeError(f"provider(s) {self.skipped} not available in this onnxruntime "
                                f"(available: {available}); install onnxruntime-gpu or drop strict_providers")
         chosen = chosen or ["CPUExecutionProvider"]
-        options = [_resolve(p, dict(settings.get("provider_options", {}).get(p, {}))) for p in chosen]
+        if self.skipped and wanted[0] != chosen[0]:
+            warnings.warn(f"{', '.join(self.skipped)} not available in this onnxruntime; running on {chosen[0]} "
+                          "(install onnxruntime-gpu for CUDA/TensorRT, or set strict_providers=true to fail instead)",
+                          RuntimeWarning, stacklevel=2)
+        options = [_resolve(p, dict(settings.get("provider_options", {}).get(p, {})), model_path) for p in chosen]
         self.session = ort.InferenceSession(str(model_path), opts, providers=chosen, provider_options=options)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -46,10 +52,21 @@ class Engine:
         return self.session.run(None, {self.input_name: batch})[0]
 
 
-def _resolve(provider: str, options: dict) -> dict:
+def _resolve(provider: str, options: dict, model_path) -> dict:
     cache = options.get("trt_engine_cache_path")
     if cache and not os.path.isabs(cache):
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl-trt" / cache
+        # One folder per model file content: TensorRT's cache is keyed by graph, not weights, so a
+        # retrained model of the same architecture must never find the old engine.
+        with open(model_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl-trt" / cache / digest
         root.mkdir(parents=True, exist_ok=True)
         options["trt_engine_cache_path"] = str(root)
     return {k: str(v) if isinstance(v, bool) else v for k, v in options.items()}
+
+
+def _flag(value) -> bool:
+    """A setting that may arrive as a string from `predict.py --set key=value`."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)

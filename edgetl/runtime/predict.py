@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -34,13 +35,25 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+class BundleError(ValueError):
+    """The bundle cannot serve the request (unknown model name, unreadable runtime.json)."""
+
+
 def load_engine(name: str):
-    """The engine module `engine_<name>` beside this file (bundle) or in edgetl.runtime (package)."""
+    """The engine module `engine_<name>`: the file beside this one (bundle), loaded by its path so
+    that several bundles in one process each run their own copy; or edgetl.runtime's (package)."""
     if __package__:
         return importlib.import_module(f"{__package__}.engine_{name}")
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    return importlib.import_module(f"engine_{name}")
+    path = HERE / f"engine_{name}.py"
+    key = f"_edgetl_engine_{name}_{abs(hash(str(path)))}"
+    if key not in sys.modules:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: engine file missing")
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
 
 
 def read_runtime(bundle: Path) -> dict:
@@ -60,9 +73,13 @@ class Predictor:
     def from_bundle(cls, bundle=HERE, model: str | None = None, settings: dict | None = None) -> Predictor:
         bundle = Path(bundle)
         runtime = read_runtime(bundle)
+        if "engine" not in runtime or "models" not in runtime:
+            raise BundleError(f"{bundle}: runtime.json has no engine/models: the bundle was made by an older edgetl; "
+                              "rebuild it (or run that bundle's own predict.py)")
         name = model or runtime["default_model"]
         if name not in runtime["models"]:
-            raise ValueError(f"model '{name}' not in this bundle; choose one of {', '.join(runtime['models'])}")
+            raise BundleError(f"{bundle}: no model '{name}' in this bundle; choose one of "
+                              f"{', '.join(runtime['models'])}")
         merged = {**runtime.get("settings", {}), **(settings or {})}
         engine = load_engine(runtime["engine"]).Engine(bundle / runtime["models"][name], merged)
         labels = (bundle / "labels.txt").read_text(encoding="utf-8").splitlines()
@@ -143,7 +160,7 @@ def benchmark(load, input_shape, *, batch: int = 8, warmup: int = 10, runs: int 
     return {"executed_by": predictor.executed_by, "cold_load_ms": round(cold * 1e3, 2),
             "batch1_p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
             "batch1_p90_ms": round(float(np.percentile(lat, 90)) * 1e3, 3),
-            "batch": batch, f"batch{batch}_p50_ms": round(float(np.percentile(lat_b, 50)) * 1e3, 3),
+            "batch": batch, "batch_p50_ms": round(float(np.percentile(lat_b, 50)) * 1e3, 3),
             "throughput_ips": round(batch / float(np.percentile(lat_b, 50)), 1),
             "peak_rss_mb": None if _rss_mb() is None else round(_rss_mb(), 1), "runs": runs, "warmup": warmup}
 
@@ -172,39 +189,50 @@ def _settings(pairs) -> dict:
     return out
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be 1 or more")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Classify images with this bundle.")
     ap.add_argument("images", nargs="*")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--selftest", action="store_true", help="check the golden inputs; exit 1 on mismatch")
     ap.add_argument("--bench", action="store_true", help="measure latency, throughput and cold-load time")
-    ap.add_argument("--batch", type=int, default=8, help="batch size for --bench throughput")
+    ap.add_argument("--batch", type=_positive, default=8, help="batch size for --bench throughput")
     ap.add_argument("--model", help="which of the bundle's models (runtime.json 'models'); default: the first")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a runtime setting, e.g. device=GPU, performance_hint=THROUGHPUT")
     args = ap.parse_args(argv)
     settings = _settings(args.set)
 
-    def load():
-        return Predictor.from_bundle(HERE, model=args.model, settings=settings)
+    def load(model=args.model):
+        try:
+            return Predictor.from_bundle(HERE, model=model, settings=settings)
+        except BundleError as e:
+            ap.error(str(e))
 
     if args.bench:
         contract = load_contract(HERE / "preprocess.json")
         result = benchmark(load, (3, *contract["input_size"]), batch=args.batch)
         print(json.dumps(result) if args.json else "\n".join(f"{k}\t{v}" for k, v in result.items()))
         return 0
-    predictor = load()
-    if args.selftest:
-        result = predictor.selftest(HERE, args.model)
+    if args.selftest:  # every model of the bundle unless --model names one
+        models = [args.model] if args.model else list(read_runtime(HERE)["models"])
+        results = [load(m).selftest(HERE, m) for m in models]
         if args.json:
-            print(json.dumps(result))
-        else:
+            print(json.dumps(results[0] if args.model else {"ok": all(r["ok"] for r in results), "models": results}))
+        for result in results if not args.json else []:
             status = "selftest passed" if result["ok"] else "selftest FAILED"
             print(f"{status} ({result['n']} golden inputs, model {result['model']} on {result['executed_by']}, "
                   f"max logit diff {result['max_logit_diff']:.3g})")
             for failure in result["failures"]:
                 print(f"  {failure}")
-        return 0 if result["ok"] else 1
+        return 0 if all(r["ok"] for r in results) else 1
+    predictor = load()
     if not args.images:
         ap.error("give IMAGE paths, --selftest or --bench")
     results = predictor.predict_files(args.images)
