@@ -214,6 +214,8 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
                 result = TargetResult(profile.name, False, None, {}, [message],
                                       {"chosen": None, "attempts": [], "float_nodes": []}, {},
                                       error={"message": message, "exit_code": code})
+            if not result.published:
+                result.warnings.extend(_stale_bundle_warning(out / profile.name))
             results.append(result)
             timings[f"target:{profile.name}"] = round(time.perf_counter() - t_target, 3)
             peak_rss[f"target:{profile.name}"] = _peak_rss_mb()
@@ -227,6 +229,16 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
 
     report.write(out, build_result)
     return build_result
+
+
+def _stale_bundle_warning(folder: Path) -> list[str]:
+    """A bundle from an earlier build left in place when this build's target failed: say so."""
+    try:
+        created = json.loads((folder / bundle.MANIFEST).read_text(encoding="utf-8")).get("created", "?")
+    except (OSError, ValueError):
+        return []
+    return [f"{folder} holds an earlier build's bundle (created {created}), not this build's; "
+            "this build published nothing for the target"]
 
 
 def _export_checked(net, work: Path, profile: TargetProfile, p: _Prepared, arrays: dict, ds) -> Artifact:

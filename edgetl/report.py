@@ -57,6 +57,7 @@ def cells(result) -> list[list[str]]:
 
 def notes(result) -> list[str]:
     lines = [f"`{t.target}` failed: {miss}" for t in result.targets if not t.published for miss in t.misses]
+    lines += [f"`{t.target}`: {w}" for t in result.targets if not t.published for w in t.warnings]
     m = result.machine
     lines.append(f"n_test = {result.reference.get('n_test')}; latency: median of 30 batch-1 runs during the build on "
                  f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), through the runtime that validated the model "
@@ -75,7 +76,7 @@ def markdown(result) -> str:
     text = "\n".join(table) + "\n"
     if failed:
         text += "\nFailed targets (nothing published for them):\n\n" + "".join(
-            f"- `{t.target}`: {_md(miss)}\n" for t in failed for miss in t.misses)
+            f"- `{t.target}`: {_md(line)}\n" for t in failed for line in [*t.misses, *t.warnings])
     return text + "\n" + _md(notes(result)[-1]) + "\n"
 
 

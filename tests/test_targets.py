@@ -128,12 +128,17 @@ def test_a_failing_target_does_not_stop_the_others(tiny_data, tmp_path, monkeypa
     ov16.write_text(files("edgetl").joinpath("targets", "openvino.toml").read_text().replace(
         'precisions = ["int8"]', 'precisions = ["int8", "fp16"]'))
     out = tmp_path / "out"
+    (out / "bad").mkdir(parents=True)  # an earlier build's bundle for the target that will fail now
+    (out / "bad" / "manifest.json").write_text('{"created": "2026-01-01T00:00:00Z"}')
     res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target", str(bad),
                                    "--target", str(ov16), "--target", "gpu", "--json", *FAST_FLAGS])
     assert res.exit_code == 1, res.output
     r = json.loads(res.stdout)
     by = {t["target"]: t for t in r["targets"]}
-    assert not by["bad"]["published"] and by["bad"]["misses"] and not (out / "bad").exists()
+    assert not by["bad"]["published"] and by["bad"]["misses"]
+    assert sorted(p.name for p in (out / "bad").iterdir()) == ["manifest.json"]  # untouched, and said so:
+    assert any("earlier build" in w and "2026-01-01" in w for w in by["bad"]["warnings"])
+    assert "earlier build" in (out / "report.md").read_text()
     assert by["openvino"]["published"] and (out / "openvino" / "manifest.json").is_file()
     rt = json.loads((out / "openvino" / "runtime.json").read_text())
     assert rt["models"] == {"int8": "model.xml", "fp16": "model.fp16.xml"}
