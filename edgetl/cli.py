@@ -61,6 +61,10 @@ def cli(verbose: int):
     """edgetl: labelled image folder -> fine-tuned, INT8, parity-gated edge bundles."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import warnings
+
+    logging.captureWarnings(True)  # runtime warnings (e.g. a provider fallback) as one log line
+    warnings.formatwarning = lambda message, category, *args, **kw: f"{category.__name__}: {message}"
     for noisy in ("nncf", "onnxruntime"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

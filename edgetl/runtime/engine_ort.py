@@ -39,7 +39,7 @@ class Engine:
         if self.skipped and wanted[0] != chosen[0]:
             warnings.warn(f"{', '.join(self.skipped)} not available in this onnxruntime; running on {chosen[0]} "
                           "(install onnxruntime-gpu for CUDA/TensorRT, or set strict_providers=true to fail instead)",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=1)
         options = [_resolve(p, dict(settings.get("provider_options", {}).get(p, {})), model_path) for p in chosen]
         self.session = ort.InferenceSession(str(model_path), opts, providers=chosen, provider_options=options)
         self.input_name = self.session.get_inputs()[0].name
