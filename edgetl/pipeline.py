@@ -378,7 +378,7 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
         missed = [f"quantization budget spent: every quantizer missed on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
     sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
-    return _Model(precision, "", art, runner, _metrics(report, fp32), [f"{precision}: {m}" for m in missed], quant,
+    return _Model(precision, stem, art, runner, _metrics(report, fp32), [f"{precision}: {m}" for m in missed], quant,
                   sizes, _latency_ms(runner, ev.x["test"][:1]), report.warnings)
 
 
@@ -417,10 +417,8 @@ def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evi
     tol = _tolerances(profile, recipe)
     models: list[_Model] = []
     for i, precision in enumerate(profile.precisions):
-        m = _make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, p, ev, tol,
-                        work, progress)
-        m.stem = "model" if i == 0 else f"model.{precision}"
-        models.append(m)
+        models.append(_make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, p,
+                                  ev, tol, work, progress))
     default = models[0]
     int8 = next((m for m in models if m.quantization), None)
     quant = int8.quantization if int8 else {"chosen": None, "attempts": [], "float_nodes": []}
