@@ -201,9 +201,9 @@ def _predictor(bundle_dir: Path, model: str | None = None):
         raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} (target {manifest.get('target')}); "
                                      f"fix: pip install {' '.join(runtime.get('requires', []))}") from None
     except Exception as e:  # the runtime could not load the bundle's files: damaged, truncated, missing
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
         raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); fix: run `edgetl verify {bundle_dir}`",
-                          [str(e)]) from None
+                          f"{(lines or [''])[0][:200]}); fix: run `edgetl verify {bundle_dir}`", [str(e)]) from None
 
 
 def _bundle_module(bundle_dir: Path):

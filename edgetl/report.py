@@ -96,6 +96,11 @@ def plots(result) -> dict[str, str]:
     except ImportError:
         log.warning("matplotlib is not installed: report.html has no plots (pip install matplotlib)")
         return {}
+    with matplotlib.rc_context({"text.parse_math": False}):  # class names are text, never TeX ("$x$")
+        return _plots(result, plt)
+
+
+def _plots(result, plt) -> dict[str, str]:
     classes = result.data["classes"]
     out = {}
     for r in rows(result):
@@ -151,10 +156,17 @@ def html_page(result, images: dict[str, str]) -> str:
 def write(out: Path, result) -> None:
     """Write the three report files (each atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    texts = {"report.json": json.dumps(result.to_dict(), indent=2, default=str) + "\n",
-             "report.md": "# edgetl build report\n\n" + markdown(result),
-             "report.html": html_page(result, plots(result))}
-    for name, text in texts.items():
+
+    def put(name: str, text: str) -> None:
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out / name)
+
+    put("report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    put("report.md", "# edgetl build report\n\n" + markdown(result))
+    try:
+        images = plots(result)
+    except Exception as e:  # a plot must never cost the report
+        log.warning("report.html without plots: %s: %s", type(e).__name__, e)
+        images = {}
+    put("report.html", html_page(result, images))

@@ -264,3 +264,46 @@ def test_bench_and_predict_refuse_bad_requests(built, tmp_path):
     img = next(iter((damaged / "golden").glob("*.png")))
     res = runner.invoke(cli, ["predict", str(damaged), str(img)])
     assert res.exit_code == 1 and "edgetl verify" in res.output
+
+
+def test_report_survives_odd_class_names(built, tmp_path):
+    """Class names are folder names: `$...$` must not reach TeX, `|` and `<` must not break tables."""
+    from edgetl import report
+    from edgetl.pipeline import BuildResult, TargetResult
+
+    r = json.loads(json.dumps(built["result"]))
+    odd = ["$\\frac$", "a|b", "<x>"]
+    r["data"]["classes"] = odd
+    targets = []
+    for t in r.pop("targets"):
+        for m in t["models"]:
+            for pc in m["metrics"]["per_class"]:
+                pc["class"] = "$\\frac$ a|b <x>"  # whichever class is worst, its name is odd
+        targets.append(TargetResult(**t))
+    result = BuildResult(targets=targets, **r)
+    report.write(tmp_path, result)
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert "$\\\\frac$ a\\|b &lt;x>" in md and "$\\frac$ a|b &lt;x&gt;" in page and "<x>" not in page
+    assert page.count("data:image/png;base64,") == 6 and json.loads((tmp_path / "report.json").read_text())
+    for line in md.splitlines():
+        if line.startswith("| ") and "reference" not in line:
+            assert line.count(" | ") == 8  # 9 cells, whatever the class names
+
+
+def test_openvino_gpu_profile_validates_on_cpu_without_gpu_properties(tmp_path):
+    import openvino as ov
+
+    from edgetl.backends.openvino import OpenVinoBackend
+    from edgetl.profiles import load_profile
+
+    if "GPU" in ov.Core().available_devices:
+        pytest.skip("this machine has an OpenVINO GPU: validation runs there")
+    p = tmp_path / "ovgpu.toml"
+    p.write_text('name = "ovgpu"\nbackend = "openvino"\n[quantization]\nquantizers = ["nncf_ptq"]\n'
+                 '[runtime]\ndevice = "GPU"\nconfig = {GPU_HOST_TASK_PRIORITY = "HIGH"}\n')
+    profile = load_profile(str(p))
+    backend = OpenVinoBackend()
+    backend.check(profile)  # GPU properties are not judged by the CPU plugin
+    assert backend.settings(profile)["device"] == "GPU" and backend.settings(profile)["config"]
+    validating = backend.settings(profile, validating=True)
+    assert validating["device"] == "CPU" and "config" not in validating

@@ -112,7 +112,10 @@ class OpenVinoBackend:
         if rt.config:
             out["config"] = json.loads(json.dumps(rt.config))
         if validating and rt.device != "AUTO" and rt.device not in _ov().Core().available_devices:
-            out["device"] = "CPU"  # validated where the build runs; the manifest records what ran
+            # Validated where the build runs (the manifest records what ran), without the target
+            # device's own properties: they belong to its plugin, not to the CPU's.
+            out["device"] = "CPU"
+            out.pop("config", None)
         return out
 
     def versions(self) -> dict[str, str]:
