@@ -11,24 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_once(args: list[str]) -> dict:
@@ -53,7 +41,10 @@ def main() -> None:
     from edgetl.synthetic import ensure_shapes
 
     ensure_shapes()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    from edgetl.pipeline import machine_info
+
+    m = machine_info()
+    print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}")
     for i in range(a.repeat):
         r = run_once(["--backbone", a.backbone, *a.extra])
         res = r["result"]

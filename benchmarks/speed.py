@@ -64,7 +64,7 @@ def main() -> int:
 
     from edgetl.bench import interleaved
     from edgetl.cli import _predictor
-    from edgetl.pipeline import _machine
+    from edgetl.pipeline import machine_info
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out
@@ -94,7 +94,7 @@ def main() -> int:
                 results[name][f"batch{batch}_p90_ms"] = round(float(np.percentile(t, 90)) * 1e3, 3)
     base = results["onnxruntime FP32"]
     b = args.batch
-    m = _machine()
+    m = machine_info()
     print(f"mobilenet_v2, {size} px, {m['cpu']} ({m['cores']} cores); ratios = onnxruntime FP32 time / time\n")
     print(f"| model | runs on | batch 1 p50 (ms) | batch 1 p90 (ms) | vs ORT FP32, batch 1 | batch {b} (ms) "
           f"| vs ORT FP32, batch {b} |")

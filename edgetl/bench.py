@@ -56,7 +56,7 @@ def standalone_peak_rss_mb(bundle: Path, batch: int, model: str | None = None) -
 def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, batch: int = 8, runs: int = 100,
                   warmup: int = 10, rounds: int = 3, seed: int = 0, standalone_memory: bool = True,
                   model: str | None = None) -> dict:
-    from .pipeline import _machine
+    from .pipeline import machine_info
 
     rng = np.random.default_rng(seed)
     runners, out = {}, {}
@@ -85,7 +85,7 @@ def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, bat
         out[name]["rss_delta_mb"] = max(out[name]["rss_delta_mb"], 0.0)
         if standalone_memory and Path(name, "predict.py").is_file():
             out[name]["standalone_peak_rss_mb"] = standalone_peak_rss_mb(Path(name), batch, model)
-    return {"bundles": out, "machine": _machine(), "runs": runs, "warmup": warmup, "rounds": rounds,
+    return {"bundles": out, "machine": machine_info(), "runs": runs, "warmup": warmup, "rounds": rounds,
             "method": "batch-1 latency: p50/p90 over all timed runs; bundles measured in turn each round; "
                       "cold load = load + first inference (runtime library already imported); "
                       "standalone_peak_rss_mb = peak RSS of the bundle's own predict.py --bench in a fresh process"}

@@ -224,7 +224,7 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
         ok=all(r.published for r in results), out=str(out), targets=results, data=ds.report(),
         training={**common["training"], "history": trained.history, "feature_seconds": trained.seconds_features},
         timings=timings, recipe=recipe.to_toml_dict(), peak_rss_mb=peak_rss, reference=reference,
-        machine=_machine())
+        machine=machine_info())
     from . import report
 
     report.write(out, build_result)
@@ -385,14 +385,9 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
 def _latency_ms(runner, x: np.ndarray, warmup: int = 5, runs: int = 30) -> float:
     """Median batch-1 latency through the runner, as built (a quick figure for the report;
     `edgetl bench` measures properly)."""
-    for _ in range(warmup):
-        runner.logits(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner.logits(x)
-        times.append(time.perf_counter() - t0)
-    return round(float(np.median(times)) * 1e3, 3)
+    from .runtime.predict import _timed
+
+    return round(float(np.median(_timed(runner, x, warmup, runs))) * 1e3, 3)
 
 
 def _reference_row(fp32: Artifact, p: _Prepared, ev: _Evidence) -> dict:
@@ -519,7 +514,7 @@ def _versions(backend) -> dict:
     return v
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

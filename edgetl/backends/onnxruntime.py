@@ -38,60 +38,58 @@ def _finish(out: Path, fp32: Artifact, quantizer: str, profile: TargetProfile | 
     return Artifact.of(out, "onnx-int8", quantizer=quantizer, precision="int8")
 
 
+def _reencode_activations(model, source_type: int, target_type: int, convert) -> int:
+    """Rewrite activation Q/DQ pairs: every QuantizeLinear whose zero point has `source_type` gets
+    `convert(zero_point, scale)` -> (zero_point, scale) of `target_type`, or None to leave it; its
+    outputs are retyped. DequantizeLinear nodes share the initializers, so they follow. Weights
+    (stored pre-quantized, no QuantizeLinear) are never touched. Returns the zero points rewritten."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    done: dict[str, bool] = {}  # zero-point initializer -> rewritten (initializers may be shared)
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
+            continue
+        zp, scale = inits.get(node.input[2]), inits.get(node.input[1])
+        if zp is None or scale is None:
+            continue
+        if zp.name not in done:
+            new = convert(numpy_helper.to_array(zp), numpy_helper.to_array(scale)) \
+                if zp.data_type == source_type else None
+            if new is not None:
+                zp.CopyFrom(numpy_helper.from_array(new[0], zp.name))
+                scale.CopyFrom(numpy_helper.from_array(new[1], scale.name))
+            done[zp.name] = new is not None
+        if done[zp.name]:
+            for vi in model.graph.value_info:
+                if vi.name in node.output:
+                    vi.type.tensor_type.elem_type = target_type
+    return sum(done.values())
+
+
 def _unsigned_activations(model) -> int:
     """Re-encode signed INT8 activation Q/DQ pairs as UINT8 (zero point + 128): the same grid, exactly.
 
     NNCF quantizes tensors that can go negative to int8 and the rest to uint8. onnxruntime's CPU
     kernels fuse DQ -> Conv -> Q into QLinearConv only when input and output share one type, so a
     mixed model runs its convolutions in float between Q/DQ pairs (measured 3x *slower* than FP32
-    for MobileNetV2). Weights (stored pre-quantized, no QuantizeLinear) stay int8 (U8S8)."""
+    for MobileNetV2). Weights stay int8 (U8S8)."""
     import onnx
-    from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    changed = set()
-    for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
-            continue
-        zp = inits.get(node.input[2])
-        if zp is not None and (zp.name in changed or zp.data_type == onnx.TensorProto.INT8):
-            if zp.name not in changed:
-                shifted = numpy_helper.to_array(zp).astype(np.int16) + 128
-                zp.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), zp.name))
-                changed.add(zp.name)
-            outputs = set(node.output)
-            for vi in model.graph.value_info:
-                if vi.name in outputs:
-                    vi.type.tensor_type.elem_type = onnx.TensorProto.UINT8
-    return len(changed)
+    return _reencode_activations(model, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+                                 lambda zp, scale: ((zp.astype(np.int16) + 128).astype(np.uint8), scale))
 
 
 def _signed_activations(model) -> int:
     """Make every activation Q/DQ signed INT8 with zero point 0 (TensorRT's explicit quantization
     takes nothing else). NNCF's symmetric scheme gives non-negative tensors (after ReLU) UINT8 with
     zero point 0; the INT8 grid covering the same range needs scale x 255/127 (one bit coarser) —
-    the gate then judges the model as converted."""
+    the gate then judges the model as converted. Asymmetric zero points are left alone."""
     import onnx
-    from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    changed = set()
-    for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or len(node.input) < 3:
-            continue
-        zp, scale = inits.get(node.input[2]), inits.get(node.input[1])
-        if zp is None or scale is None or zp.data_type != onnx.TensorProto.UINT8 or zp.name in changed:
-            continue
-        if numpy_helper.to_array(zp).any():
-            continue  # asymmetric: not ours to change
-        zp.CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(zp).shape, np.int8), zp.name))
-        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(255 / 127), scale.name))
-        changed.add(zp.name)
-        outputs = set(node.output)
-        for vi in model.graph.value_info:
-            if vi.name in outputs:
-                vi.type.tensor_type.elem_type = onnx.TensorProto.INT8
-    return len(changed)
+    return _reencode_activations(
+        model, onnx.TensorProto.UINT8, onnx.TensorProto.INT8,
+        lambda zp, scale: None if zp.any() else (np.zeros(zp.shape, np.int8), scale * np.float32(255 / 127)))
 
 
 def _batches(x: np.ndarray, size: int = CALIB_BATCH):
