@@ -26,6 +26,9 @@ class ParityReport:
     confusion: list[list[int]] = field(default_factory=list)  # [true class][predicted class]
     warnings: list[str] = field(default_factory=list)
     split: str = "test"
+    drop_upper95_pp: float = 0.0  # exact paired one-sided 95 % upper bound of the drop
+    agreement_lower95: float = 0.0  # one-sided 95 % Clopper-Pearson lower bound of top1_agreement
+    changed: list[dict] = field(default_factory=list)  # {index, label, reference, predicted}: top-1 differs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,6 +60,10 @@ def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarra
             r0, r1 = float(ref_ok[m].mean()), float(ok[m].mean())
             per_class.append({"class": name, "n": int(m.sum()), "reference_recall": r0, "recall": r1,
                               "change_pp": round((r1 - r0) * 100, 3)})
+    only_ref, only_model = int((ref_ok & ~ok).sum()), int((~ref_ok & ok).sum())
+    same = ref_pred == pred
+    changed = [{"index": int(i), "label": int(labels[i]), "reference": int(ref_pred[i]), "predicted": int(pred[i])}
+               for i in np.flatnonzero(~same)]
     one = 100.0 / n if n else float("inf")
     warnings = []
     if tolerance_pp is not None and one > tolerance_pp:
@@ -64,11 +71,39 @@ def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarra
                         f"with {n} images the gate cannot resolve a drop that small; add {split} images")
     return ParityReport(
         n_test=n, reference_accuracy=ref_acc, accuracy=acc, accuracy_drop_pp=round(drop, 4), drop_ci95_pp=ci,
-        top1_agreement=float((ref_pred == pred).mean()), logits_cosine_mean=float(cos.mean()),
+        top1_agreement=float(same.mean()), logits_cosine_mean=float(cos.mean()),
         logits_cosine_min=float(cos.min()), sqnr_db=sqnr, per_class=per_class,
-        discordant={"reference_only_correct": int((ref_ok & ~ok).sum()),
-                    "target_only_correct": int((~ref_ok & ok).sum())},
-        one_image_pp=one, confusion=confusion(labels, pred, len(classes)), warnings=warnings, split=split)
+        discordant={"reference_only_correct": only_ref, "target_only_correct": only_model},
+        one_image_pp=one, confusion=confusion(labels, pred, len(classes)), warnings=warnings, split=split,
+        drop_upper95_pp=drop_upper_bound_pp(only_ref, only_model, n),
+        agreement_lower95=agreement_lower_bound(int(same.sum()), n), changed=changed)
+
+
+def drop_upper_bound_pp(reference_only: int, model_only: int, n: int, *, confidence: float = 0.95) -> float:
+    """Exact one-sided upper confidence bound (95 % by default) of the paired accuracy drop
+    (reference accuracy minus model accuracy, in pp).
+
+    McNemar's construction: of the m = b + c discordant images, b = `reference_only` are right only
+    for the reference and c = `model_only` only for the model. Given m, b ~ Binomial(m, p) and the
+    drop is m (2p - 1) / n; the one-sided Clopper-Pearson upper bound p_hi of p bounds it. 0.0 when
+    the two models are right on exactly the same images."""
+    m = reference_only + model_only
+    if m == 0 or n <= 0:
+        return 0.0
+    from scipy.stats import beta
+
+    p_hi = 1.0 if reference_only == m else float(beta.ppf(confidence, reference_only + 1, m - reference_only))
+    return m * (2.0 * p_hi - 1.0) / n * 100.0
+
+
+def agreement_lower_bound(agree: int, n: int, *, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson lower confidence bound (95 % by default) of the top-1 agreement
+    (`agree` of `n` images agree); 0.0 when none do."""
+    if agree <= 0 or n <= 0:
+        return 0.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(1.0 - confidence, agree, n - agree + 1))
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> list[list[int]]:

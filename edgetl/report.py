@@ -1,5 +1,7 @@
-"""The build report: OUT/report.json (everything), OUT/report.md (the parity table) and
-OUT/report.html (table + confusion matrices + accuracy/latency/size plot, PNGs embedded)."""
+"""The build report: OUT/report.json (everything), OUT/report.md (the parity table, the changed
+predictions) and OUT/report.html (table, the float reference's confusion matrix, each model's
+confusion difference from it, the accuracy/latency/size plot and a thumbnail of every test image
+whose prediction changed; PNGs embedded)."""
 
 from __future__ import annotations
 
@@ -8,27 +10,40 @@ import html
 import io
 import json
 import logging
+import numbers
+import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 def rows(result) -> list[dict]:
-    """The parity table: the float reference, then every model of every target."""
+    """The parity table: the float reference, then every model of every target. Tolerant of older or
+    partial results: a key a row lacks shows as "-"."""
     ref = result.reference
     out = [{"name": "float reference (FP32)", "target": "-", "precision": "fp32", "accuracy": ref.get("accuracy"),
-            "drop_pp": 0.0, "agreement": 1.0, "size_mb": _mb(ref.get("fp32_onnx_bytes")),
+            "drop_pp": 0.0, "drop_upper95_pp": None, "agreement": 1.0, "agreement_lower95": None,
+            "speed": "1.00x", "float_layers": None, "size_mb": _mb(ref.get("fp32_onnx_bytes")),
             "latency_ms": ref.get("latency_ms"), "validated_with": ref.get("latency_measured_with", ""),
-            "status": "reference", "per_class": [], "confusion": ref.get("confusion", [])}]
+            "status": "reference", "per_class": [], "confusion": ref.get("confusion", []), "changed": [],
+            "n_test": ref.get("n_test")}]
     for t in result.targets:
         for m in t.models:
-            met = m["metrics"]
-            out.append({"name": f"{t.target} {m['precision']}", "target": t.target, "precision": m["precision"],
-                        "accuracy": met["accuracy"], "drop_pp": met["accuracy_drop_pp"],
-                        "agreement": met["top1_agreement"], "size_mb": _mb(m["sizes"]["model_bytes"]),
-                        "latency_ms": m["latency_ms"], "validated_with": m["validated_with"],
-                        "status": "FAILED" if m["misses"] else ("published" if t.published else "not published"),
-                        "per_class": met["per_class"], "confusion": met["confusion"]})
+            met = m.get("metrics") or {}
+            q = m.get("quantization") or {}
+            nodes = q.get("float_nodes") if m.get("precision") == "int8" else None
+            out.append({"name": f"{t.target} {m.get('precision', '?')}", "target": t.target,
+                        "precision": m.get("precision", "?"), "accuracy": met.get("accuracy"),
+                        "drop_pp": met.get("accuracy_drop_pp"), "drop_upper95_pp": met.get("drop_upper95_pp"),
+                        "agreement": met.get("top1_agreement"), "agreement_lower95": met.get("agreement_lower95"),
+                        "speed": _speed(m.get("speed")),
+                        "float_layers": len(nodes) if isinstance(nodes, list | tuple) else None,
+                        "size_mb": _mb((m.get("sizes") or {}).get("model_bytes")),
+                        "latency_ms": m.get("latency_ms"), "validated_with": m.get("validated_with") or "",
+                        "status": "FAILED" if m.get("misses") else ("published" if t.published else "not published"),
+                        "per_class": met.get("per_class") or [], "confusion": met.get("confusion") or [],
+                        "changed": met.get("changed") or [], "n_test": met.get("n_test")})
     return out
 
 
@@ -40,8 +55,27 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-HEADER = ["model", "top-1 accuracy", "drop (pp)", "agreement", "per-class recall change (pp, worst)", "size (MB)",
-          "latency b=1 (ms)", "measured with", "status"]
+def _speed(speed) -> str:
+    """{"batch_1": {"ratio": 1.57, ...}, "batch_8": {...}, ...} -> "1.57x b1, 2.01x b8" ("-" if unknown)."""
+    if not isinstance(speed, dict):
+        return "-"
+    found = []
+    for key, v in speed.items():
+        n = key.removeprefix("batch_")
+        if key.startswith("batch_") and n.isdigit() and isinstance(v, dict) and v.get("ratio") is not None:
+            found.append((int(n), f"{v['ratio']:.2f}x b{n}"))
+    return ", ".join(text for _, text in sorted(found)) or "-"
+
+
+def _with_bound(value, spec: str, bound, sign: str) -> str:
+    """"+0.88 (≤ +2.10)": a point estimate and its one-sided 95 % bound (just the estimate if no bound)."""
+    text = _fmt(value, spec)
+    return text if value is None or bound is None else f"{text} ({sign} {format(bound, spec)})"
+
+
+HEADER = ["model", "top-1 accuracy", "drop (pp; 95 % upper bound)", "agreement (95 % lower bound)",
+          "per-class recall change (pp, worst)", "speed vs FP32", "float layers", "size (MB)", "latency b=1 (ms)",
+          "measured with", "status"]
 
 
 def cells(result) -> list[list[str]]:
@@ -49,24 +83,85 @@ def cells(result) -> list[list[str]]:
     out = []
     for r in rows(result):
         worst = min(r["per_class"], key=lambda c: c["change_pp"], default=None)
-        out.append([r["name"], _fmt(r["accuracy"], ".4f"), _fmt(r["drop_pp"], "+.2f"), _fmt(r["agreement"], ".4f"),
-                    f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-", _fmt(r["size_mb"], ".2f"),
-                    _fmt(r["latency_ms"], ".2f"), r["validated_with"], r["status"]])
+        out.append([r["name"], _fmt(r["accuracy"], ".4f"), _with_bound(r["drop_pp"], "+.2f", r["drop_upper95_pp"], "≤"),
+                    _with_bound(r["agreement"], ".4f", r["agreement_lower95"], "≥"),
+                    f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-", r["speed"],
+                    _fmt(r["float_layers"], "d"), _fmt(r["size_mb"], ".2f"), _fmt(r["latency_ms"], ".2f"),
+                    r["validated_with"], r["status"]])
     return out
 
 
 def notes(result) -> list[str]:
+    """Failed targets' misses and warnings, then the legend of the table."""
     lines = [f"`{t.target}` failed: {miss}" for t in result.targets if not t.published for miss in t.misses]
     lines += [f"`{t.target}`: {w}" for t in result.targets if not t.published for w in t.warnings]
+    return lines + legend(result)
+
+
+def legend(result) -> list[str]:
     m = result.machine
-    lines.append(f"n_test = {result.reference.get('n_test')}; latency: median of 30 batch-1 runs during the build on "
-                 f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), through the runtime that validated the model "
-                 "— use `edgetl bench` for careful numbers.")
-    return lines
+    return [
+        "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (exact, "
+        "paired: McNemar's discordant images with a Clopper-Pearson bound), the agreement at least (≥) its bound "
+        "(Clopper-Pearson). The gate judges the point estimates.",
+        "speed vs FP32: the FP32 model's time over this model's, through the same runtime, at batch 1 (b1) and "
+        "a larger batch, interleaved medians (above 1x is faster). float layers: compute layers the INT8 "
+        "model keeps in float.",
+        f"n_test = {result.reference.get('n_test')}; latency: median batch-1 time during the build on "
+        f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), through the runtime that validated the model "
+        "— use `edgetl bench` for careful numbers.",
+    ]
 
 
 def _md(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
+
+
+def _md_code(text: str) -> str:
+    """`text` as a Markdown code span, whatever backticks it holds."""
+    text = str(text).replace("\n", " ")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+MD_CHANGED_CAP = 20
+HTML_CHANGED_CAP = 60
+THUMB_PX = 96
+
+
+def _class(classes, i) -> str:
+    """Class `i`'s name (its index as text when it has none)."""
+    return str(classes[i]) if isinstance(i, numbers.Integral) and 0 <= i < len(classes) else str(i)
+
+
+def _changed_rows(result) -> list[dict]:
+    """Model rows with at least one test image whose top-1 differs from the float reference's."""
+    return [r for r in rows(result)[1:] if r["changed"]]
+
+
+def _changed_title(r: dict) -> str:
+    n = f" of {r['n_test']}" if r["n_test"] is not None else ""
+    return f"{r['name']}: {len(r['changed'])}{n} test images predicted differently from the float reference"
+
+
+def _more(shown: int, total: int) -> str:
+    return f"and {total - shown} more (report.json lists all)"
+
+
+def markdown_changed(result) -> str:
+    classes = (result.data or {}).get("classes") or []
+    text = ""
+    for r in _changed_rows(result):
+        text += f"\n### Changed predictions: {_md(_changed_title(r))}\n\n"
+        for c in r["changed"][:MD_CHANGED_CAP]:
+            where = _md_code(c["file"]) if c.get("file") else f"test image #{c.get('index', '?')}"
+            text += (f"- {where} true {_md(_class(classes, c.get('label')))}: "
+                     f"float {_md(_class(classes, c.get('reference')))} → "
+                     f"{_md(r['precision'])} {_md(_class(classes, c.get('predicted')))}\n")
+        if len(r["changed"]) > MD_CHANGED_CAP:
+            text += f"- {_more(MD_CHANGED_CAP, len(r['changed']))}\n"
+    return text
 
 
 def markdown(result) -> str:
@@ -77,7 +172,12 @@ def markdown(result) -> str:
     if failed:
         text += "\nFailed targets (nothing published for them):\n\n" + "".join(
             f"- `{t.target}`: {_md(line)}\n" for t in failed for line in [*t.misses, *t.warnings])
-    return text + "\n" + _md(notes(result)[-1]) + "\n"
+    text += "\n" + "".join(f"{_md(line)}\n\n" for line in legend(result))
+    try:
+        text += markdown_changed(result)
+    except Exception as e:  # the list is a debugging aid: it must never cost the report
+        log.warning("report.md without the changed predictions: %s: %s", type(e).__name__, e)
+    return text.rstrip("\n") + "\n"
 
 
 def _png(fig) -> str:
@@ -87,7 +187,8 @@ def _png(fig) -> str:
 
 
 def plots(result) -> dict[str, str]:
-    """name -> base64 PNG: one confusion matrix per row and the accuracy/latency/size scatter."""
+    """name -> base64 PNG: the float reference's confusion matrix, each model's confusion difference
+    from it, and the accuracy/latency/size scatter."""
     try:
         import matplotlib
 
@@ -100,25 +201,63 @@ def plots(result) -> dict[str, str]:
         return _plots(result, plt)
 
 
+def _matrix(plt, matrix, classes: list[str], title: str, *, difference: bool) -> str:
+    """A confusion matrix (Blues) or a difference of two (RdBu centred on 0, zeros faint) as base64 PNG."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    m = np.asarray(matrix, dtype=np.int64)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(classes) + (0.8 if difference else 0), 1.0 + 0.5 * len(classes)))
+    if difference:
+        lim = max(1, int(np.abs(m).max(initial=0)))
+        im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+        bar = fig.colorbar(im, ax=ax, shrink=0.8)
+        bar.ax.tick_params(labelsize=7)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+    else:
+        lim = max(1, int(m.max(initial=0)))
+        ax.imshow(m, cmap="Blues")
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            if difference and v == 0:
+                ax.text(j, i, "0", ha="center", va="center", fontsize=7, color="#c0c0c0")
+            else:
+                strong = abs(int(v)) > 0.6 * lim
+                ax.text(j, i, f"{int(v):+d}" if difference else str(int(v)), ha="center", va="center", fontsize=8,
+                        color="white" if strong else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(classes)), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
 def _plots(result, plt) -> dict[str, str]:
+    import numpy as np
+
     classes = result.data["classes"]
+    table = rows(result)
     out = {}
-    for r in rows(result):
+    reference = table[0]["confusion"]
+    if reference:
+        out[f"confusion: {table[0]['name']}"] = _matrix(plt, reference, classes, table[0]["name"], difference=False)
+    for r in table[1:]:
         if not r["confusion"]:
             continue
-        fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(classes), 1.0 + 0.5 * len(classes)))
-        ax.imshow(r["confusion"], cmap="Blues")
-        for i, row in enumerate(r["confusion"]):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(r["name"], fontsize=9)
-        out[f"confusion: {r['name']}"] = _png(fig)
-        plt.close(fig)
-    pts = [r for r in rows(result) if r["latency_ms"] is not None and r["accuracy"] is not None]
+        if reference and np.shape(reference) == np.shape(r["confusion"]):
+            diff = np.asarray(r["confusion"]) - np.asarray(reference)
+            title = (f"{r['name']} − float reference\n(diagonal: + more right; "
+                     "off-diagonal: + more confused)")
+            out[f"confusion difference: {r['name']} − float reference"] = _matrix(plt, diff, classes, title,
+                                                                                  difference=True)
+        else:  # no reference matrix to subtract (an older result): the model's own
+            out[f"confusion: {r['name']}"] = _matrix(plt, r["confusion"], classes, r["name"], difference=False)
+    pts = [r for r in table if r["latency_ms"] is not None and r["accuracy"] is not None]
     if pts:
         fig, ax = plt.subplots(figsize=(6, 4))
         sizes = [max(r["size_mb"] or 0.1, 0.1) for r in pts]
@@ -136,6 +275,48 @@ def _plots(result, plt) -> dict[str, str]:
     return out
 
 
+def thumbnail(path) -> str:
+    """A test image as a base64 PNG of at most THUMB_PX px a side (raises if it cannot be read)."""
+    from .runtime.preprocess import load_rgb
+
+    img = load_rgb(path)
+    img.thumbnail((THUMB_PX, THUMB_PX))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def changed_html(result) -> str:
+    """Per model, a captioned thumbnail of every test image whose top-1 changed (capped)."""
+    esc = html.escape
+    classes = (result.data or {}).get("classes") or []
+    cache: dict[str, tuple[str | None, str]] = {}
+    sections = []
+    for r in _changed_rows(result):
+        figs = []
+        for c in r["changed"][:HTML_CHANGED_CAP]:
+            file = str(c["file"]) if c.get("file") else None
+            caption = (f"true: {_class(classes, c.get('label'))} · float: {_class(classes, c.get('reference'))} "
+                       f"→ {r['precision']}: {_class(classes, c.get('predicted'))}")
+            if file and file not in cache:
+                try:
+                    cache[file] = (thumbnail(file), Path(file).name)
+                except Exception as e:  # a moved or unreadable image must never cost the report
+                    reason = (str(e) or type(e).__name__) if os.path.exists(file) else "file not found"
+                    cache[file] = (None, f"{file} ({reason})")
+            data, where = cache[file] if file else (None, f"test image #{c.get('index', '?')} (no file recorded)")
+            pic = (f'<img alt="{esc(caption)}" title="{esc(file)}" src="data:image/png;base64,{data}">' if data else
+                   f'<div class="missing" title="{esc(where)}"></div>')
+            figs.append(f'<figure class="changed">{pic}<figcaption>{esc(caption)}<br>'
+                        f"<small>{esc(where)}</small></figcaption></figure>")
+        more = (f"<p>{esc(_more(HTML_CHANGED_CAP, len(r['changed'])))}</p>"
+                if len(r["changed"]) > HTML_CHANGED_CAP else "")
+        sections.append(f"<h3>{esc(_changed_title(r))}</h3><div>{''.join(figs)}</div>{more}")
+    if not sections:
+        return ""
+    return "<h2>Changed predictions</h2>" + "".join(sections)
+
+
 def html_page(result, images: dict[str, str]) -> str:
     esc = html.escape
     thead = "".join(f"<th>{esc(c)}</th>" for c in HEADER)
@@ -143,14 +324,24 @@ def html_page(result, images: dict[str, str]) -> str:
     paragraphs = "".join(f"<p>{esc(line)}</p>" for line in notes(result))
     figs = "".join(f'<figure><img alt="{esc(k)}" src="data:image/png;base64,{v}">'
                    f"<figcaption>{esc(k)}</figcaption></figure>" for k, v in images.items())
+    try:
+        changed = changed_html(result)
+    except Exception as e:  # a debugging aid: it must never cost the report
+        log.warning("report.html without the changed predictions: %s: %s", type(e).__name__, e)
+        changed = ""
     status = "all targets passed" if result.ok else "SOME TARGETS FAILED"
     css = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-           "padding:4px 8px;font-size:13px}figure{display:inline-block;margin:8px}")
+           "padding:4px 8px;font-size:13px}figure{display:inline-block;margin:8px;vertical-align:top}"
+           f"figure.changed{{width:{THUMB_PX + 64}px;font-size:11px;text-align:center}}"
+           f"figure.changed img,.missing{{max-width:{THUMB_PX}px;max-height:{THUMB_PX}px}}"
+           f".missing{{width:{THUMB_PX}px;height:{THUMB_PX}px;background:#bbb;margin:auto}}"
+           "figure.changed small{color:#666;word-break:break-all}")
     title = f"edgetl build report: {status}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{css}</style></head><body><h1>{esc(title)}</h1>"
             f"<p>{esc(result.out)} · total {result.timings.get('total', 0):.1f} s</p>"
-            f"<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>{paragraphs}{figs}</body></html>\n")
+            f"<table><thead><tr>{thead}</tr></thead><tbody>{tbody}</tbody></table>{paragraphs}{figs}{changed}"
+            "</body></html>\n")
 
 
 def write(out: Path, result) -> None:

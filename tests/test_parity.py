@@ -48,3 +48,81 @@ def test_search_judges_the_drop_by_its_interval():
     pred[:20] = 1 - labels[:20]  # 20 pp: significant
     rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"])
     assert parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.0, drop_by_ci=True)
+
+
+def test_drop_upper_bound_known_values():
+    from scipy.stats import beta, binom
+
+    # n=228, 3 images only the reference gets right, 1 only the model: m=4, p_hi = 0.95 ** (1/4) (Beta(4, 1)).
+    bound = parity.drop_upper_bound_pp(3, 1, 228)
+    p_hi = beta.ppf(0.95, 4, 1)
+    assert p_hi == pytest.approx(0.95 ** 0.25)
+    assert bound == pytest.approx(4 * (2 * p_hi - 1) / 228 * 100) and bound == pytest.approx(1.7097, abs=1e-4)
+    # the Clopper-Pearson bound leaves 5 % in the lower tail: P(Bin(m, p_hi) <= b) = 0.05
+    for b, c in [(3, 1), (0, 5), (7, 2), (1, 9), (20, 20)]:
+        m = b + c
+        p_hi = (parity.drop_upper_bound_pp(b, c, 1000) / 100 * 1000 / m + 1) / 2
+        assert binom.cdf(b, m, p_hi) == pytest.approx(0.05, rel=1e-6)
+    # every discordant image goes the reference's way: p_hi = 1, the bound is all of them
+    assert parity.drop_upper_bound_pp(5, 0, 100) == pytest.approx(5.0)
+
+
+def test_drop_upper_bound_covers_the_point_estimate():
+    for n in (10, 228, 5000):
+        for b in range(0, 8):
+            for c in range(0, 8):
+                if b + c <= n:
+                    assert parity.drop_upper_bound_pp(b, c, n) >= (b - c) / n * 100 - 1e-12
+
+
+def test_drop_upper_bound_is_zero_without_discordant_images():
+    assert parity.drop_upper_bound_pp(0, 0, 228) == 0.0
+    assert parity.drop_upper_bound_pp(0, 0, 0) == 0.0
+
+
+def test_agreement_lower_bound_known_values():
+    from scipy.stats import beta
+
+    for n in (1, 30, 228):
+        assert parity.agreement_lower_bound(n, n) == pytest.approx(0.05 ** (1 / n))
+    assert parity.agreement_lower_bound(221, 228) == pytest.approx(beta.ppf(0.05, 221, 8))
+    assert 0.94 < parity.agreement_lower_bound(221, 228) < 221 / 228
+    assert parity.agreement_lower_bound(0, 228) == 0.0 and parity.agreement_lower_bound(0, 0) == 0.0
+
+
+def test_evaluate_lists_changed_predictions_and_bounds():
+    labels = np.arange(228) % 3
+    ref_pred = labels.copy()
+    ref_pred[[10, 11]] = (labels[[10, 11]] + 1) % 3  # the reference misses 10, 11
+    pred = ref_pred.copy()
+    pred[[3, 50, 99]] = (labels[[3, 50, 99]] + 2) % 3  # only the reference right on 3 images
+    pred[10] = labels[10]  # only the model right on one
+    pred[11] = (labels[11] + 2) % 3  # both wrong, differently: changed, not discordant
+    rep = parity.evaluate(_logits(ref_pred), _logits(pred), labels, ["a", "b", "c"])
+    assert [c["index"] for c in rep.changed] == [3, 10, 11, 50, 99]
+    assert rep.changed[0] == {"index": 3, "label": int(labels[3]), "reference": int(ref_pred[3]),
+                              "predicted": int(pred[3])}
+    assert all(isinstance(v, int) for c in rep.changed for v in c.values())  # JSON-ready
+    assert rep.discordant == {"reference_only_correct": 3, "target_only_correct": 1}
+    assert rep.drop_upper95_pp == pytest.approx(parity.drop_upper_bound_pp(3, 1, 228))
+    assert rep.drop_upper95_pp >= rep.accuracy_drop_pp == pytest.approx(2 / 228 * 100, abs=1e-4)
+    assert rep.agreement_lower95 == pytest.approx(parity.agreement_lower_bound(223, 228))
+    assert rep.to_dict()["changed"] == rep.changed
+    # the gate stays on the point estimates: a bound above the tolerance is no miss by itself
+    assert rep.drop_upper95_pp > 1.0 and rep.agreement_lower95 < 0.97
+    assert not parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.97)
+
+
+def test_identical_models_have_no_changes_and_a_zero_drop_bound():
+    labels = np.arange(50) % 5
+    ref = np.random.default_rng(1).normal(size=(50, 5)).astype(np.float32)
+    rep = parity.evaluate(ref, ref.copy(), labels, list("abcde"))
+    assert rep.changed == [] and rep.drop_upper95_pp == 0.0
+    assert rep.agreement_lower95 == pytest.approx(0.05 ** (1 / 50))
+
+
+def test_report_fields_have_defaults_for_old_callers():
+    rep = parity.ParityReport(n_test=10, reference_accuracy=1.0, accuracy=0.9, accuracy_drop_pp=10.0,
+                              drop_ci95_pp=(0.0, 30.0), top1_agreement=0.9, logits_cosine_mean=0.99,
+                              logits_cosine_min=0.9, sqnr_db=20.0)
+    assert rep.drop_upper95_pp == 0.0 and rep.agreement_lower95 == 0.0 and rep.changed == []
