@@ -16,13 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backbones, backends, bundle, data, export, parity, train
+from . import __version__, backbones, backends, bundle, data, export, parity, refine, search, speed, train
 from .artifact import Artifact
 from .errors import EdgetlError, UsageError, require
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
+from .refine import RefineInputs, onnx_teacher
 from .runtime.preprocess import load_rgb, preprocess
+from .views import TrainViews
 
 log = logging.getLogger(__name__)
 N_GOLDEN = 8
@@ -94,6 +96,8 @@ class _Evidence:
     reference: dict[str, np.ndarray]  # "val"/"test" -> float PyTorch logits
     golden: list  # (label, image) pairs shipped for device self-tests
     manifest: dict  # manifest fields shared by every target
+    test_files: list[str]  # source file of every test image, in order (the report shows changed ones)
+    refine: dict  # what refiners get besides the val split: training views, float head and model, teacher
 
 
 def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepared:
@@ -105,9 +109,12 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
         backend = backends.get(p)
         quantizers = p.quantization.quantizers if p.quantization else []
         used = quantizers if recipe.quantize.escalate else quantizers[:1]
-        for q in ["*", *(used if "int8" in p.precisions else [])]:
+        steps = [s for cand in used for s in search.steps_of(cand)]
+        for q in ["*", *(steps if "int8" in p.precisions else [])]:
             if q in backend.requires:
                 require(*backend.requires[q])
+        if "int8" in p.precisions and any(s in refine.refiners() for s in steps):
+            require("torch", "torch")
         backend.check(p)
     spec = backbones.get(recipe.model.backbone)
     weights = backbones.resolve_weights(spec, recipe.model.weights)
@@ -188,7 +195,13 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
         "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
                  "skipped": len(ds.skipped), "presplit": ds.presplit},
     }
-    ev = _Evidence(calib, arrays, labels, ref, _golden_items(ds, images["test"], labels["test"]), common)
+    head = net[-1]
+    views = trained.views or TrainViews(images["train"], labels["train"], contract, cfg.augment_views, recipe.seed)
+    refine_parts = {"views": views, "model": net, "cache": {},
+                    "head": (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()),
+                    "view_logits": trained.view_logits}
+    ev = _Evidence(calib, arrays, labels, ref, _golden_items(ds, images["test"], labels["test"]), common,
+                   [str(it.path) for it in ds.split("test")], refine_parts)
 
     results: list[TargetResult] = []
     out = Path(recipe.out)
@@ -266,56 +279,6 @@ def _golden_items(ds: data.Dataset, test_images, test_labels) -> list[tuple[str,
     return [(ds.classes[test_labels[i]], test_images[i]) for i in order]
 
 
-def _quantize_with_escalation(backend, profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence,
-                              tol: dict, work: Path, progress: Progress):
-    """Try the profile's quantizers in order, judged on the *validation* split only.
-
-    An attempt meets the search when its val agreement with the float model is at least
-    `search_top1_agreement` and its val accuracy drop is not significantly above the tolerance
-    (the CI's lower end; the val split is small). The first that meets it is taken; otherwise the
-    best attempt goes to the gate if it at least meets the gate tolerances on val. Returns the
-    chosen artifact, its val misses of the gate tolerances (non-empty = budget spent), the nodes it
-    keeps in float, and every attempt."""
-    recipe = p.recipe
-    target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
-    qins = backends.QuantInputs(ev.calibration, ev.x["val"], ev.y["val"], ev.reference["val"],
-                                tol["max_accuracy_drop_pp"], target_agreement, recipe.seed)
-    names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
-    attempts, best = [], None
-    for name in names:
-        progress.stage(f"{profile.name}: quantize ({name})")
-        t0 = time.perf_counter()
-        try:
-            art = backend.quantizers[name](fp32, qins, profile, work)
-        except EdgetlError:
-            raise
-        except Exception as e:  # a quantizer crash is recorded, and the next one gets its chance
-            log.warning("quantizer %s failed: %s", name, e)
-            attempts.append({"quantizer": name, "error": f"{type(e).__name__}: {e}",
-                             "seconds": round(time.perf_counter() - t0, 2)})
-            continue
-        runner = backends.runner(backend, art, p.contract, p.dataset.classes, profile)
-        val_logits = parity.logits_of(runner, ev.x["val"], progress=progress, description=f"{name} (val)")
-        rep = parity.evaluate(ev.reference["val"], val_logits, ev.y["val"], p.dataset.classes, seed=recipe.seed,
-                              split="val")
-        gate_missed = parity.misses(rep, **tol, drop_by_ci=True)
-        missed = parity.misses(rep, max_accuracy_drop_pp=tol["max_accuracy_drop_pp"],
-                               min_top1_agreement=target_agreement, drop_by_ci=True)
-        float_nodes = backend.float_nodes(art)
-        attempts.append({"quantizer": name, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
-                         "val_top1_agreement": rep.top1_agreement, "val_misses": missed,
-                         "float_nodes": len(float_nodes), "seconds": round(time.perf_counter() - t0, 2)})
-        key = (not gate_missed, not missed, -rep.accuracy_drop_pp, rep.top1_agreement)
-        if best is None or key > best[0]:
-            best = (key, art, gate_missed, float_nodes)
-        if not missed:
-            break
-    if best is None:
-        raise EdgetlError(f"target '{profile.name}': every quantizer failed: "
-                          + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts))
-    return best[1], best[2], best[3], attempts
-
-
 def _tolerances(profile: TargetProfile, recipe: BuildRecipe) -> dict:
     t, g = profile.tolerances, recipe.gate
     drop = t.max_accuracy_drop_pp if g.max_accuracy_drop_pp is None else g.max_accuracy_drop_pp
@@ -329,6 +292,9 @@ def _metrics(report: parity.ParityReport, fp32: Artifact) -> dict:
             "top1_agreement": report.top1_agreement, "n_test": report.n_test,
             "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
             "per_class": report.per_class, "discordant": report.discordant, "confusion": report.confusion,
+            "drop_upper95_pp": getattr(report, "drop_upper95_pp", None),
+            "agreement_lower95": getattr(report, "agreement_lower95", None),
+            "changed": [dict(c) for c in getattr(report, "changed", [])],
             "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
 
 
@@ -346,22 +312,43 @@ class _Model:
     sizes: dict
     latency_ms: float
     warnings: list[str]
+    speed: dict  # batch_<n>: this model vs the FP32 model through the same runtime, interleaved
 
     def summary(self, files: list[str]) -> dict:
         return {"precision": self.precision, "files": files, "metrics": self.metrics, "misses": self.misses,
                 "quantization": self.quantization, "sizes": self.sizes, "latency_ms": self.latency_ms,
-                "validated_with": self.runner.executed_by}
+                "speed": self.speed, "validated_with": self.runner.executed_by}
+
+
+def _search(backend, profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, tol: dict, work: Path,
+            progress: Progress) -> search.Choice:
+    """The INT8 search on train + val (edgetl/search.py); the test split is not handed over."""
+    recipe = p.recipe
+    target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
+    qins = backends.QuantInputs(ev.calibration, ev.x["val"], ev.y["val"], ev.reference["val"],
+                                tol["max_accuracy_drop_pp"], target_agreement, recipe.seed)
+    r = ev.refine
+    known = r["view_logits"]
+    teacher = (lambda: known) if known is not None else onnx_teacher(fp32, r["views"])
+    rins = RefineInputs(qins, r["views"], r["head"], r["model"], teacher, r["cache"])
+    names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
+    return search.run(backend, profile, fp32, qins, rins, tolerances=tol, target_agreement=target_agreement,
+                      candidates=names, classes=p.dataset.classes, seed=recipe.seed, work=work, progress=progress,
+                      make_runner=lambda art: backends.runner(backend, art, p.contract, p.dataset.classes, profile))
 
 
 def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32: Artifact, p: _Prepared,
-                ev: _Evidence, tol: dict, work: Path, progress: Progress) -> _Model:
+                ev: _Evidence, tol: dict, work: Path, baseline, progress: Progress) -> _Model:
     recipe, ds, contract = p.recipe, p.dataset, p.contract
     quant, val_missed = None, []
     if precision == "int8":
-        art, val_missed, float_nodes, attempts = _quantize_with_escalation(backend, profile, fp32, p, ev, tol, work,
-                                                                           progress)
-        quant = {"chosen": art.meta.get("quantizer"), "attempts": attempts, "float_nodes": float_nodes,
-                 "tolerances": tol, "judged_on": "validation split; gate on test split"}
+        choice = _search(backend, profile, fp32, p, ev, tol, work, progress)
+        art, val_missed = choice.artifact, choice.val_missed
+        quant = {"chosen": art.meta.get("candidate", art.meta.get("quantizer")), "attempts": choice.attempts,
+                 "float_nodes": choice.float_nodes, "tolerances": tol,
+                 "judged_on": "validation split; gate on test split"}
+        if "refit" in art.meta:
+            quant["refit"] = art.meta["refit"]
     else:
         progress.stage(f"{profile.name}: convert ({precision})")
         art = backend.convert(fp32, precision, profile, work)
@@ -375,11 +362,16 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
                              tolerance_pp=tol["max_accuracy_drop_pp"])
     missed = parity.misses(report, **tol)
     if val_missed:
-        missed = [f"quantization budget spent: every quantizer missed on the validation split "
+        missed = [f"quantization budget spent: every candidate missed on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
     sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
-    return _Model(precision, stem, art, runner, _metrics(report, fp32), [f"{precision}: {m}" for m in missed], quant,
-                  sizes, _latency_ms(runner, ev.x["test"][:1]), report.warnings)
+    metrics = _metrics(report, fp32)
+    for item in metrics.get("changed", []):
+        item["file"] = ev.test_files[item["index"]]
+    progress.stage(f"{profile.name}: speed vs FP32 ({precision})")
+    pace = speed.versus(runner, baseline, ev.x["test"], batches=(1, profile.speed_batch))
+    return _Model(precision, stem, art, runner, metrics, [f"{precision}: {m}" for m in missed], quant,
+                  sizes, pace["batch_1"]["ms"], report.warnings, pace)
 
 
 def _latency_ms(runner, x: np.ndarray, warmup: int = 5, runs: int = 30) -> float:
@@ -410,10 +402,11 @@ def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evi
     work.mkdir(parents=True, exist_ok=True)
     backend = backends.get(profile)
     tol = _tolerances(profile, recipe)
+    baseline = backends.runner(backend, backend.convert(fp32, "fp32", profile, work), contract, ds.classes, profile)
     models: list[_Model] = []
     for i, precision in enumerate(profile.precisions):
         models.append(_make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, p,
-                                  ev, tol, work, progress))
+                                  ev, tol, work, baseline, progress))
     default = models[0]
     int8 = next((m for m in models if m.quantization), None)
     quant = int8.quantization if int8 else {"chosen": None, "attempts": [], "float_nodes": []}

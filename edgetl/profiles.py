@@ -31,6 +31,9 @@ class QuantizationProfile(_Strict):
     symmetric_activations: bool = False
     preset: Literal["mixed", "performance"] | None = None  # NNCF preset; default: from symmetric_activations
     bias_correction: Literal["full", "fast"] = "full"  # NNCF; MobileNetV3/hard-swish nets need "full"
+    # NNCF accuracy control (the `mixed_precision` quantizer) stops, and the candidate is dropped,
+    # past this many seconds: it is the last resort, not the usual path.
+    mixed_precision_budget_s: float = Field(60.0, gt=0)
     # Op types left in float by every quantizer (e.g. ["Gemm"]: a fine-tuned classifier head is
     # tiny but carries the low-margin decision; quantizing it costs agreement and buys no speed).
     float_op_types: list[str] = Field(default_factory=list)
@@ -74,6 +77,8 @@ class TargetProfile(_Strict):
     # will run (e.g. GPU models validated on the CPU provider). Recorded in the manifest.
     validate_providers: list[str] | None = Field(None, min_length=1)
     tolerances: Tolerances = Field(default_factory=Tolerances)
+    # Speed evidence: every model is timed against the FP32 model at batch 1 and at this batch.
+    speed_batch: int = Field(8, ge=1, le=256)
     source: str = Field("", exclude=True)
 
     @model_validator(mode="after")

@@ -18,7 +18,8 @@ import numpy as np
 from .export import onnxruntime_twin
 from .progress import NullProgress, Progress
 from .recipe import TrainSection
-from .runtime.preprocess import preprocess, to_tensor
+from .runtime.preprocess import preprocess
+from .views import TrainViews, augmenter
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     seconds_features: float = 0.0
+    views: TrainViews | None = None  # the training views the head was fitted on (feature-extract)
+    view_logits: np.ndarray | None = None  # the trained model's logits on those views
 
 
 def seed_everything(seed: int) -> None:
@@ -40,16 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _augmenter(contract: dict):
-    from torchvision import transforms as T
-
-    size = tuple(contract["input_size"])
-    pipe = T.Compose([T.RandomResizedCrop(size, scale=(0.55, 1.0), antialias=True),
-                      T.RandomHorizontalFlip(),
-                      T.ColorJitter(0.25, 0.25, 0.25, 0.02)])
-    return lambda img: to_tensor(pipe(img), contract)
 
 
 def eval_arrays(images, contract: dict) -> np.ndarray:
@@ -67,13 +60,10 @@ def forward_batches(module, arrays: np.ndarray, batch: int, progress: Progress, 
     return torch.cat(out)
 
 
-def _twin_forward(session, jobs: list, progress: Progress, description: str, batch: int = 8) -> np.ndarray:
-    """Features for (transform, image) pairs, preprocessed one batch at a time (memory stays flat)."""
-    starts = range(0, len(jobs), batch)
-    out = []
-    for s in progress.track(starts, total=len(starts), description=description):
-        x = np.stack([fn(img) for fn, img in jobs[s:s + batch]])
-        out.append(session.run(None, {"input": x})[0])
+def _twin_forward(session, batches, total: int, progress: Progress, description: str) -> np.ndarray:
+    """Features of preprocessed batches, one batch at a time (memory stays flat)."""
+    out = [session.run(None, {"input": x})[0]
+           for x in progress.track(batches, total=total, description=description)]
     return np.concatenate(out)
 
 
@@ -133,16 +123,16 @@ def fit_feature_extract(trunk, num_classes: int, train_images, train_labels, val
     seed_everything(seed)
     trunk.eval().requires_grad_(False)
     t0 = time.perf_counter()
-    aug = _augmenter(contract)
-    clean = lambda img: preprocess(img, contract)  # noqa: E731
-    views = [clean] + [aug] * cfg.augment_views  # view 0 is the clean image, the rest augmented
-    y_train = torch.as_tensor(np.tile(np.asarray(train_labels), len(views)))
+    views = TrainViews(list(train_images), np.asarray(train_labels), contract, cfg.augment_views, seed)
+    y_train = torch.as_tensor(views.view_labels)
+    batch = 8
     with tempfile.TemporaryDirectory(prefix="edgetl-twin-") as tmp:
         twin = onnxruntime_twin(trunk, contract["input_size"], Path(tmp),
                                 check=eval_arrays(val_images[:4], contract))
-        jobs = [(view, img) for view in views for img in train_images]
-        f_train = torch.from_numpy(_twin_forward(twin, jobs, progress, "features (train)"))
-        f_val = torch.from_numpy(_twin_forward(twin, [(clean, img) for img in val_images], progress,
+        f_train = torch.from_numpy(_twin_forward(twin, views.batches(batch), -(-len(views) // batch), progress,
+                                                 "features (train)"))
+        val_batches = (eval_arrays(val_images[s:s + batch], contract) for s in range(0, len(val_images), batch))
+        f_val = torch.from_numpy(_twin_forward(twin, val_batches, -(-len(val_images) // batch), progress,
                                                "features (val)"))
     y_val = torch.as_tensor(np.asarray(val_labels))
     seconds = time.perf_counter() - t0
@@ -161,7 +151,9 @@ def fit_feature_extract(trunk, num_classes: int, train_images, train_labels, val
         seed=seed, progress=progress)
     head.load_state_dict(state)
     model = nn.Sequential(trunk, head).eval()
-    return TrainResult(model, history, best_epoch, best_acc, seconds)
+    with torch.no_grad():
+        view_logits = head(f_train).numpy()
+    return TrainResult(model, history, best_epoch, best_acc, seconds, views, view_logits)
 
 
 def _unfreeze_top(trunk, n_blocks: int) -> list:
@@ -185,7 +177,7 @@ def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_image
     head = nn.Linear(_feature_dim(trunk, contract), num_classes)
     model = nn.Sequential(trunk, head)
     backbone_params = _unfreeze_top(trunk, cfg.unfreeze_blocks)
-    aug = _augmenter(contract)
+    aug = augmenter(contract)
     x_val = eval_arrays(val_images, contract)
     y_val = torch.as_tensor(np.asarray(val_labels))
     y_train = torch.as_tensor(np.asarray(train_labels))

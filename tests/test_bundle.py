@@ -49,7 +49,8 @@ def test_int8_model_is_per_channel_qdq(built):
     assert json.loads(meta["edgetl.labels"]) == ["blue", "green", "red"]
     assert json.loads(meta["edgetl.preprocess"])["input_size"] == [64, 64]
     manifest = json.loads((built["bundle"] / "manifest.json").read_text())
-    assert meta["edgetl.quantizer"] == manifest["quantization"]["chosen"]
+    steps = [meta["edgetl.quantizer"]] + ([meta["edgetl.refiner"]] if "edgetl.refiner" in meta else [])
+    assert "+".join(steps) == manifest["quantization"]["chosen"]
 
 
 def _torchless_env(tmp_path):

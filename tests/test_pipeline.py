@@ -18,7 +18,7 @@ def test_build_json_result(built):
     r = built["result"]
     assert r["ok"] and r["targets"][0]["published"]
     t = r["targets"][0]
-    assert t["quantization"]["attempts"][0]["quantizer"] == "nncf_ptq"  # the cpu profile's first quantizer
+    assert t["quantization"]["attempts"][0]["quantizer"] == "nncf_ptq+head_refit"  # the cpu profile's first
     assert t["metrics"]["n_test"] == sum(r["data"]["counts"]["test"].values())
     assert set(r["timings"]) >= {"prepare", "train", "total"}
     report = json.loads((built["out"] / "report.json").read_text())

@@ -64,7 +64,18 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
-    def float_nodes(self, artifact: Artifact) -> list[str]: ...
+    def float_nodes(self, artifact: Artifact, convolutions_only: bool = False) -> list[str]:
+        """Compute layers (or only convolutions) whose weights are not INT8: they run in float."""
+        ...
+
+    def head_features(self, artifact: Artifact, profile: TargetProfile) -> Callable:
+        """batch -> (the features the classifier head receives, logits), through this backend."""
+        ...
+
+    def with_head(self, artifact: Artifact, weight: np.ndarray, bias: np.ndarray, workdir: Path,
+                  stem: str) -> Artifact:
+        """A copy of the model with the head's weight and bias replaced, quantized as the head was."""
+        ...
 
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
@@ -94,11 +105,10 @@ def get(profile: TargetProfile) -> Backend:
         raise UsageError(f"{profile.source}: backend '{profile.backend}' is unknown; "
                          f"fix: use one of {', '.join(sorted(_BACKENDS))}")
     backend = _BACKENDS[profile.backend]()
-    quantizers = profile.quantization.quantizers if profile.quantization else []
-    unknown = [q for q in quantizers if q not in backend.quantizers]
-    if unknown:
-        raise UsageError(f"{profile.source}: quantizer(s) {unknown} not offered by backend '{profile.backend}'; "
-                         f"fix: use {', '.join(backend.quantizers)}")
+    if profile.quantization:
+        from ..search import check_candidates
+
+        check_candidates(profile.quantization.quantizers, backend, profile.source)
     return backend
 
 

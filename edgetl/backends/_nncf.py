@@ -7,11 +7,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import require
+from ..errors import EdgetlError, require
 from ..export import INPUT
 from ..profiles import TargetProfile
 from . import QuantInputs
@@ -19,6 +20,10 @@ from . import QuantInputs
 log = logging.getLogger(__name__)
 RANKING_SUBSET = 64  # validation images NNCF ranks layer sensitivity on
 MAX_RESTORE_STEPS = 12  # layers accuracy control may revert to float, at most
+
+
+class BudgetExceeded(EdgetlError):
+    """A bounded search step ran out of time."""
 
 
 def import_nncf():
@@ -85,8 +90,12 @@ def accuracy_control(model, data: QuantInputs, profile: TargetProfile, compile_f
     pairs = list(zip(_singles(data.val_x), data.val_reference_logits.argmax(1).tolist(), strict=True))
     val = nncf.Dataset(pairs, lambda item: {INPUT: item[0]})
     cache: dict = {}
+    budget, t0 = profile.quantization.mixed_precision_budget_s, time.perf_counter()
 
     def validate(candidate, items) -> tuple[float, list[float]]:
+        if time.perf_counter() - t0 > budget:
+            raise BudgetExceeded(f"mixed_precision stopped after {budget:g} s "
+                                 "(quantization.mixed_precision_budget_s); candidate dropped")
         if cache.get("model") is not candidate:
             cache.update(model=candidate, run=compile_fn(candidate))
         same = [float(cache["run"](x).argmax() == k) for x, k in items]

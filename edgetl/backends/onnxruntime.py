@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
-from ..errors import UsageError
+from ..errors import EdgetlError, UsageError
 from ..export import INPUT
 from ..profiles import TargetProfile
 from . import QuantInputs, _nncf, register
@@ -173,14 +173,122 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
     return _finish(out, fp32, "mixed_precision", profile)
 
 
-def float_nodes(model_path: Path) -> list[str]:
+def float_nodes(model_path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]:
     """Conv/Gemm/MatMul nodes whose weights are not fed by DequantizeLinear: they run in float."""
     import onnx
 
     g = onnx.load(str(model_path)).graph
     dq_outputs = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
     return [n.name or n.output[0] for n in g.node
-            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] not in dq_outputs]
+            if n.op_type in op_types and len(n.input) > 1 and n.input[1] not in dq_outputs]
+
+
+def _head(graph):
+    """The classifier head: the Gemm whose output reaches the graph output (through Q/DQ pairs)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(graph.output[0].name)
+    while node is not None and node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Gemm":
+        raise EdgetlError(f"no Gemm head found before the output '{graph.output[0].name}' (found "
+                          f"{node.op_type if node is not None else 'nothing'}); the head refit needs one")
+    return node, producer
+
+
+def _unquantized_output(graph, gemm) -> None:
+    """Drop a Q -> DQ pair between the head and the graph output (onnxruntime's quantizer adds one):
+    its range was calibrated for the old head, and a grid on the logits buys no speed."""
+    names = {n.output[0]: n for n in graph.node}
+    out = graph.output[0].name
+    dq = names.get(out)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return
+    q = names.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or q.input[0] != gemm.output[0]:
+        return
+    graph.node.remove(dq)
+    graph.node.remove(q)
+    gemm.output[0] = out
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name in {*q.input[1:], *dq.input[1:]} and i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def head_features(path: Path):
+    """batch -> (features the head receives, logits), through onnxruntime's CPU provider."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    gemm, _ = _head(model.graph)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(gemm.input[0], onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [model.graph.output[-1].name, model.graph.output[0].name]
+    return lambda x: tuple(sess.run(names, {INPUT: x}))
+
+
+def _per_channel(w: np.ndarray, qmax: int, per_tensor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row (or per-tensor: one scale) quantization: (int values, scales per row)."""
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
+    if per_tensor:
+        scale = np.full_like(scale, scale.max())
+    q = np.clip(np.round(w / scale[:, None]), -qmax, qmax)
+    return q, (scale[:1] if per_tensor else scale).astype(np.float32)
+
+
+def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) -> Artifact:
+    """A copy of the model with the head's weight (classes x features) and bias replaced, stored the
+    way the head was: float initializers, or per-channel INT8 weights (and an INT32 bias, as
+    onnxruntime's quantizer stores it) behind DequantizeLinear."""
+    import onnx
+    from onnx import numpy_helper as nh
+
+    model = onnx.load(str(art.path))
+    g = model.graph
+    gemm, producer = _head(g)
+    inits = {i.name: i for i in g.initializer}
+    trans_b = next((a.i for a in gemm.attribute if a.name == "transB"), 0)
+
+    def put(name: str, arr: np.ndarray) -> None:
+        inits[name].CopyFrom(nh.from_array(arr, name))
+
+    w_dq = producer.get(gemm.input[1])
+    if gemm.input[1] in inits:
+        put(gemm.input[1], (weight if trans_b else weight.T).astype(np.float32))
+        w_scale = None
+    elif w_dq is not None and w_dq.op_type == "DequantizeLinear" and w_dq.input[0] in inits:
+        if inits[w_dq.input[0]].data_type != onnx.TensorProto.INT8:
+            raise EdgetlError(f"{art.path}: head weights are not signed INT8; the head refit cannot rewrite them")
+        per_tensor = nh.to_array(inits[w_dq.input[1]]).size == 1
+        q, w_scale = _per_channel(weight.astype(np.float64), 127, per_tensor)
+        old_shape = tuple(inits[w_dq.input[1]].dims)
+        put(w_dq.input[0], (q if trans_b else q.T).astype(np.int8))
+        put(w_dq.input[1], w_scale.reshape(old_shape) if per_tensor else w_scale)
+        if len(w_dq.input) > 2 and w_dq.input[2]:
+            put(w_dq.input[2], np.zeros(old_shape if per_tensor else w_scale.shape, np.int8))
+    else:
+        raise EdgetlError(f"{art.path}: head weights are neither float nor INT8 behind DequantizeLinear")
+    b_dq = producer.get(gemm.input[2]) if len(gemm.input) > 2 else None
+    if len(gemm.input) > 2 and gemm.input[2] in inits:
+        put(gemm.input[2], bias.astype(np.float32))
+    elif b_dq is not None and b_dq.op_type == "DequantizeLinear" and w_scale is not None:
+        x_dq = producer.get(gemm.input[0])
+        if x_dq is None or x_dq.op_type != "DequantizeLinear":
+            raise EdgetlError(f"{art.path}: INT32 head bias without a quantized head input")
+        b_shape = tuple(inits[b_dq.input[1]].dims)
+        b_scale = (float(nh.to_array(inits[x_dq.input[1]])) * w_scale).astype(np.float32)
+        put(b_dq.input[0], np.round(bias / b_scale).astype(np.int32))
+        put(b_dq.input[1], b_scale.reshape(b_shape) if b_scale.size == 1 else b_scale)
+        if len(b_dq.input) > 2 and b_dq.input[2]:
+            put(b_dq.input[2], np.zeros(b_shape if b_scale.size == 1 else b_scale.shape, np.int32))
+    else:
+        raise EdgetlError(f"{art.path}: the head has no bias the head refit can rewrite")
+    _unquantized_output(g, gemm)
+    from ..export import set_metadata
+
+    set_metadata(model, {"edgetl.refiner": "head_refit"})
+    onnx.save(model, str(out))
+    return Artifact.of(out, art.kind, **{**art.meta, "precision": art.meta.get("precision", "int8")})
 
 
 def to_fp16(fp32: Artifact, workdir: Path) -> Artifact:
@@ -237,8 +345,14 @@ class OnnxRuntimeBackend:
 
         return {"onnxruntime": onnxruntime.__version__}
 
-    def float_nodes(self, artifact: Artifact) -> list[str]:
-        return float_nodes(artifact.path)
+    def float_nodes(self, artifact: Artifact, convolutions_only: bool = False) -> list[str]:
+        return float_nodes(artifact.path, ("Conv",) if convolutions_only else ("Conv", "Gemm", "MatMul"))
+
+    def head_features(self, artifact: Artifact, profile: TargetProfile):
+        return head_features(artifact.path)
+
+    def with_head(self, artifact: Artifact, weight, bias, workdir: Path, stem: str) -> Artifact:
+        return with_head(artifact, weight, bias, workdir / f"{stem}.int8.onnx")
 
 
 register("onnxruntime")(OnnxRuntimeBackend)

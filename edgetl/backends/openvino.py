@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from ..artifact import Artifact
-from ..errors import UsageError, require
+from ..errors import EdgetlError, UsageError, require
 from ..profiles import TargetProfile
 from . import QuantInputs, _nncf, register
 
 WEIGHT_PATH_OPS = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
-COMPUTE_OPS = {"Convolution", "GroupConvolution", "MatMul"}
+CONV_OPS = {"Convolution", "GroupConvolution"}
+COMPUTE_OPS = CONV_OPS | {"MatMul"}
 
 
 def _ov():
@@ -59,26 +62,85 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
                  precision="int8")
 
 
-def float_nodes(model_path: Path) -> list[str]:
+def float_nodes(model_path: Path, op_types=COMPUTE_OPS) -> list[str]:
     """Convolution/MatMul nodes whose weights reach them without INT8 (no FakeQuantize, no i8/u8
     constant on the weight path): NNCF left or put them back in float."""
+    ops = _ov().Core().read_model(str(model_path)).get_ordered_ops()
+    return [op.get_friendly_name() for op in ops if op.get_type_name() in op_types and not _weight_is_int8(op)]
+
+
+def _head(model):
+    """The classifier head: (MatMul, bias Add or None) feeding the model's output."""
+    node = model.output(0).get_node().input_value(0).get_node()  # the Result's producer
+    add = None
+    if node.get_type_name() == "Add":
+        add, node = node, next((v.get_node() for v in node.input_values()
+                                if v.get_node().get_type_name() == "MatMul"), None)
+    if node is None or node.get_type_name() != "MatMul":
+        raise EdgetlError("no MatMul head found before the model's output; the head refit needs one")
+    return node, add
+
+
+def head_features(path: Path, device: str = "CPU"):
+    """batch -> (features the head receives, logits), through OpenVINO."""
     ov = _ov()
-    core, int8 = ov.Core(), (ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4)
-    out = []
-    for op in core.read_model(str(model_path)).get_ordered_ops():
-        if op.get_type_name() not in COMPUTE_OPS:
-            continue
-        stack, quantized = [op.input_value(1).get_node()], False
-        while stack and not quantized:
-            node = stack.pop()
-            kind = node.get_type_name()
-            if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type() in int8):
-                quantized = True
-            elif kind in WEIGHT_PATH_OPS:
-                stack.extend(v.get_node() for v in node.input_values())
-        if not quantized:
-            out.append(op.get_friendly_name())
-    return out
+    model = ov.Core().read_model(str(path))
+    matmul, _ = _head(model)
+    model.add_outputs([matmul.input_value(0)])
+    compiled = ov.Core().compile_model(model, device)
+    feat, logits = compiled.output(len(compiled.outputs) - 1), compiled.output(0)
+
+    def run(x):
+        res = compiled(x)
+        return res[feat], res[logits]
+
+    return run
+
+
+def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) -> Artifact:
+    """The model with its head's weight (classes x features) and bias replaced: per-channel INT8
+    (Constant i8 -> Convert -> Multiply by scale, as NNCF compresses weights) when the head was INT8,
+    float otherwise."""
+    ov = _ov()
+    import openvino.opset13 as ops
+
+    model = ov.Core().read_model(str(art.path))
+    matmul, add = _head(model)
+    transpose_b = bool(matmul.get_attributes().get("transpose_b"))
+    w = weight if transpose_b else weight.T
+    quantized = _weight_is_int8(matmul)
+    if quantized:
+        scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127
+        q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+        q, shape = (q, (-1, 1)) if transpose_b else (q.T, (1, -1))
+        new_w = ops.multiply(ops.convert(ops.constant(np.ascontiguousarray(q)), ov.Type.f32),
+                             ops.constant(scale.astype(np.float32).reshape(shape)))
+    else:
+        new_w = ops.constant(np.ascontiguousarray(w, dtype=np.float32))
+    matmul.input(1).replace_source_output(new_w.output(0))
+    if add is None:
+        raise EdgetlError(f"{art.path}: the head has no bias Add; the head refit cannot rewrite it")
+    k = next(i for i, v in enumerate(add.input_values()) if v.get_node() is not matmul)
+    old = add.input_value(k)
+    new_b = ops.constant(bias.astype(np.float32).reshape(tuple(old.get_partial_shape().to_shape())))
+    add.input(k).replace_source_output(new_b.output(0))
+    model.set_rt_info("head_refit", ["edgetl", "refiner"])
+    return _save(model, out, art.kind, **{k: v for k, v in art.meta.items() if k != "companions"})
+
+
+def _weight_is_int8(op) -> bool:
+    """Whether a Convolution/MatMul's weights reach it through INT8 (FakeQuantize or an i8/u8 constant)."""
+    ov = _ov()
+    int8 = (ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4)
+    stack = [op.input_value(1).get_node()]
+    while stack:
+        node = stack.pop()
+        kind = node.get_type_name()
+        if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type() in int8):
+            return True
+        if kind in WEIGHT_PATH_OPS:
+            stack.extend(v.get_node() for v in node.input_values())
+    return False
 
 
 class OpenVinoBackend:
@@ -121,8 +183,14 @@ class OpenVinoBackend:
     def versions(self) -> dict[str, str]:
         return {"openvino": _ov().__version__}
 
-    def float_nodes(self, artifact: Artifact) -> list[str]:
-        return float_nodes(artifact.path)
+    def float_nodes(self, artifact: Artifact, convolutions_only: bool = False) -> list[str]:
+        return float_nodes(artifact.path, CONV_OPS if convolutions_only else COMPUTE_OPS)
+
+    def head_features(self, artifact: Artifact, profile: TargetProfile):
+        return head_features(artifact.path, self.settings(profile, validating=True)["device"])
+
+    def with_head(self, artifact: Artifact, weight, bias, workdir: Path, stem: str) -> Artifact:
+        return with_head(artifact, weight, bias, workdir / f"{stem}.int8.xml")
 
 
 register("openvino")(OpenVinoBackend)

@@ -1,0 +1,68 @@
+"""Parity recovery after quantization: one small module per method.
+
+A refiner takes a quantized model and returns a better one: `(artifact, RefineInputs, backend,
+profile, workdir) -> Artifact`. It sees the training views, the float model's outputs on them and
+the validation split — never the test split, which RefineInputs does not carry. The quantizer
+search (edgetl/search.py) treats "nncf_ptq+head_refit" like any other candidate: built, then
+judged on the validation split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import Artifact
+from ..backends import QuantInputs
+from ..views import TrainViews
+
+
+@dataclass
+class RefineInputs:
+    """Training and validation evidence for a refiner. By construction it holds no test data."""
+
+    data: QuantInputs  # calibration + validation split + the float model's val logits
+    views: TrainViews  # the clean + augmented training views the head was trained on
+    head: tuple[np.ndarray, np.ndarray]  # the float model's head: weight (classes x features), bias
+    model: object = None  # the float torch model (refiners that train: QAT)
+    _teacher: Callable[[], np.ndarray] | None = None
+    _cache: dict = field(default_factory=dict)
+
+    def teacher_logits(self) -> np.ndarray:
+        """The float model's logits on every training view (computed once, shared by all targets)."""
+        if "teacher" not in self._cache:
+            self._cache["teacher"] = np.asarray(self._teacher(), dtype=np.float32)
+        return self._cache["teacher"]
+
+
+Refiner = Callable[[Artifact, RefineInputs, object, object, Path], Artifact]
+
+
+def onnx_teacher(fp32: Artifact, views: TrainViews, batch: int = 16) -> Callable[[], np.ndarray]:
+    """The float logits on the training views through onnxruntime's FP32 session (same function as
+    the float model; checked against torch at export)."""
+
+    def run() -> np.ndarray:
+        import onnxruntime as ort
+
+        from ..export import INPUT
+
+        sess = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"])
+        return np.concatenate([sess.run(None, {INPUT: x})[0] for x in views.batches(batch)])
+
+    return run
+
+
+def refiners() -> dict[str, Refiner]:
+    from .head_refit import head_refit
+
+    out: dict[str, Refiner] = {"head_refit": head_refit}
+    try:
+        from .qat import qat
+    except ImportError:  # pragma: no cover
+        return out
+    out["qat"] = qat
+    return out

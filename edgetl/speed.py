@@ -1,0 +1,46 @@
+"""Speed evidence: a model against the FP32 model through the same runtime, measured interleaved.
+
+Each round times one call of the model and one of the baseline, in turn, so that the machine's
+drift (frequency, other processes) falls on both alike; the ratio of the medians is reported. A
+quick figure taken during the build, for the report and the manifest: `edgetl bench` and
+benchmarks/speed.py measure carefully.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+RUNS = {1: 40}  # timed rounds per batch size (others: DEFAULT_RUNS)
+DEFAULT_RUNS = 12
+WARMUP = 3
+
+
+def _batch(x: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:n])
+
+
+def _once(runner, x) -> float:
+    t = time.perf_counter()
+    runner.logits(x)
+    return time.perf_counter() - t
+
+
+def versus(runner, baseline, x: np.ndarray, batches=(1, 8)) -> dict:
+    """{"batch_<n>": {"ms": median, "fp32_ms": baseline median, "ratio": fp32_ms / ms}, "baseline": what ran}."""
+    out: dict = {"baseline": f"fp32 via {baseline.executed_by}", "method": "interleaved medians"}
+    for n in dict.fromkeys(batches):
+        xb = _batch(x, n)
+        for _ in range(WARMUP):
+            runner.logits(xb)
+            baseline.logits(xb)
+        rounds = RUNS.get(n, DEFAULT_RUNS)
+        mine, base = np.empty(rounds), np.empty(rounds)
+        for i in range(rounds):
+            mine[i], base[i] = _once(runner, xb), _once(baseline, xb)
+        ms, fp32_ms = float(np.median(mine)) * 1e3, float(np.median(base)) * 1e3
+        out[f"batch_{n}"] = {"ms": round(ms, 3), "fp32_ms": round(fp32_ms, 3), "ratio": round(fp32_ms / ms, 3),
+                             "runs": rounds}
+    return out

@@ -1,0 +1,262 @@
+"""Parity recovery: the head refit (real MobileNetV2, real onnxruntime/OpenVINO INT8 models), the search
+that walks candidates, and proof that neither can see the test split."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgetl import backbones, data, export, parity, pipeline, search, train
+from edgetl.artifact import Artifact
+from edgetl.backends import QuantInputs
+from edgetl.backends.onnxruntime import OnnxRuntimeBackend
+from edgetl.cli import cli
+from edgetl.profiles import TargetProfile, load_profile
+from edgetl.recipe import TrainSection
+from edgetl.refine import RefineInputs
+from edgetl.refine.head_refit import choose, head_refit, ridge_path
+from edgetl.views import TrainViews
+from tests.conftest import FAST_FLAGS
+
+
+def test_ridge_path_recovers_a_linear_map_and_shrinks_to_the_start():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(400, 12))
+    w_true, b_true = rng.normal(size=(3, 12)), rng.normal(size=3)
+    z = f @ w_true.T + b_true
+    w0, b0 = np.zeros((3, 12)), np.zeros(3)
+    path = ridge_path(f, z, w0, b0, alphas=(1e-8, 1e6))
+    (_, w_small, b_small), (_, w_big, _) = path
+    assert np.allclose(w_small, w_true, atol=1e-5) and np.allclose(b_small, b_true, atol=1e-5)
+    assert np.abs(w_big).max() < 0.01  # strong ridge: stays at the float head
+
+
+def test_choose_keeps_the_quantized_head_when_no_fit_is_better():
+    ref = np.array([[2.0, 0.0], [0.0, 2.0]])
+    keep = ref.copy()  # the quantized model already agrees exactly
+    worse = [(0.1, np.array([[0.0, 0.0], [0.0, 0.0]]), np.array([0.0, 1.0]))]
+    best, table = choose(worse, np.eye(2), keep, ref)
+    assert best[0] is None and table[0]["val_agreement"] == 1.0 and len(table) == 2
+
+
+@pytest.fixture(scope="module")
+def harder(tmp_path_factory):
+    """scikit-learn's handwritten digits (real data, shipped offline), 24 per class: small margins,
+    enough test images to see predictions flip."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits") / "imgs"
+    d = load_digits()
+    for label in range(10):
+        (root / f"d{label}").mkdir(parents=True)
+        for i in np.flatnonzero(d.target == label)[:24]:
+            arr = (d.images[i] / 16.0 * 255).round().astype(np.uint8)
+            Image.fromarray(arr, "L").resize((48, 48), Image.Resampling.BILINEAR).save(root / f"d{label}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.integration
+def test_head_refit_recovers_agreement_where_ptq_flips(harder, tmp_path):
+    """Per-tensor weights collapse MobileNetV2's depthwise convs (Krishnamoorthi 2018): plain PTQ flips
+    predictions. Refitting the head on the INT8 trunk's features (train views; ridge chosen on val)
+    brings the test-split agreement back up. The refit itself is never shown the test split."""
+    ds = data.scan(harder, seed=1)
+    spec = backbones.get("mobilenet_v2")
+    contract = spec.contract(64)
+    trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
+    imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
+    y = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
+    fit = train.fit_feature_extract(trunk, len(ds.classes), imgs["train"], y["train"], imgs["val"], y["val"],
+                                    contract, TrainSection(epochs=15, augment_views=1), seed=0)
+    net = fit.model
+    fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
+    x = {s: train.eval_arrays(imgs[s], contract) for s in ("val", "test")}
+    ref = {s: train.forward_batches(net, x[s], 16, train.NullProgress(), "").numpy() for s in x}
+    profile = load_profile("cpu").model_copy(deep=True)
+    profile.quantization.per_channel = False
+    backend = OnnxRuntimeBackend()
+    qi = QuantInputs(train.eval_arrays(imgs["train"][:32], contract), x["val"], y["val"], ref["val"], 1.0, 0.97, 0)
+    ptq = backend.quantizers["ort_static"](fp32, qi, profile, tmp_path)
+    rins = RefineInputs(qi, fit.views, (net[1].weight.detach().numpy(), net[1].bias.detach().numpy()), net,
+                        lambda: fit.view_logits)
+    refit = head_refit(ptq, rins, backend, profile, tmp_path)
+
+    def agreement(art):
+        run = backend.head_features(art, profile)
+        return parity.evaluate(ref["test"], run(x["test"])[1], y["test"], ds.classes).top1_agreement
+
+    before, after = agreement(ptq), agreement(refit)
+    assert before < 0.97, f"precondition: per-tensor PTQ should flip test predictions (agreement {before})"
+    assert refit.path != ptq.path and refit.meta["refit"]["alpha"] is not None
+    assert after > before
+    assert backend.float_nodes(refit, convolutions_only=True) == []  # still fully INT8
+
+
+@pytest.mark.integration
+def test_head_refit_rewrites_openvino_and_nncf_heads(tiny_data, tmp_path):
+    """with_head on both backends: the model's logits become features @ W.T + b (the INT8 grid aside)."""
+    from edgetl.backends.openvino import OpenVinoBackend
+
+    ds = data.scan(tiny_data)
+    spec = backbones.get("mobilenet_v2")
+    contract = spec.contract(64)
+    trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
+    from torch import nn
+
+    net = nn.Sequential(trunk, nn.Linear(1280, 3)).eval()
+    fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
+    x = train.eval_arrays(data.load_images(ds.split("train")), contract)
+    qi = QuantInputs(x[:16], x[:4], np.zeros(4, int), np.zeros((4, 3), np.float32), 1.0, 0.97, 0)
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 0.05, (3, 1280)).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32)
+    for backend, name in ((OnnxRuntimeBackend(), "cpu"), (OpenVinoBackend(), "openvino")):
+        profile = load_profile(name)
+        art = backend.quantizers["nncf_ptq"](fp32, qi, profile, tmp_path)
+        new = backend.with_head(art, w, b, tmp_path, f"{name}-new")
+        f_old, _ = backend.head_features(art, profile)(x[:8])
+        f_new, logits = backend.head_features(new, profile)(x[:8])
+        assert np.array_equal(f_old, f_new)  # the trunk is untouched
+        want = f_new @ w.T + b
+        assert np.abs(logits - want).max() < 0.02 * np.abs(want).max(), name
+        assert backend.float_nodes(new) == []  # the new head is INT8 like the old one
+
+
+# --- the search: order, fully-INT8 preference, errors recorded --------------------------------------------
+
+
+class _FakeBackend:
+    """Quantizers whose 'models' are fixed val logits; float layers named in the artifact's meta."""
+
+    def __init__(self, outcomes: dict):
+        self.outcomes = outcomes  # name -> (agreeing fraction of val, float convs)
+        self.quantizers = {n: self._make(n) for n in outcomes}
+        self.calls: list[str] = []
+
+    def _make(self, name):
+        def q(fp32, qins, profile, work):
+            self.calls.append(name)
+            if self.outcomes[name] is None:
+                raise RuntimeError("quantizer crashed")
+            return Artifact(fp32.path, "fake", "0", {"quantizer": name})
+
+        return q
+
+    def float_nodes(self, art, convolutions_only=False):
+        return [f"conv{i}" for i in range(self.outcomes[art.meta["quantizer"]][1])]
+
+
+def _run_search(tmp_path, outcomes, candidates):
+    n = 100
+    ref = np.tile(np.eye(2), (n // 2, 1))
+    y = ref.argmax(1)
+    backend = _FakeBackend(outcomes)
+
+    class Runner:
+        def __init__(self, art):
+            frac = outcomes[art.meta["quantizer"]][0]
+            self.out = ref.copy()
+            self.out[int(frac * n):] = ref[int(frac * n):, ::-1]  # the rest flip
+
+        def logits(self, xb):
+            i = int(xb[0, 0])
+            return self.out[i:i + len(xb)]
+
+    fp32 = tmp_path / "m.onnx"
+    fp32.write_bytes(b"x")
+    qins = QuantInputs(np.zeros((2, 1)), np.arange(n, dtype=np.float32)[:, None], y, ref, 1.0, 0.97, 0)
+    profile = TargetProfile(name="t", backend="fake", quantization={"quantizers": candidates})
+    choice = search.run(backend, profile, Artifact(fp32, "fp32", "0"), qins, None,
+                        tolerances={"max_accuracy_drop_pp": 1.0, "min_top1_agreement": 0.9},
+                        target_agreement=0.97, candidates=candidates, make_runner=Runner, classes=["a", "b"],
+                        seed=0, work=tmp_path)
+    return choice, backend
+
+
+def test_search_stops_at_the_first_fully_int8_candidate_that_meets(tmp_path):
+    choice, backend = _run_search(tmp_path, {"a": (0.9, 0), "b": (0.98, 0), "c": (1.0, 0)}, ["a", "b", "c"])
+    assert choice.artifact.meta["candidate"] == "b" and backend.calls == ["a", "b"]
+    assert [a["quantizer"] for a in choice.attempts] == ["a", "b"] and not choice.val_missed
+
+
+def test_search_prefers_fully_int8_over_float_layers(tmp_path):
+    """Mixed precision meets the target first, but a later fully-INT8 candidate meets it too: INT8 wins."""
+    choice, _ = _run_search(tmp_path, {"mp": (1.0, 3), "q": (0.98, 0)}, ["mp", "q"])
+    assert choice.artifact.meta["candidate"] == "q" and choice.float_nodes == []
+    choice, _ = _run_search(tmp_path, {"q": (0.95, 0), "mp": (0.99, 3)}, ["q", "mp"])
+    assert choice.artifact.meta["candidate"] == "mp" and len(choice.float_nodes) == 3  # nothing INT8 met it
+
+
+def test_search_records_a_crashing_candidate_and_goes_on(tmp_path):
+    choice, _ = _run_search(tmp_path, {"boom": None, "q": (0.99, 0)}, ["boom", "q"])
+    assert choice.attempts[0]["error"].startswith("RuntimeError") and choice.artifact.meta["candidate"] == "q"
+
+
+def test_unknown_step_or_refiner_first_is_a_usage_error(tmp_path):
+    from edgetl.errors import UsageError
+
+    backend = OnnxRuntimeBackend()
+    with pytest.raises(UsageError, match="head_refitt"):
+        search.check_candidates(["nncf_ptq+head_refitt"], backend, "p.toml")
+    with pytest.raises(UsageError, match="needs a quantized model"):
+        search.check_candidates(["head_refit"], backend, "p.toml")
+    with pytest.raises(UsageError, match="not usable"):
+        search.check_candidates(["nncf_ptq+ort_static"], backend, "p.toml")
+
+
+def test_refine_inputs_carry_no_test_data():
+    names = {f.name for f in dataclasses.fields(RefineInputs)} | {f.name for f in dataclasses.fields(QuantInputs)}
+    assert not [n for n in names if "test" in n]
+    assert set(TrainViews.__dataclass_fields__) == {"images", "labels", "contract", "n_augmented", "seed"}
+
+
+class _Poison:
+    """Stands in for a test-split array: any use (indexing, len, iteration, numpy, attributes) fails."""
+
+    def _fail(self, *a, **k):
+        raise AssertionError("the test split was read before the gate")
+
+    __getitem__ = __len__ = __iter__ = __array__ = __bool__ = __float__ = _fail
+
+    def __getattr__(self, name):
+        self._fail()
+
+
+def test_poison_fails_on_use():
+    for use in (len, lambda p: p[0], np.asarray, lambda p: p.shape, list):
+        with pytest.raises(AssertionError):
+            use(_Poison())
+
+
+@pytest.mark.integration
+def test_the_search_and_refit_never_read_the_test_split(tiny_data, tmp_path, monkeypatch):
+    """A whole build in which the test split is poisoned while each target's search (quantizers +
+    head refit) runs: any read fails the build. The gate afterwards reads it as usual."""
+    real = pipeline._search
+
+    def guarded(backend, profile, fp32, p, ev, tol, work, progress):
+        saved = {k: getattr(ev, k)["test"] for k in ("x", "y", "reference")}
+        saved_files = ev.test_files
+        try:
+            for k in saved:
+                getattr(ev, k)["test"] = _Poison()
+            ev.test_files = _Poison()
+            return real(backend, profile, fp32, p, ev, tol, work, progress)
+        finally:
+            for k, v in saved.items():
+                getattr(ev, k)["test"] = v
+            ev.test_files = saved_files
+
+    monkeypatch.setattr(pipeline, "_search", guarded)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", "--target", "cpu",
+                                   "--target", "openvino", *FAST_FLAGS])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    for t in r["targets"]:
+        assert t["quantization"]["chosen"].endswith("+head_refit")
+        assert "refit" in t["quantization"]["attempts"][0]
