@@ -123,12 +123,16 @@ def _print_summary(result) -> None:
         click.echo(f"{t.target}: {state}")
         for m in t.models:
             met = m["metrics"]
-            q = f", quantizer {m['quantization']['chosen']}" if m["quantization"] else ""
+            q = m["quantization"]
+            q = f", {q['chosen']} ({len(q['float_nodes'])} float layers)" if q else ""
+            pace = ", ".join(f"{v['ratio']:.2f}x at batch {k.removeprefix('batch_')}"
+                             for k, v in (m.get("speed") or {}).items() if k.startswith("batch_"))
             click.echo(
                 f"  {m['precision']}: accuracy {met['accuracy']:.4f} (drop {met['accuracy_drop_pp']:+.2f} pp, "
                 f"95% CI {met['accuracy_drop_ci95_pp'][0]:+.2f}..{met['accuracy_drop_ci95_pp'][1]:+.2f}), "
-                f"agreement {met['top1_agreement']:.4f}, {m['sizes']['ratio']:.2f}x fp32 size, "
-                f"{m['latency_ms']:.2f} ms{q}; validated with {m['validated_with']}")
+                f"agreement {met['top1_agreement']:.4f}, {len(met.get('changed', []))} predictions changed, "
+                f"{m['sizes']['ratio']:.2f}x fp32 size, {m['latency_ms']:.2f} ms{q}; speed vs FP32 {pace or '-'}; "
+                f"validated with {m['validated_with']}")
         for w in t.warnings:
             click.echo(f"  warning: {w}")
         for miss in t.misses:

@@ -34,6 +34,11 @@ class QuantizationProfile(_Strict):
     # NNCF accuracy control (the `mixed_precision` quantizer) stops, and the candidate is dropped,
     # past this many seconds: it is the last resort, not the usual path.
     mixed_precision_budget_s: float = Field(60.0, gt=0)
+    # `qat` (quantization-aware training with the float model as teacher): epochs over the
+    # training views, AdamW learning rate, and a wall-clock budget (the epoch is chosen on val).
+    qat_epochs: int = Field(2, ge=1, le=50)
+    qat_lr: float = Field(1e-5, gt=0, le=1e-2)
+    qat_budget_s: float = Field(180.0, gt=0)
     # Op types left in float by every quantizer (e.g. ["Gemm"]: a fine-tuned classifier head is
     # tiny but carries the low-margin decision; quantizing it costs agreement and buys no speed).
     float_op_types: list[str] = Field(default_factory=list)

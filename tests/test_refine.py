@@ -260,3 +260,49 @@ def test_the_search_and_refit_never_read_the_test_split(tiny_data, tmp_path, mon
     for t in r["targets"]:
         assert t["quantization"]["chosen"].endswith("+head_refit")
         assert "refit" in t["quantization"]["attempts"][0]
+
+
+@pytest.mark.integration
+def test_qat_exports_onnx_that_onnxruntime_fuses_and_openvino_loads(tiny_data, tmp_path):
+    """NNCF torch QAT with the float model as teacher -> ONNX QDQ: onnxruntime fuses every Conv into
+    QLinearConv; the OpenVINO IR made from the same model has INT8 weights everywhere and runs."""
+    import onnxruntime as ort
+
+    from edgetl.backends.openvino import OpenVinoBackend
+    from edgetl.refine.qat import qat
+
+    ds = data.scan(tiny_data)
+    spec = backbones.get("mobilenet_v2")
+    contract = spec.contract(64)
+    trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
+    imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
+    y = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
+    fit = train.fit_feature_extract(trunk, len(ds.classes), imgs["train"], y["train"], imgs["val"], y["val"],
+                                    contract, TrainSection(epochs=5, augment_views=1), seed=0)
+    net = fit.model
+    fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
+    x_val = train.eval_arrays(imgs["val"], contract)
+    ref = train.forward_batches(net, x_val, 16, train.NullProgress(), "").numpy()
+    profile = load_profile("cpu").model_copy(deep=True)
+    profile.quantization.qat_epochs = 1
+    qi = QuantInputs(train.eval_arrays(imgs["train"], contract), x_val, y["val"], ref, 1.0, 0.97, 0)
+    rins = RefineInputs(qi, fit.views, (net[1].weight.detach().numpy(), net[1].bias.detach().numpy()), net,
+                        lambda: fit.view_logits)
+    backend = OnnxRuntimeBackend()
+    art = qat(fp32, rins, backend, profile, tmp_path)
+    info = art.meta["qat"]
+    assert [h["epoch"] for h in info["history"]] == [0, 1] and info["history"][1]["steps"] > 0
+    assert backend.float_nodes(art, convolutions_only=True) == []
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(str(art.path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in __import__("onnx").load(opts.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 52 and "Conv" not in ops and "FusedConv" not in ops
+    logits = sess.run(None, {"input": x_val})[0]
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.8  # still the float model's function
+
+    ov_backend = OpenVinoBackend()
+    ir = ov_backend.from_qdq_onnx(tmp_path / "qat.qdq.onnx", fp32, load_profile("openvino"), tmp_path, "qat")
+    assert ir.path.suffix == ".xml" and ov_backend.float_nodes(ir, convolutions_only=True) == []
+    _, ov_logits = ov_backend.head_features(ir, load_profile("openvino"))(x_val)
+    assert (ov_logits.argmax(1) == ref.argmax(1)).mean() >= 0.8

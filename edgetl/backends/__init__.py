@@ -77,6 +77,10 @@ class Backend(Protocol):
         """A copy of the model with the head's weight and bias replaced, quantized as the head was."""
         ...
 
+    def from_qdq_onnx(self, qdq: Path, fp32: Artifact, profile: TargetProfile, workdir: Path, name: str) -> Artifact:
+        """This backend's INT8 model from an ONNX QDQ model made elsewhere (QAT)."""
+        ...
+
 
 _BACKENDS: dict[str, Callable[[], Backend]] = {}
 

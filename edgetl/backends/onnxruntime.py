@@ -351,6 +351,14 @@ class OnnxRuntimeBackend:
     def head_features(self, artifact: Artifact, profile: TargetProfile):
         return head_features(artifact.path)
 
+    def from_qdq_onnx(self, qdq: Path, fp32: Artifact, profile: TargetProfile, workdir: Path, name: str) -> Artifact:
+        """An INT8 QDQ ONNX made elsewhere (QAT): re-encoded like the PTQ output so every Conv fuses."""
+        import shutil
+
+        out = workdir / f"{name}.int8.onnx"
+        shutil.copyfile(qdq, out)
+        return _finish(out, fp32, name, profile)
+
     def with_head(self, artifact: Artifact, weight, bias, workdir: Path, stem: str) -> Artifact:
         return with_head(artifact, weight, bias, workdir / f"{stem}.int8.onnx")
 

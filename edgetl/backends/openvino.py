@@ -22,12 +22,13 @@ def _ov():
     return require("openvino", "openvino")
 
 
-def _read_onnx(fp32: Artifact):
-    """The ONNX model as an OpenVINO model, carrying edgetl's metadata (labels, contract) in rt_info."""
+def _read_onnx(fp32: Artifact, path: Path | None = None):
+    """The ONNX model (`path`, default the FP32 export) as an OpenVINO model, carrying edgetl's
+    metadata (labels, contract) from the FP32 export in rt_info."""
     import onnx
 
     ov = _ov()
-    model = ov.convert_model(str(fp32.path))
+    model = ov.convert_model(str(path or fp32.path))
     for prop in onnx.load(str(fp32.path), load_external_data=False).metadata_props:
         model.set_rt_info(prop.value, ["edgetl", prop.key.removeprefix("edgetl.")])
     return model
@@ -188,6 +189,12 @@ class OpenVinoBackend:
 
     def head_features(self, artifact: Artifact, profile: TargetProfile):
         return head_features(artifact.path, self.settings(profile, validating=True)["device"])
+
+    def from_qdq_onnx(self, qdq: Path, fp32: Artifact, profile: TargetProfile, workdir: Path, name: str) -> Artifact:
+        """An INT8 QDQ ONNX made elsewhere (QAT) as an IR: Q/DQ pairs become FakeQuantize."""
+        model = _read_onnx(fp32, qdq)
+        model.set_rt_info(name, ["edgetl", "quantizer"])
+        return _save(model, workdir / f"{name}.int8.xml", "ir-int8", quantizer=name, precision="int8")
 
     def with_head(self, artifact: Artifact, weight, bias, workdir: Path, stem: str) -> Artifact:
         return with_head(artifact, weight, bias, workdir / f"{stem}.int8.xml")

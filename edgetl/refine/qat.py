@@ -1,0 +1,225 @@
+"""Quantization-aware training with distillation (NNCF's torch backend), bounded in epochs and time.
+
+The float model is the teacher: the student (a copy, BatchNorm folded into the convolutions, so
+its statistics are frozen by construction) is quantized by `nncf.quantize` on the calibration
+images (per-channel symmetric weights, per-tensor activations, as the PTQ path), then trained for
+a few epochs over the training views to reproduce the teacher's logits (MSE, the refit's
+objective) — every weight and every quantizer scale trains. The epoch is chosen on the
+validation split (agreement with the float model, then logit error; "no training" is one of the
+choices). The result is exported as ONNX QDQ and handed to the backend, which makes its own model
+of it (onnxruntime: the same uint8 re-encoding as PTQ so every Conv fuses; OpenVINO: convert_model).
+
+Pitfalls handled here (NNCF 3.4 / torch 2.14): the top-level module must not be nn.Sequential
+(NNCF adds a hook-storage child that Sequential.forward would call); NNCF JIT-compiles its
+fake-quantize op on first use (~70 s, longer than its default load timeout); `nncf.strip` needs
+torchao, so each quantizer is switched to NNCF's own Q/DQ export mode instead; the export carries
+scales as Constant nodes and float weights behind QuantizeLinear, folded here into INT8
+initializers (what the PTQ path produces) before any re-encoding.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import Artifact
+from ..errors import require
+from . import RefineInputs
+
+log = logging.getLogger(__name__)
+BATCH = 16
+CALIB_BATCH = 16
+
+
+def _torch_modules():
+    """The student wrapper, defined lazily (torch is imported only when QAT runs)."""
+    from torch import nn
+
+    class Student(nn.Module):
+        def __init__(self, trunk, head):
+            super().__init__()
+            self.trunk, self.head = trunk, head
+
+        def forward(self, x):
+            return self.head(self.trunk(x))
+
+    return Student
+
+
+def fold_batchnorm(model):
+    """Fold every Conv2d -> BatchNorm2d pair (running statistics) into the convolution, in place."""
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for parent in model.modules():
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                parent._modules[a] = fuse_conv_bn_eval(conv, bn)
+                parent._modules[b] = nn.Identity()
+    return model
+
+
+def _quantize(student, inp: RefineInputs, profile):
+    import torch
+
+    from ..backends._nncf import import_nncf
+
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # first JIT build of NNCF's CPU op: ~70 s
+    nncf = import_nncf()
+    from nncf.quantization.advanced_parameters import (
+        AdvancedQuantizationParameters,
+        OverflowFix,
+        QuantizationMode,
+        QuantizationParameters,
+    )
+
+    q = profile.quantization
+    calib = torch.from_numpy(inp.data.calibration)
+    items = [calib[i:i + CALIB_BATCH] for i in range(0, len(calib), CALIB_BATCH)]
+    mode = QuantizationMode.SYMMETRIC if q.symmetric_activations else QuantizationMode.ASYMMETRIC
+    preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
+    adv = AdvancedQuantizationParameters(
+        overflow_fix=OverflowFix.DISABLE,
+        activations_quantization_params=QuantizationParameters(per_channel=False, mode=mode),
+        weights_quantization_params=QuantizationParameters(per_channel=True, mode=QuantizationMode.SYMMETRIC))
+    return nncf.quantize(student, nncf.Dataset(items), subset_size=len(items), advanced_parameters=adv,
+                         preset={"mixed": nncf.QuantizationPreset.MIXED,
+                                 "performance": nncf.QuantizationPreset.PERFORMANCE}[preset])
+
+
+def _val_score(qm, inp: RefineInputs) -> tuple[float, float]:
+    import torch
+
+    x, ref = inp.data.val_x, inp.data.val_reference_logits
+    with torch.no_grad():
+        out = np.concatenate([qm(torch.from_numpy(x[s:s + 32])).numpy() for s in range(0, len(x), 32)])
+    return float((out.argmax(1) == ref.argmax(1)).mean()), float(((out - ref) ** 2).mean())
+
+
+def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
+    """Distillation epochs; returns the history and leaves the val-best state loaded."""
+    import torch
+    from torch.nn import functional as F
+
+    q = profile.quantization
+    teacher = torch.from_numpy(inp.teacher_logits())
+    opt = torch.optim.AdamW(qm.parameters(), lr=q.qat_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(inp.data.seed)
+    agree, mse = _val_score(qm, inp)
+    history = [{"epoch": 0, "val_agreement": agree, "val_mse": round(mse, 6), "steps": 0}]
+    best, best_state, stopped = (agree, -mse, 0), copy.deepcopy(qm.state_dict()), False
+    for epoch in range(1, q.qat_epochs + 1):
+        qm.train()
+        steps = 0
+        for idx in torch.randperm(len(inp.views), generator=gen).split(BATCH):
+            if len(idx) < 2:
+                continue
+            x = torch.from_numpy(np.stack([inp.views.make(int(k)) for k in idx]))
+            loss = F.mse_loss(qm(x), teacher[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+            if time.perf_counter() > deadline:
+                stopped = True
+                break
+        qm.eval()
+        agree, mse = _val_score(qm, inp)
+        history.append({"epoch": epoch, "val_agreement": agree, "val_mse": round(mse, 6), "steps": steps})
+        if (agree, -mse, -epoch) > best:
+            best, best_state = (agree, -mse, -epoch), copy.deepcopy(qm.state_dict())
+        if stopped:
+            break
+    qm.load_state_dict(best_state)
+    qm.eval()
+    return {"history": history, "chosen_epoch": abs(best[2]), "val_agreement": best[0],
+            "stopped_by_budget": stopped}
+
+
+def export_qdq(qm, input_size, path: Path) -> Path:
+    """The QAT model as ONNX QDQ with INT8 weight initializers (NNCF's own Q/DQ export mode)."""
+    import warnings
+
+    import onnx
+    import torch
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
+
+    from ..export import INPUT, OUTPUT
+
+    for _, m in get_hook_storage(qm).named_hooks():
+        if isinstance(m, BaseQuantizer):
+            m.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(qm, (torch.zeros(1, 3, *input_size),), str(path), dynamo=False, opset_version=17,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    model = onnx.load(str(path))
+    _constants_to_initializers(model.graph)
+    _fold_weight_quantizers(model.graph)
+    onnx.save(model, str(path))
+    return path
+
+
+def _constants_to_initializers(g) -> None:
+    import onnx
+
+    for n in [n for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]:
+        t = onnx.TensorProto()
+        t.CopyFrom(n.attribute[0].t)
+        t.name = n.output[0]
+        g.initializer.append(t)
+        g.node.remove(n)
+
+
+def _fold_weight_quantizers(g) -> int:
+    """QuantizeLinear(float initializer) -> the quantized initializer itself (weights stored as INT8)."""
+    from onnx import numpy_helper as nh
+
+    inits = {i.name: i for i in g.initializer}
+    folded = 0
+    for n in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]:
+        w, s, zp = (nh.to_array(inits[k]) for k in n.input[:3])
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if s.ndim:
+            shape[axis] = -1
+        info = np.iinfo(zp.dtype)
+        q = np.round(w / s.reshape(shape)) + zp.reshape(shape if zp.ndim else []).astype(np.int32)
+        g.initializer.append(nh.from_array(np.clip(q, info.min, info.max).astype(zp.dtype), n.output[0]))
+        g.node.remove(n)
+        folded += 1
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return folded
+
+
+def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
+    """`art` is the float model (QAT starts from it); returns the backend's INT8 model."""
+    require("torch", "torch")
+    q = profile.quantization
+    t0 = time.perf_counter()
+    Student = _torch_modules()  # noqa: N806
+    trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
+    student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
+    qm = _quantize(student, inp, profile)
+    info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
+    input_size = inp.views.contract["input_size"]
+    qdq = export_qdq(qm, input_size, workdir / "qat.qdq.onnx")
+    out = backend.from_qdq_onnx(qdq, art, profile, workdir, "qat")
+    info.update(refiner="qat", seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
+    log.info("qat: epoch %d chosen (val agreement %.4f)", info["chosen_epoch"], info["val_agreement"])
+    return Artifact(out.path, out.kind, out.sha256, {**out.meta, "qat": info})
+
+
+qat.from_float = True
