@@ -347,8 +347,9 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
         quant = {"chosen": art.meta.get("candidate", art.meta.get("quantizer")), "attempts": choice.attempts,
                  "float_nodes": choice.float_nodes, "tolerances": tol,
                  "judged_on": "validation split; gate on test split"}
-        if "refit" in art.meta:
-            quant["refit"] = art.meta["refit"]
+        for step in ("qat", "refit"):
+            if step in art.meta:
+                quant[step] = art.meta[step]
     else:
         progress.stage(f"{profile.name}: convert ({precision})")
         art = backend.convert(fp32, precision, profile, work)

@@ -114,8 +114,9 @@ def run(backend, profile, fp32: Artifact, qins: backends.QuantInputs, refine_inp
                    "val_top1_agreement": rep.top1_agreement, "val_misses": missed,
                    "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),
                    "seconds": round(time.perf_counter() - t0, 2)}
-        if "refit" in art.meta:
-            attempt["refit"] = {k: v for k, v in art.meta["refit"].items() if k != "path"}
+        for step in ("qat", "refit"):  # what the refiners chose (on train + val), for the report
+            if step in art.meta:
+                attempt[step] = {k: v for k, v in art.meta[step].items() if k != "path"}
         attempts.append(attempt)
         key = (not gate_missed, not missed, not compute_float, rep.top1_agreement, -rep.accuracy_drop_pp)
         entry = (key, art, gate_missed, float_nodes)

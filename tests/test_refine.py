@@ -60,30 +60,42 @@ def harder(tmp_path_factory):
     return root
 
 
-@pytest.mark.integration
-def test_head_refit_recovers_agreement_where_ptq_flips(harder, tmp_path):
-    """Per-tensor weights collapse MobileNetV2's depthwise convs (Krishnamoorthi 2018): plain PTQ flips
-    predictions. Refitting the head on the INT8 trunk's features (train views; ridge chosen on val)
-    brings the test-split agreement back up. The refit itself is never shown the test split."""
-    ds = data.scan(harder, seed=1)
+def _fitted(folder, tmp_path, *, seed: int, epochs: int):
+    """A real feature-extract MobileNetV2 (64 px) on `folder`: data, FP32 export, val/test arrays, float
+    logits, and the RefineInputs pieces (training views, float head)."""
+    ds = data.scan(folder, seed=seed)
     spec = backbones.get("mobilenet_v2")
     contract = spec.contract(64)
     trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
     imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
     y = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
     fit = train.fit_feature_extract(trunk, len(ds.classes), imgs["train"], y["train"], imgs["val"], y["val"],
-                                    contract, TrainSection(epochs=15, augment_views=1), seed=0)
+                                    contract, TrainSection(epochs=epochs, augment_views=1), seed=0)
     net = fit.model
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
     x = {s: train.eval_arrays(imgs[s], contract) for s in ("val", "test")}
     ref = {s: train.forward_batches(net, x[s], 16, train.NullProgress(), "").numpy() for s in x}
+    calib = train.eval_arrays(imgs["train"][:32], contract)
+
+    def inputs(profile_agreement: float = 0.97) -> RefineInputs:
+        qi = QuantInputs(calib, x["val"], y["val"], ref["val"], 1.0, profile_agreement, 0)
+        return RefineInputs(qi, fit.views, (net[1].weight.detach().numpy(), net[1].bias.detach().numpy()), net,
+                            lambda: fit.view_logits)
+
+    return ds, fp32, x, y, ref, inputs
+
+
+@pytest.mark.integration
+def test_head_refit_recovers_agreement_where_ptq_flips(harder, tmp_path):
+    """Per-tensor weights collapse MobileNetV2's depthwise convs (Krishnamoorthi 2018): plain PTQ flips
+    predictions. Refitting the head on the INT8 trunk's features (train views; ridge chosen on val)
+    brings the test-split agreement back up. The refit itself is never shown the test split."""
+    ds, fp32, x, y, ref, inputs = _fitted(harder, tmp_path, seed=1, epochs=15)
     profile = load_profile("cpu").model_copy(deep=True)
     profile.quantization.per_channel = False
     backend = OnnxRuntimeBackend()
-    qi = QuantInputs(train.eval_arrays(imgs["train"][:32], contract), x["val"], y["val"], ref["val"], 1.0, 0.97, 0)
-    ptq = backend.quantizers["ort_static"](fp32, qi, profile, tmp_path)
-    rins = RefineInputs(qi, fit.views, (net[1].weight.detach().numpy(), net[1].bias.detach().numpy()), net,
-                        lambda: fit.view_logits)
+    rins = inputs()
+    ptq = backend.quantizers["ort_static"](fp32, rins.data, profile, tmp_path)
     refit = head_refit(ptq, rins, backend, profile, tmp_path)
 
     def agreement(art):
@@ -271,23 +283,11 @@ def test_qat_exports_onnx_that_onnxruntime_fuses_and_openvino_loads(tiny_data, t
     from edgetl.backends.openvino import OpenVinoBackend
     from edgetl.refine.qat import qat
 
-    ds = data.scan(tiny_data)
-    spec = backbones.get("mobilenet_v2")
-    contract = spec.contract(64)
-    trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
-    imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
-    y = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
-    fit = train.fit_feature_extract(trunk, len(ds.classes), imgs["train"], y["train"], imgs["val"], y["val"],
-                                    contract, TrainSection(epochs=5, augment_views=1), seed=0)
-    net = fit.model
-    fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
-    x_val = train.eval_arrays(imgs["val"], contract)
-    ref = train.forward_batches(net, x_val, 16, train.NullProgress(), "").numpy()
+    ds, fp32, x, y, ref, inputs = _fitted(tiny_data, tmp_path, seed=0, epochs=5)
+    x_val, ref = x["val"], ref["val"]
     profile = load_profile("cpu").model_copy(deep=True)
     profile.quantization.qat_epochs = 1
-    qi = QuantInputs(train.eval_arrays(imgs["train"], contract), x_val, y["val"], ref, 1.0, 0.97, 0)
-    rins = RefineInputs(qi, fit.views, (net[1].weight.detach().numpy(), net[1].bias.detach().numpy()), net,
-                        lambda: fit.view_logits)
+    rins = inputs()
     backend = OnnxRuntimeBackend()
     art = qat(fp32, rins, backend, profile, tmp_path)
     info = art.meta["qat"]

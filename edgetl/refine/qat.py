@@ -205,21 +205,27 @@ def _fold_weight_quantizers(g) -> int:
 
 
 def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
-    """`art` is the float model (QAT starts from it); returns the backend's INT8 model."""
+    """`art` is the float model (QAT starts from it); returns the backend's INT8 model. Targets
+    whose quantization scheme is the same share one trained model (onnxruntime and OpenVINO get
+    their models from the same QDQ export)."""
     require("torch", "torch")
     q = profile.quantization
-    t0 = time.perf_counter()
-    Student = _torch_modules()  # noqa: N806
-    trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
-    student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
-    qm = _quantize(student, inp, profile)
-    info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
-    input_size = inp.views.contract["input_size"]
-    qdq = export_qdq(qm, input_size, workdir / "qat.qdq.onnx")
+    preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
+    key = ("qat", q.qat_epochs, q.qat_lr, q.qat_budget_s, q.symmetric_activations, preset)
+    if key not in inp._cache:
+        t0 = time.perf_counter()
+        Student = _torch_modules()  # noqa: N806
+        trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
+        student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
+        qm = _quantize(student, inp, profile)
+        info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
+        qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx")
+        info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
+        inp._cache[key] = (qdq, info)
+    qdq, info = inp._cache[key]
     out = backend.from_qdq_onnx(qdq, art, profile, workdir, "qat")
-    info.update(refiner="qat", seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
     log.info("qat: epoch %d chosen (val agreement %.4f)", info["chosen_epoch"], info["val_agreement"])
-    return Artifact(out.path, out.kind, out.sha256, {**out.meta, "qat": info})
+    return Artifact(out.path, out.kind, out.sha256, {**out.meta, "qat": {"refiner": "qat", **info}})
 
 
 qat.from_float = True
