@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backbones, backends, bundle, data, export, parity, refine, search, speed, train
+from . import __version__, backbones, backends, bundle, data, export, parity, search, speed, train
 from .artifact import Artifact
 from .errors import EdgetlError, UsageError, require
 from .profiles import TargetProfile, load_profile
@@ -113,8 +113,6 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
         for q in ["*", *(steps if "int8" in p.precisions else [])]:
             if q in backend.requires:
                 require(*backend.requires[q])
-        if "int8" in p.precisions and any(s in refine.refiners() for s in steps):
-            require("torch", "torch")
         backend.check(p)
     spec = backbones.get(recipe.model.backbone)
     weights = backbones.resolve_weights(spec, recipe.model.weights)
@@ -292,9 +290,8 @@ def _metrics(report: parity.ParityReport, fp32: Artifact) -> dict:
             "top1_agreement": report.top1_agreement, "n_test": report.n_test,
             "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
             "per_class": report.per_class, "discordant": report.discordant, "confusion": report.confusion,
-            "drop_upper95_pp": getattr(report, "drop_upper95_pp", None),
-            "agreement_lower95": getattr(report, "agreement_lower95", None),
-            "changed": [dict(c) for c in getattr(report, "changed", [])],
+            "drop_upper95_pp": report.drop_upper95_pp, "agreement_lower95": report.agreement_lower95,
+            "changed": [dict(c) for c in report.changed],
             "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
 
 

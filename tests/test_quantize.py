@@ -54,3 +54,33 @@ def test_openvino_accuracy_control_on_val(tiny_data, tmp_path):
     fp32_ir = ovb.OpenVinoBackend().convert(fp32, "fp32", load_profile("openvino"), tmp_path)
     assert len(ovb.float_nodes(fp32_ir.path)) >= 50  # every Convolution/MatMul of the FP32 IR is float
     assert isinstance(ovb.float_nodes(art.path), list) and len(ovb.float_nodes(art.path)) < 50
+
+
+def test_efficientnet_lite_same_padding_folds_so_every_int8_conv_fuses(tmp_path):
+    """TF-'same' padding exports as Pad -> Conv; folded into Conv pads at export (checked against
+    torch), so the INT8 model has no Pad between DequantizeLinear and Conv and onnxruntime fuses
+    every convolution (before the fold, 17 ran in float and INT8 was slower than FP32)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    from torch import nn
+
+    from edgetl.backends.onnxruntime import nncf_ptq
+
+    spec = backbones.get("efficientnet_lite0")
+    contract = spec.contract(96)
+    trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 96))
+    net = nn.Sequential(trunk, nn.Linear(1280, 3)).eval()
+    fp32 = export.to_onnx(net, tmp_path / "lite.onnx", contract=contract, labels=["a", "b", "c"])
+    x = np.random.default_rng(0).normal(size=(4, 3, 96, 96)).astype(np.float32)
+    assert export.check_against_torch(net, fp32, x, 1e-3) < 1e-3  # batch 4: the batch axis stays dynamic
+    ops = collections.Counter(n.op_type for n in onnx.load(str(fp32.path)).graph.node)
+    assert ops["Pad"] == 0 and ops["Conv"] == 49
+    qi = QuantInputs(x, x, np.zeros(4, int), np.zeros((4, 3), np.float32), 1.0, 0.97, 0)
+    art = nncf_ptq(fp32, qi, load_profile("cpu"), tmp_path)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(art.path), opts, providers=["CPUExecutionProvider"])
+    fused = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    assert fused["QLinearConv"] == 49 and fused["Conv"] == 0 and fused["Pad"] == 0

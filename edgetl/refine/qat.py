@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
-from ..errors import require
 from . import RefineInputs
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,6 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
     """`art` is the float model (QAT starts from it); returns the backend's INT8 model. Targets
     whose quantization scheme is the same share one trained model (onnxruntime and OpenVINO get
     their models from the same QDQ export)."""
-    require("torch", "torch")
     q = profile.quantization
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     key = ("qat", q.qat_epochs, q.qat_lr, q.qat_budget_s, q.symmetric_activations, preset)
