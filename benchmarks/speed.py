@@ -1,5 +1,5 @@
 """Runtime speed, in one process on this machine: PyTorch eager FP32, onnxruntime FP32, and each
-bundle of an edgetl build (through the bundle's own runtime), mobilenet_v2 at 224 px.
+bundle of an edgetl build (through the bundle's own runtime), the build's backbone at its size.
 
     python benchmarks/speed.py                    # builds --target cpu/openvino/gpu into a temp dir first
     python benchmarks/speed.py --out edgetl-out   # or measures an existing build's bundles
@@ -7,8 +7,8 @@ bundle of an edgetl build (through the bundle's own runtime), mobilenet_v2 at 22
 Batch-1 latency and batch-N throughput are measured interleaved (every runner in turn, several
 rounds; edgetl.bench.interleaved), so machine drift hits all alike. Ratios are against
 onnxruntime FP32 (default session options, CPU provider). The FP32 baselines use the same
-architecture and input shape as the bundles' models (mobilenet_v2 with a 6-class head; latency
-does not depend on the weight values).
+architecture and input shape as the bundles' models (the backbone named in the bundle's manifest
+with an N-class head; latency does not depend on the weight values).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 TARGETS = ("cpu", "openvino", "gpu")
 
 
-def fp32_baselines(workdir: Path, n_classes: int, size: int) -> dict:
+def fp32_baselines(workdir: Path, n_classes: int, size: int, backbone: str = "mobilenet_v2") -> dict:
     import torch
 
     from edgetl import backbones
@@ -33,7 +33,7 @@ def fp32_baselines(workdir: Path, n_classes: int, size: int) -> dict:
     from edgetl.runtime.engine_ort import Engine
     from edgetl.runtime.predict import Predictor
 
-    spec = backbones.get("mobilenet_v2")
+    spec = backbones.get(backbone)
     model = backbones.load_pretrained(spec, backbones.resolve_weights(spec, None), size)
     model.classifier[-1] = torch.nn.Linear(model.classifier[-1].in_features, n_classes)
     model.eval()
@@ -78,7 +78,8 @@ def main() -> int:
         contract = json.loads((bundles[0] / "preprocess.json").read_text())
         labels = (bundles[0] / "labels.txt").read_text().splitlines()
         size = contract["input_size"][0]
-        runners = fp32_baselines(Path(tmp), len(labels), size)
+        backbone = json.loads((bundles[0] / "manifest.json").read_text())["backbone"]["name"]
+        runners = fp32_baselines(Path(tmp), len(labels), size, backbone)
         for b in bundles:
             runtime = json.loads((b / "runtime.json").read_text())
             for precision in runtime["models"]:

@@ -152,7 +152,7 @@ def export_qdq(qm, input_size, path: Path) -> Path:
     from nncf.torch.function_hook.wrapper import get_hook_storage
     from nncf.torch.quantization.layers import BaseQuantizer, QuantizerExportMode
 
-    from ..export import INPUT, OUTPUT
+    from ..export import INPUT, OUTPUT, fold_pads_into_convs
 
     for _, m in get_hook_storage(qm).named_hooks():
         if isinstance(m, BaseQuantizer):
@@ -166,6 +166,7 @@ def export_qdq(qm, input_size, path: Path) -> Path:
     _constants_to_initializers(model.graph)
     _fold_weight_quantizers(model.graph)
     onnx.save(model, str(path))
+    fold_pads_into_convs(path)  # TF-"same" padding: a Pad between DQ and Conv would stop the fusion
     return path
 
 
