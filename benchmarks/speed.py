@@ -96,7 +96,7 @@ def main() -> int:
     base = results["onnxruntime FP32"]
     b = args.batch
     m = machine_info()
-    print(f"mobilenet_v2, {size} px, {m['cpu']} ({m['cores']} cores); ratios = onnxruntime FP32 time / time\n")
+    print(f"{backbone}, {size} px, {m['cpu']} ({m['cores']} cores); ratios = onnxruntime FP32 time / time\n")
     print(f"| model | runs on | batch 1 p50 (ms) | batch 1 p90 (ms) | vs ORT FP32, batch 1 | batch {b} (ms) "
           f"| vs ORT FP32, batch {b} |")
     print("|---|---|---|---|---|---|---|")
