@@ -84,3 +84,15 @@ def test_efficientnet_lite_same_padding_folds_so_every_int8_conv_fuses(tmp_path)
     ort.InferenceSession(str(art.path), opts, providers=["CPUExecutionProvider"])
     fused = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
     assert fused["QLinearConv"] == 49 and fused["Conv"] == 0 and fused["Pad"] == 0
+
+
+def test_mixed_precision_stops_at_its_time_budget(tiny_data, tmp_path):
+    """Accuracy control is the last resort and bounded: past `mixed_precision_budget_s` it stops with
+    a typed error (the search records it and the candidate is dropped), instead of running minutes."""
+    from edgetl.backends._nncf import BudgetExceeded
+
+    ds, contract, fp32, qi, val_x, ref, labels = _setup(tiny_data, tmp_path)
+    profile = load_profile("cpu").model_copy(deep=True)
+    profile.quantization.mixed_precision_budget_s = 1e-6
+    with pytest.raises(BudgetExceeded, match="mixed_precision_budget_s"):
+        mixed_precision(fp32, qi, profile, tmp_path)
