@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -43,6 +44,10 @@ class TrainViews:
     def __len__(self) -> int:
         return len(self.images) * (1 + self.n_augmented)
 
+    @cached_property
+    def _augment(self):
+        return augmenter(self.contract)
+
     @property
     def view_labels(self) -> np.ndarray:
         return np.tile(np.asarray(self.labels), 1 + self.n_augmented)
@@ -55,12 +60,10 @@ class TrainViews:
         view, i = divmod(k, n)
         if view == 0:
             return preprocess(self.images[i], self.contract)
-        if not hasattr(self, "_aug"):
-            self._aug = augmenter(self.contract)
         state = torch.random.get_rng_state()
         try:
             torch.manual_seed(view_seed(self.seed, view, i))
-            return self._aug(self.images[i])
+            return self._augment(self.images[i])
         finally:
             torch.random.set_rng_state(state)
 

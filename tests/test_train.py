@@ -41,3 +41,21 @@ def test_fine_tune_updates_only_the_top_blocks(split):
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k]) and k.startswith("features.")}
     assert changed and changed <= {str(n_blocks - 2), str(n_blocks - 1)}
     assert len(res.history) >= 1 and np.isfinite(res.history[0]["train_loss"])
+
+
+def test_training_views_are_seeded_per_image_not_by_order(split):
+    """The head refit regenerates the views training used: same seed -> same arrays, in any order,
+    whatever the global RNG state."""
+    from edgetl.views import TrainViews
+
+    imgs, labels = split["train"]
+    contract = backbones.get("mobilenet_v2").contract(64)
+    a = TrainViews(imgs, np.asarray(labels), contract, 2, seed=3)
+    b = TrainViews(imgs, np.asarray(labels), contract, 2, seed=3)
+    forward = np.concatenate(list(a.batches(5)))
+    torch.manual_seed(123)
+    backward = np.stack([b.make(k) for k in reversed(range(len(b)))])[::-1]
+    assert len(a) == 3 * len(imgs) and np.array_equal(forward, backward)
+    other = TrainViews(imgs, np.asarray(labels), contract, 2, seed=4)
+    assert not np.array_equal(forward[len(imgs):], np.stack([other.make(k) for k in range(len(imgs), len(other))]))
+    assert np.array_equal(forward[:len(imgs)], np.stack([other.make(k) for k in range(len(imgs))]))  # view 0: clean

@@ -57,12 +57,8 @@ def onnx_teacher(fp32: Artifact, views: TrainViews, batch: int = 16) -> Callable
 
 
 def refiners() -> dict[str, Refiner]:
+    """name -> refiner. A refiner with `from_float = True` may start a chain (it takes the float model)."""
     from .head_refit import head_refit
+    from .qat import qat
 
-    out: dict[str, Refiner] = {"head_refit": head_refit}
-    try:
-        from .qat import qat
-    except ImportError:  # pragma: no cover
-        return out
-    out["qat"] = qat
-    return out
+    return {"head_refit": head_refit, "qat": qat}
