@@ -41,11 +41,11 @@ def check_candidates(candidates: list[str], backend, source: str) -> None:
         steps = steps_of(cand)
         first, rest = steps[0], steps[1:]
         bad = [s for s in steps if not s or (s not in backend.quantizers and s not in known)]
-        bad += [s for s in rest if s in backend.quantizers]
+        bad += [s for s in rest if s in backend.quantizers or getattr(known.get(s), "from_float", False)]
         if bad:
             raise UsageError(f"{source}: quantization candidate '{cand}': {bad} not usable here; fix: start with a "
                              f"quantizer ({', '.join(backend.quantizers)}) or a refiner ({', '.join(known)}), "
-                             f"then refiners joined by '+'")
+                             f"then refiners joined by '+' (qat only first: it starts from the float model)")
         if first in known and not getattr(known[first], "from_float", False):
             raise UsageError(f"{source}: quantization candidate '{cand}': refiner '{first}' needs a quantized model; "
                              f"fix: put a quantizer before it (e.g. 'nncf_ptq+{first}')")
@@ -87,29 +87,25 @@ def run(backend, profile, fp32: Artifact, qins: backends.QuantInputs, refine_inp
         progress.stage(f"{profile.name}: quantize ({cand})")
         t0 = time.perf_counter()
         try:
-            art = build(steps)
-        except EdgetlError as e:
-            if isinstance(e, UsageError):
-                raise
-            log.warning("candidate %s failed: %s", cand, e)
-            attempts.append({"quantizer": cand, "error": str(e), "seconds": round(time.perf_counter() - t0, 2)})
-            continue
-        except Exception as e:  # a crashing candidate is recorded, and the next one gets its chance
-            log.warning("candidate %s failed: %s", cand, e)
+            made = build(steps)
+            art = replace(made, meta={**made.meta, "candidate": cand})
+            runner = make_runner(art)
+            val_logits = parity.logits_of(runner, qins.val_x, progress=progress, description=f"{cand} (val)")
+            float_nodes = backend.float_nodes(art)
+            # A float classifier head (one small Gemm) costs no measurable speed; a float convolution does.
+            compute_float = backend.float_nodes(art, convolutions_only=True)
+        except UsageError:
+            raise
+        except Exception as e:  # a candidate that fails to build or to run is recorded; the next one goes on
+            message = str(e) if isinstance(e, EdgetlError) else f"{type(e).__name__}: {e}"
+            log.warning("candidate %s failed: %s", cand, message)
             log.debug("candidate %s failed", cand, exc_info=True)
-            attempts.append({"quantizer": cand, "error": f"{type(e).__name__}: {e}",
-                             "seconds": round(time.perf_counter() - t0, 2)})
+            attempts.append({"quantizer": cand, "error": message, "seconds": round(time.perf_counter() - t0, 2)})
             continue
-        art = replace(art, meta={**art.meta, "candidate": cand})
-        runner = make_runner(art)
-        val_logits = parity.logits_of(runner, qins.val_x, progress=progress, description=f"{cand} (val)")
         rep = parity.evaluate(qins.val_reference_logits, val_logits, qins.val_y, classes, seed=seed, split="val")
         gate_missed = parity.misses(rep, **tolerances, drop_by_ci=True)
         missed = parity.misses(rep, max_accuracy_drop_pp=tolerances["max_accuracy_drop_pp"],
                                min_top1_agreement=target_agreement, drop_by_ci=True)
-        float_nodes = backend.float_nodes(art)
-        # A float classifier head (one small Gemm) costs no measurable speed; a float convolution does.
-        compute_float = backend.float_nodes(art, convolutions_only=True)
         attempt = {"quantizer": cand, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
                    "val_top1_agreement": rep.top1_agreement, "val_misses": missed,
                    "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),

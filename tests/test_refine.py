@@ -171,6 +171,8 @@ def _run_search(tmp_path, outcomes, candidates):
     class Runner:
         def __init__(self, art):
             frac = outcomes[art.meta["quantizer"]][0]
+            if frac > 1:
+                raise RuntimeError("the runtime refused the model")
             self.out = ref.copy()
             self.out[int(frac * n):] = ref[int(frac * n):, ::-1]  # the rest flip
 
@@ -206,6 +208,9 @@ def test_search_prefers_fully_int8_over_float_layers(tmp_path):
 def test_search_records_a_crashing_candidate_and_goes_on(tmp_path):
     choice, _ = _run_search(tmp_path, {"boom": None, "q": (0.99, 0)}, ["boom", "q"])
     assert choice.attempts[0]["error"].startswith("RuntimeError") and choice.artifact.meta["candidate"] == "q"
+    # a model that builds but cannot be run is recorded the same way
+    choice, _ = _run_search(tmp_path, {"unloadable": (2.0, 0), "q": (0.99, 0)}, ["unloadable", "q"])
+    assert "error" in choice.attempts[0] and choice.artifact.meta["candidate"] == "q"
 
 
 def test_unknown_step_or_refiner_first_is_a_usage_error(tmp_path):
@@ -218,6 +223,9 @@ def test_unknown_step_or_refiner_first_is_a_usage_error(tmp_path):
         search.check_candidates(["head_refit"], backend, "p.toml")
     with pytest.raises(UsageError, match="not usable"):
         search.check_candidates(["nncf_ptq+ort_static"], backend, "p.toml")
+    with pytest.raises(UsageError, match="qat only first"):  # QAT starts from the float model
+        search.check_candidates(["nncf_ptq+qat"], backend, "p.toml")
+    search.check_candidates(["qat+head_refit", "nncf_ptq+head_refit"], backend, "p.toml")
 
 
 def test_refine_inputs_carry_no_test_data():

@@ -277,7 +277,8 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
             raise EdgetlError(f"{art.path}: INT32 head bias without a quantized head input")
         b_shape = tuple(inits[b_dq.input[1]].dims)
         b_scale = (float(nh.to_array(inits[x_dq.input[1]])) * w_scale).astype(np.float32)
-        put(b_dq.input[0], np.round(bias / b_scale).astype(np.int32))
+        info = np.iinfo(np.int32)
+        put(b_dq.input[0], np.clip(np.round(bias / b_scale), info.min, info.max).astype(np.int32))
         put(b_dq.input[1], b_scale.reshape(b_shape) if b_scale.size == 1 else b_scale)
         if len(b_dq.input) > 2 and b_dq.input[2]:
             put(b_dq.input[2], np.zeros(b_shape if b_scale.size == 1 else b_scale.shape, np.int32))
@@ -307,7 +308,8 @@ class OnnxRuntimeBackend:
     engine = "ort"
     quantizers = {"ort_static": ort_static, "nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
     # optional module (and the extra that installs it) each quantizer needs, checked before a build starts
-    requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
+    requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf"),
+                "qat": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "onnxruntime"]
 
     def check(self, profile: TargetProfile) -> None:

@@ -148,7 +148,8 @@ class OpenVinoBackend:
     name = "openvino"
     engine = "openvino"
     quantizers = {"nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
-    requires = {"*": ("openvino", "openvino"), "nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
+    requires = {"*": ("openvino", "openvino"), "nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf"),
+                "qat": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "openvino"]
 
     def check(self, profile: TargetProfile) -> None:

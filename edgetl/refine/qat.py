@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import Artifact
+from ..errors import EdgetlError
 from . import RefineInputs
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _quantize(student, inp: RefineInputs, profile):
     adv = AdvancedQuantizationParameters(
         overflow_fix=OverflowFix.DISABLE,
         activations_quantization_params=QuantizationParameters(per_channel=False, mode=mode),
-        weights_quantization_params=QuantizationParameters(per_channel=True, mode=QuantizationMode.SYMMETRIC))
+        weights_quantization_params=QuantizationParameters(per_channel=q.per_channel, mode=QuantizationMode.SYMMETRIC))
     return nncf.quantize(student, nncf.Dataset(items), subset_size=len(items), advanced_parameters=adv,
                          preset={"mixed": nncf.QuantizationPreset.MIXED,
                                  "performance": nncf.QuantizationPreset.PERFORMANCE}[preset])
@@ -104,11 +105,15 @@ def _val_score(qm, inp: RefineInputs) -> tuple[float, float]:
 
 
 def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
-    """Distillation epochs; returns the history and leaves the val-best state loaded."""
+    """Distillation epochs; returns the history and leaves the val-best state loaded. The model stays
+    in eval mode while it trains: no BatchNorm is left to update, and dropout would only add noise
+    to a deterministic teacher (gradients flow through the fake quantizers either way)."""
     import torch
     from torch.nn import functional as F
 
     q = profile.quantization
+    torch.manual_seed(inp.data.seed)
+    qm.eval()
     teacher = torch.from_numpy(inp.teacher_logits())
     opt = torch.optim.AdamW(qm.parameters(), lr=q.qat_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(inp.data.seed)
@@ -116,7 +121,6 @@ def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
     history = [{"epoch": 0, "val_agreement": agree, "val_mse": round(mse, 6), "steps": 0}]
     best, best_state, stopped = (agree, -mse, 0), copy.deepcopy(qm.state_dict()), False
     for epoch in range(1, q.qat_epochs + 1):
-        qm.train()
         steps = 0
         for idx in torch.randperm(len(inp.views), generator=gen).split(BATCH):
             if len(idx) < 2:
@@ -130,7 +134,6 @@ def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
             if time.perf_counter() > deadline:
                 stopped = True
                 break
-        qm.eval()
         agree, mse = _val_score(qm, inp)
         history.append({"epoch": epoch, "val_agreement": agree, "val_mse": round(mse, 6), "steps": steps})
         if (agree, -mse, -epoch) > best:
@@ -143,7 +146,7 @@ def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
             "stopped_by_budget": stopped}
 
 
-def export_qdq(qm, input_size, path: Path) -> Path:
+def export_qdq(qm, input_size, path: Path, opset: int = 17) -> Path:
     """The QAT model as ONNX QDQ with INT8 weight initializers (NNCF's own Q/DQ export mode)."""
     import warnings
 
@@ -159,7 +162,7 @@ def export_qdq(qm, input_size, path: Path) -> Path:
             m.set_export_mode(QuantizerExportMode.ONNX_QUANTIZE_DEQUANTIZE_PAIRS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(qm, (torch.zeros(1, 3, *input_size),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(qm, (torch.zeros(1, 3, *input_size),), str(path), dynamo=False, opset_version=opset,
                           input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
     model = onnx.load(str(path))
@@ -209,8 +212,12 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
     whose quantization scheme is the same share one trained model (onnxruntime and OpenVINO get
     their models from the same QDQ export)."""
     q = profile.quantization
+    if q.float_op_types:
+        raise EdgetlError(f"{profile.source}: qat does not support quantization.float_op_types "
+                          f"{q.float_op_types}; the candidate is skipped")
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
-    key = ("qat", q.qat_epochs, q.qat_lr, q.qat_budget_s, q.symmetric_activations, preset)
+    key = ("qat", q.qat_epochs, q.qat_lr, q.qat_budget_s, q.symmetric_activations, preset, q.per_channel,
+           profile.opset)
     if key not in inp._cache:
         t0 = time.perf_counter()
         Student = _torch_modules()  # noqa: N806
@@ -218,7 +225,7 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
         student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
         qm = _quantize(student, inp, profile)
         info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
-        qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx")
+        qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx", profile.opset)
         info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
         inp._cache[key] = (qdq, info)
     qdq, info = inp._cache[key]
