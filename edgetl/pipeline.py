@@ -364,7 +364,7 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
                   f"({'; '.join(val_missed)})"] + missed
     sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
     metrics = _metrics(report, fp32)
-    for item in metrics.get("changed", []):
+    for item in metrics["changed"]:
         item["file"] = ev.test_files[item["index"]]
     progress.stage(f"{profile.name}: speed vs FP32 ({precision})")
     pace = speed.versus(runner, baseline, ev.x["test"], batches=(1, profile.speed_batch))

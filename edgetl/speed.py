@@ -8,8 +8,6 @@ benchmarks/speed.py measure carefully.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 RUNS = {1: 40}  # timed rounds per batch size (others: DEFAULT_RUNS)
@@ -22,25 +20,18 @@ def _batch(x: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([x] * reps)[:n])
 
 
-def _once(runner, x) -> float:
-    t = time.perf_counter()
-    runner.logits(x)
-    return time.perf_counter() - t
-
-
 def versus(runner, baseline, x: np.ndarray, batches=(1, 8)) -> dict:
     """{"batch_<n>": {"ms": median, "fp32_ms": baseline median, "ratio": fp32_ms / ms}, "baseline": what ran}."""
+    from .bench import interleaved
+
+    pair = {"model": runner, "fp32": baseline}
     out: dict = {"baseline": f"fp32 via {baseline.executed_by}", "method": "interleaved medians"}
     for n in dict.fromkeys(batches):
         xb = _batch(x, n)
-        for _ in range(WARMUP):
-            runner.logits(xb)
-            baseline.logits(xb)
         rounds = RUNS.get(n, DEFAULT_RUNS)
-        mine, base = np.empty(rounds), np.empty(rounds)
-        for i in range(rounds):
-            mine[i], base[i] = _once(runner, xb), _once(baseline, xb)
-        ms, fp32_ms = float(np.median(mine)) * 1e3, float(np.median(base)) * 1e3
+        interleaved(pair, xb, runs=WARMUP, warmup=0, rounds=WARMUP)  # warm-up, discarded
+        times = interleaved(pair, xb, runs=rounds, warmup=0, rounds=rounds)  # one call each, in turn
+        ms, fp32_ms = (float(np.median(times[k])) * 1e3 for k in ("model", "fp32"))
         out[f"batch_{n}"] = {"ms": round(ms, 3), "fp32_ms": round(fp32_ms, 3), "ratio": round(fp32_ms / ms, 3),
                              "runs": rounds}
     return out

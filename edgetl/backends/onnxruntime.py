@@ -11,7 +11,7 @@ from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError
 from ..export import INPUT
 from ..profiles import TargetProfile
-from . import QuantInputs, _nncf, register
+from . import QuantInputs, _nncf, register, symmetric_int8_rows
 
 log = logging.getLogger(__name__)
 # onnxruntime's calibrator exposes every tensor as a model output, so its memory grows with the
@@ -227,15 +227,6 @@ def head_features(path: Path):
     return lambda x: tuple(sess.run(names, {INPUT: x}))
 
 
-def _per_channel(w: np.ndarray, qmax: int, per_tensor: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row (or per-tensor: one scale) quantization: (int values, scales per row)."""
-    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
-    if per_tensor:
-        scale = np.full_like(scale, scale.max())
-    q = np.clip(np.round(w / scale[:, None]), -qmax, qmax)
-    return q, (scale[:1] if per_tensor else scale).astype(np.float32)
-
-
 def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) -> Artifact:
     """A copy of the model with the head's weight (classes x features) and bias replaced, stored the
     way the head was: float initializers, or per-channel INT8 weights (and an INT32 bias, as
@@ -260,9 +251,9 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
         if inits[w_dq.input[0]].data_type != onnx.TensorProto.INT8:
             raise EdgetlError(f"{art.path}: head weights are not signed INT8; the head refit cannot rewrite them")
         per_tensor = nh.to_array(inits[w_dq.input[1]]).size == 1
-        q, w_scale = _per_channel(weight.astype(np.float64), 127, per_tensor)
+        q, w_scale = symmetric_int8_rows(weight.astype(np.float64), per_tensor)
         old_shape = tuple(inits[w_dq.input[1]].dims)
-        put(w_dq.input[0], (q if trans_b else q.T).astype(np.int8))
+        put(w_dq.input[0], q if trans_b else q.T)
         put(w_dq.input[1], w_scale.reshape(old_shape) if per_tensor else w_scale)
         if len(w_dq.input) > 2 and w_dq.input[2]:
             put(w_dq.input[2], np.zeros(old_shape if per_tensor else w_scale.shape, np.int8))

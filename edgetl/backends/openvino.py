@@ -11,7 +11,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError, require
 from ..profiles import TargetProfile
-from . import QuantInputs, _nncf, register
+from . import QuantInputs, _nncf, register, symmetric_int8_rows
 
 WEIGHT_PATH_OPS = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
 CONV_OPS = {"Convolution", "GroupConvolution"}
@@ -111,11 +111,10 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
     w = weight if transpose_b else weight.T
     quantized = _weight_is_int8(matmul)
     if quantized:
-        scale = np.maximum(np.abs(weight).max(axis=1), 1e-12) / 127
-        q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = symmetric_int8_rows(weight.astype(np.float64))
         q, shape = (q, (-1, 1)) if transpose_b else (q.T, (1, -1))
         new_w = ops.multiply(ops.convert(ops.constant(np.ascontiguousarray(q)), ov.Type.f32),
-                             ops.constant(scale.astype(np.float32).reshape(shape)))
+                             ops.constant(scale.reshape(shape)))
     else:
         new_w = ops.constant(np.ascontiguousarray(w, dtype=np.float32))
     matmul.input(1).replace_source_output(new_w.output(0))
