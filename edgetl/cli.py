@@ -20,8 +20,15 @@ from .errors import EdgetlError, UsageError, VerifyError
 class RichProgress:
     """Progress bars and stage lines on stderr (stdout stays clean for --json)."""
 
-    def __init__(self, console):
+    def __init__(self, console=None):
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True)
         self.console = console
+
+    def __reduce__(self):  # launched processes (--nproc) make their own console on their stderr
+        return (RichProgress, ())
 
     def track(self, iterable, *, total=None, description=""):
         from rich.progress import track
@@ -81,6 +88,13 @@ def cli(verbose: int):
 @click.option("--epochs", type=int)
 @click.option("--seed", type=int)
 @click.option("--out", type=click.Path(path_type=Path), help="output folder (default edgetl-out)")
+@click.option("--device", help="training + float reference: auto (default), cpu, cuda, cuda:N")
+@click.option("--workers", type=int, help="image decoding workers (default: cores - 1)")
+@click.option("--nproc", type=int, help="training processes on this machine (torch elastic launch)")
+@click.option("--jobs", type=int, help="targets built at once (the cores shared among them)")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="feature cache folder (default: ~/.cache/edgetl/features; $EDGETL_CACHE/features)")
+@click.option("--cache/--no-cache", default=None, help="read and write the feature cache (default: on)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON result object on stdout")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
 def build(recipe_file, as_json, quiet, **flags):
@@ -101,6 +115,8 @@ def build(recipe_file, as_json, quiet, **flags):
             return run_build(recipe, progress)
 
     result = _run(go, as_json)
+    if result is None:  # a rank other than 0 of a torchrun build: rank 0 reports
+        sys.exit(0)
     if as_json:
         click.echo(json.dumps(result.to_dict(), default=str))
     else:

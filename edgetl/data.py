@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,21 +66,32 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_classes(folder: Path, classes: list[str], skipped: list[dict], root: Path) -> list[Item]:
-    items = []
+def _check_file(f: Path) -> tuple[str | None, str | None]:
+    """(sha256, None) for a usable image, (None, reason) otherwise. Decodes fully (catches truncation)."""
+    try:
+        load_rgb(f)
+    except ImageDecodeError as e:
+        return None, str(e)
+    return file_sha256(f), None
+
+
+def _scan_classes(folder: Path, classes: list[str], skipped: list[dict], root: Path, workers: int = 0) -> list[Item]:
+    files = []
     for label, name in enumerate(classes):
         cdir = folder / name
         if not cdir.is_dir():
             continue
-        for f in sorted(cdir.rglob("*")):
-            if not f.is_file() or any(part.startswith(".") for part in f.relative_to(cdir).parts):
-                continue
-            try:
-                load_rgb(f)
-            except ImageDecodeError as e:
-                skipped.append({"file": f.relative_to(root).as_posix(), "reason": str(e)})
-                continue
-            items.append(Item(f, label, file_sha256(f)))
+        files += [(f, label) for f in sorted(cdir.rglob("*"))
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(cdir).parts)]
+    # Pillow and hashlib release the GIL: threads check files in parallel; results keep the file order.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        checked = list(pool.map(lambda fl: _check_file(fl[0]), files))
+    items = []
+    for (f, label), (sha, reason) in zip(files, checked, strict=True):
+        if reason is not None:
+            skipped.append({"file": f.relative_to(root).as_posix(), "reason": reason})
+        else:
+            items.append(Item(f, label, sha))
     return items
 
 
@@ -113,8 +125,10 @@ def _stratified(items: list[Item], fractions: dict[str, float], rng: np.random.G
     return out
 
 
-def scan(folder: Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25, seed: int = 0) -> Dataset:
-    """Scan `folder` (ImageFolder or pre-split train/[val]/test) into a seeded, stratified Dataset."""
+def scan(folder: Path, *, val_fraction: float = 0.15, test_fraction: float = 0.25, seed: int = 0,
+         workers: int = 0) -> Dataset:
+    """Scan `folder` (ImageFolder or pre-split train/[val]/test) into a seeded, stratified Dataset.
+    `workers` threads decode-check the files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a directory; fix: pass --data DIR with DIR/<class>/<image> files")
@@ -132,13 +146,14 @@ def scan(folder: Path, *, val_fraction: float = 0.15, test_fraction: float = 0.2
         raise DataError(f"{folder}: only one class ('{classes[0]}'); fix: add a sub-folder per class, at least two")
     if presplit:
         seen: dict[str, str] = {}
-        splits = {s: _drop_duplicates(_scan_classes(folder / s, classes, skipped, folder), seen, skipped, folder)
+        splits = {s: _drop_duplicates(_scan_classes(folder / s, classes, skipped, folder, workers), seen, skipped,
+                                           folder)
                   if (folder / s).is_dir() else [] for s in SPLITS}
         if not splits["val"]:
             carved = _stratified(splits["train"], {"train": 0, "val": val_fraction}, rng)
             splits["train"], splits["val"] = carved["train"], carved["val"]
     else:
-        items = _drop_duplicates(_scan_classes(folder, classes, skipped, folder), {}, skipped, folder)
+        items = _drop_duplicates(_scan_classes(folder, classes, skipped, folder, workers), {}, skipped, folder)
         if items:
             _check_counts(folder, classes, {"all": items}, minimum=3)
         splits = _stratified(items, {"train": 0, "val": val_fraction, "test": test_fraction}, rng)
@@ -174,7 +189,3 @@ def calibration_subset(items: list[Item], n_classes: int, size: int, seed: int) 
         depth += 1
     return out
 
-
-def load_images(items: list[Item]):
-    """Decode to RGB PIL images (files were checked at scan time)."""
-    return [load_rgb(it.path) for it in items]

@@ -135,7 +135,8 @@ def check_against_torch(model, artifact: Artifact, inputs: np.ndarray, atol: flo
     return diff
 
 
-def onnxruntime_twin(module, input_size, workdir: Path, *, check: np.ndarray | None = None, atol: float = 1e-3):
+def onnxruntime_twin(module, input_size, workdir: Path, *, check: np.ndarray | None = None, atol: float = 1e-3,
+                     threads: int = 0):
     """Export a (frozen) torch module and return an onnxruntime session computing the same function.
 
     Used to compute frozen-backbone features: onnxruntime runs these convnets several times faster
@@ -146,7 +147,9 @@ def onnxruntime_twin(module, input_size, workdir: Path, *, check: np.ndarray | N
 
     path = Path(workdir) / "twin.onnx"
     _export(module, path, input_size, 17)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # 0: onnxruntime's default (the cores)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     if check is not None:
         got = sess.run(None, {INPUT: check})[0]
         with torch.inference_mode():

@@ -9,14 +9,30 @@ import logging
 import os
 import platform
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backbones, backends, bundle, data, export, parity, search, speed, train
+from . import (
+    __version__,
+    backbones,
+    backends,
+    bundle,
+    data,
+    export,
+    features,
+    launch,
+    loader,
+    parity,
+    search,
+    speed,
+    train,
+)
 from .artifact import Artifact
 from .errors import EdgetlError, UsageError, require
 from .profiles import TargetProfile, load_profile
@@ -91,7 +107,7 @@ class _Evidence:
     """What every target is built and judged from: the same model outputs and images for all."""
 
     calibration: np.ndarray  # preprocessed, class-balanced training images
-    x: dict[str, np.ndarray]  # "val"/"test" -> preprocessed images
+    x: dict[str, loader.Split]  # "val"/"test" -> preprocessed images (on disk, read in batches)
     y: dict[str, np.ndarray]  # split -> labels
     reference: dict[str, np.ndarray]  # "val"/"test" -> float PyTorch logits
     golden: list  # (label, image) pairs shipped for device self-tests
@@ -100,7 +116,8 @@ class _Evidence:
     refine: dict  # what refiners get besides the val split: training views, float head and model, teacher
 
 
-def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepared:
+def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: launch.Ranks = launch.SINGLE,
+            workers: int = 0) -> _Prepared:
     profiles = [load_profile(t) for t in recipe.targets]
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
@@ -123,9 +140,12 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress()) -> _Prepar
         from .synthetic import ensure_shapes
 
         folder = ensure_shapes()
-    dataset = data.scan(folder, val_fraction=recipe.data.val_fraction,
-                        test_fraction=recipe.data.test_fraction, seed=recipe.seed)
-    _check_out(Path(recipe.out), Path(folder))
+    dataset = None
+    if ranks.main:  # one rank reads the folder; the others get its scan
+        dataset = data.scan(folder, val_fraction=recipe.data.val_fraction, test_fraction=recipe.data.test_fraction,
+                            seed=recipe.seed, workers=workers + 1)  # + this process's core
+        _check_out(Path(recipe.out), Path(folder))
+    dataset = ranks.broadcast(dataset)
     return _Prepared(recipe, profiles, spec, weights, model, dataset, spec.contract(recipe.model.image_size))
 
 
@@ -144,43 +164,85 @@ def _check_out(out: Path, data_root: Path) -> None:
         raise UsageError(f"--out {out}: cannot be created in {ancestor}; fix: choose a writable --out")
 
 
-def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResult:
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResult | None:
+    """Run the build: in this process, in `compute.nproc` launched ones, or as one rank of a build
+    started by torchrun. Returns rank 0's result (None on the other ranks)."""
+    if launch.from_environment():
+        ranks, device = launch.join(recipe.train.device, recipe.compute.timeout_s)
+        result = _build(recipe, progress if ranks.main else NullProgress(), ranks, device)
+        launch.leave()
+        return result
+    if recipe.compute.nproc > 1:
+        return launch.launch(recipe.compute.nproc, build, (recipe, progress))
+    return _build(recipe, progress, launch.SINGLE, launch.resolve_device(recipe.train.device))
 
-    peak_rss: dict[str, float] = {}
 
-    def lap(name: str, t0: float) -> float:
+class _Clock:
+    """Seconds and the process's peak RSS after each stage (evidence for the report)."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.peak_rss: dict[str, float] = {}
+
+    def lap(self, name: str, since: float | None = None) -> None:
         now = time.perf_counter()
-        timings[name] = round(now - t0, 3)
-        peak_rss[name] = _peak_rss_mb()
-        return now
+        self.timings[name] = round(now - (self.last if since is None else since), 3)
+        self.peak_rss[name] = _peak_rss_mb()
+        self.last = now
 
-    p = prepare(recipe, progress)
-    t = lap("prepare", t_start)
+
+def _build(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device: str) -> BuildResult | None:
+    clock = _Clock()
+    compute = recipe.compute
+    workers = loader.default_workers() if compute.workers is None else compute.workers
+    p = prepare(recipe, progress, ranks, workers)
+    clock.lap("prepare")
     ds, contract, cfg = p.dataset, p.contract, recipe.train
-    images = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
     labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in data.SPLITS}
-    arrays = {s: np.stack([preprocess(im, contract) for im in images[s]]) for s in ("val", "test")}
-    t = lap("decode", t)
+    with tempfile.TemporaryDirectory(prefix="edgetl-") as tmp:
+        work = Path(tmp)
+        x: dict[str, loader.Split] = {}
+        if ranks.main:  # val and test decoded once, to uint8 crops on disk, read in batches from here on
+            x = {s: loader.Split.write(ds.split(s), contract, work / f"{s}.crops", workers, progress, f"decode ({s})")
+                 for s in ("val", "test")}
+        clock.lap("decode")
 
-    progress.stage(f"train ({cfg.strategy})")
-    trunk = backbones.trunk_of(p.model)
-    fit = train.STRATEGIES[cfg.strategy]
-    trained = fit(trunk, len(ds.classes), images["train"], labels["train"], images["val"], labels["val"],
-                  contract, cfg, recipe.seed, progress)
+        progress.stage(f"train ({cfg.strategy}) on {device}" + (f", {ranks.world} processes" if ranks.world > 1
+                                                                 else ""))
+        trunk = backbones.trunk_of(p.model)
+        fit = train.Fit(device, workers, ranks, _cache_dir(compute), progress)
+        namespace = train.feature_namespace(p.spec.name, p.weights.sha256, contract)
+        trained = train.STRATEGIES[cfg.strategy](trunk, len(ds.classes), ds.split("train"), ds.split("val"),
+                                                 contract, cfg, recipe.seed, fit, val_x=x.get("val"),
+                                                 cache_namespace=namespace)
+        clock.lap("train")
+        if not ranks.main:  # only rank 0 goes on: reference, quantization, gate, publish
+            return None
+        if ranks.world > 1:
+            launch.take_the_machine()
+        return _targets(recipe, p, trained, x, labels, work, device, workers, ranks, progress, clock)
+
+
+def _cache_dir(compute) -> Path | None:
+    if not compute.cache:
+        return None
+    return Path(compute.cache_dir).expanduser() if compute.cache_dir else features.default_dir()
+
+
+def _targets(recipe: BuildRecipe, p: _Prepared, trained: train.TrainResult, x: dict, labels: dict, work: Path,
+             device: str, workers: int, ranks: launch.Ranks, progress: Progress, clock: _Clock) -> BuildResult:
+    """Rank 0, after training: the float reference, then every target built, gated and published."""
+    ds, contract, cfg = p.dataset, p.contract, recipe.train
     net = trained.model
-    t = lap("train", t)
-
     progress.stage("float reference")
-    ref = {s: train.forward_batches(net, arrays[s], 8, progress, f"float reference ({s})").numpy()
+    ref = {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy()
            for s in ("val", "test")}
-    t = lap("reference", t)
+    clock.lap("reference")
 
     calib_items = data.calibration_subset(ds.split("train"), len(ds.classes), recipe.data.calibration_size,
                                           recipe.seed)
-    train_index = {it: i for i, it in enumerate(ds.split("train"))}
-    calib = np.stack([preprocess(images["train"][train_index[it]], contract) for it in calib_items])
+    calib = loader.Split.write(calib_items, contract, work / "calibration.crops", workers)[:]
     calib_sha = data.items_sha256(calib_items, ds.root)
     common = {
         "edgetl_version": __version__, "seed": recipe.seed, "data_sha256": ds.sha256,
@@ -188,58 +250,106 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
         "backbone": {"name": p.spec.name, "weights_origin": p.weights.origin, "weights_sha256": p.weights.sha256,
                      "weights_file": p.weights.path.name},
         "training": {"strategy": cfg.strategy, "best_epoch": trained.best_epoch,
-                     "best_val_accuracy": trained.best_val_accuracy, "epochs_run": len(trained.history)},
+                     "best_val_accuracy": trained.best_val_accuracy, "epochs_run": len(trained.history),
+                     "device": device},
         "classes": ds.classes,
         "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
                  "skipped": len(ds.skipped), "presplit": ds.presplit},
     }
     head = net[-1]
-    views = trained.views or TrainViews(images["train"], labels["train"], contract, cfg.augment_views, recipe.seed)
+    views = trained.views or TrainViews(ds.split("train"), contract, cfg.augment_views, recipe.seed, workers)
     refine_parts = {"views": views, "model": net, "cache": {},
                     "head": (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()),
                     "view_logits": trained.view_logits}
-    ev = _Evidence(calib, arrays, labels, ref, _golden_items(ds, images["test"], labels["test"]), common,
+    ev = _Evidence(calib, x, labels, ref, _golden_items(ds, labels["test"]), common,
                    [str(it.path) for it in ds.split("test")], refine_parts)
 
-    results: list[TargetResult] = []
     out = Path(recipe.out)
-    with tempfile.TemporaryDirectory(prefix="edgetl-") as tmp:
-        work = Path(tmp)
-        fp32_by_opset: dict[int, Artifact] = {}
-        reference: dict = {}
-        for profile in p.profiles:
-            progress.stage(f"target {profile.name}")
-            t_target = time.perf_counter()
-            try:
-                if profile.opset not in fp32_by_opset:
-                    fp32_by_opset[profile.opset] = _export_checked(net, work, profile, p, arrays, ds)
-                fp32 = fp32_by_opset[profile.opset]
-                if not reference:
-                    reference.update(_reference_row(fp32, p, ev))
-                result = _build_target(profile, fp32, p, ev, out, work / profile.name, progress)
-            except Exception as e:  # one target's failure must not hide the others' results
-                log.warning("target %s could not be built: %s", profile.name, e)
-                log.debug("target %s failed", profile.name, exc_info=True)
-                code = e.exit_code if isinstance(e, EdgetlError) else EdgetlError.exit_code
-                message = str(e) if isinstance(e, EdgetlError) else f"internal error: {type(e).__name__}: {e}"
-                result = TargetResult(profile.name, False, None, {}, [message],
-                                      {"chosen": None, "attempts": [], "float_nodes": []}, {},
-                                      error={"message": message, "exit_code": code})
-            if not result.published:
-                result.warnings.extend(_stale_bundle_warning(out / profile.name))
-            results.append(result)
-            timings[f"target:{profile.name}"] = round(time.perf_counter() - t_target, 3)
-            peak_rss[f"target:{profile.name}"] = _peak_rss_mb()
-    timings["total"] = round(time.perf_counter() - t_start, 3)
+    results, reference = _run_targets(p, ev, net, out, work, progress, clock)
+    clock.timings["total"] = round(time.perf_counter() - clock.start, 3)
+    training = {**common["training"], "history": trained.history, "feature_seconds": trained.seconds_features,
+                "device_info": launch.device_info(device), "processes": ranks.world, "workers": workers,
+                "feature_cache": trained.cache}
     build_result = BuildResult(
         ok=all(r.published for r in results), out=str(out), targets=results, data=ds.report(),
-        training={**common["training"], "history": trained.history, "feature_seconds": trained.seconds_features},
-        timings=timings, recipe=recipe.to_toml_dict(), peak_rss_mb=peak_rss, reference=reference,
-        machine=machine_info())
+        training=training, timings=clock.timings, recipe=recipe.to_toml_dict(), peak_rss_mb=clock.peak_rss,
+        reference=reference, machine=machine_info())
     from . import report
 
     report.write(out, build_result)
     return build_result
+
+
+class _StagesOnly:
+    """Progress for a target built beside others (--jobs): stage lines, no live bars."""
+
+    def __init__(self, progress: Progress):
+        self.inner = progress
+
+    def track(self, iterable, *, total=None, description=""):
+        return iterable
+
+    def stage(self, name: str) -> None:
+        self.inner.stage(name)
+
+
+def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progress: Progress,
+                 clock: _Clock) -> tuple[list[TargetResult], dict]:
+    """Every target: gated (compute.jobs at a time, the cores shared among them), then — one after
+    another, so that no timing shares the machine — its speed evidence and its bundle."""
+    jobs = min(p.recipe.compute.jobs, len(p.profiles))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    exports: dict[int, Artifact] = {}
+    reference: dict = {}
+    lock = threading.Lock()
+    seconds: dict[str, float] = {}
+
+    def export(profile: TargetProfile) -> Artifact:
+        with lock:  # targets share one export per opset, and one reference row
+            if profile.opset not in exports:
+                exports[profile.opset] = _export_checked(net, work, profile, p, ev.x, p.dataset)
+            if not reference:
+                reference.update(_reference_row(exports[profile.opset], p, ev))
+            return exports[profile.opset]
+
+    def gate(profile: TargetProfile):
+        t0 = time.perf_counter()
+        progress.stage(f"target {profile.name}")
+        try:
+            return _gate_target(profile, export(profile), p, ev, work / profile.name,
+                                _StagesOnly(progress) if jobs > 1 else progress, threads)
+        except Exception as e:  # one target's failure must not hide the others' results
+            return _failed(profile, e)
+        finally:
+            seconds[profile.name] = time.perf_counter() - t0
+
+    if jobs > 1:
+        with ThreadPoolExecutor(jobs, thread_name_prefix="edgetl-target") as pool:
+            gated = list(pool.map(gate, p.profiles))
+    else:
+        gated = [gate(profile) for profile in p.profiles]
+    results = []
+    for profile, g in zip(p.profiles, gated, strict=True):
+        t0 = time.perf_counter()
+        if isinstance(g, _Gated):
+            try:
+                g = _finish_target(g, p, ev, out, progress)
+            except Exception as e:
+                g = _failed(profile, e)
+        if not g.published:
+            g.warnings.extend(_stale_bundle_warning(out / profile.name))
+        results.append(g)
+        clock.lap(f"target:{profile.name}", since=t0 - seconds[profile.name])
+    return results, reference
+
+
+def _failed(profile: TargetProfile, e: Exception) -> TargetResult:
+    log.warning("target %s could not be built: %s", profile.name, e)
+    log.debug("target %s failed", profile.name, exc_info=True)
+    code = e.exit_code if isinstance(e, EdgetlError) else EdgetlError.exit_code
+    message = str(e) if isinstance(e, EdgetlError) else f"internal error: {type(e).__name__}: {e}"
+    return TargetResult(profile.name, False, None, {}, [message], {"chosen": None, "attempts": [], "float_nodes": []},
+                        {}, error={"message": message, "exit_code": code})
 
 
 def _stale_bundle_warning(folder: Path) -> list[str]:
@@ -270,11 +380,11 @@ def _peak_rss_mb() -> float:
         return float("nan")
 
 
-def _golden_items(ds: data.Dataset, test_images, test_labels) -> list[tuple[str, object]]:
+def _golden_items(ds: data.Dataset, test_labels) -> list[tuple[str, object]]:
     """Up to N_GOLDEN test images, round-robin over classes, saved decoded (PNG) for device self-tests."""
     per_class = [np.flatnonzero(test_labels == c).tolist() for c in range(len(ds.classes))]
     order = [i for rnd in itertools.zip_longest(*per_class) for i in rnd if i is not None][:N_GOLDEN]
-    return [(ds.classes[test_labels[i]], test_images[i]) for i in order]
+    return [(ds.classes[test_labels[i]], load_rgb(ds.split("test")[i].path)) for i in order]
 
 
 def _tolerances(profile: TargetProfile, recipe: BuildRecipe) -> dict:
@@ -307,9 +417,9 @@ class _Model:
     misses: list[str]
     quantization: dict | None
     sizes: dict
-    latency_ms: float
     warnings: list[str]
-    speed: dict  # batch_<n>: this model vs the FP32 model through the same runtime, interleaved
+    latency_ms: float = 0.0
+    speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
 
     def summary(self, files: list[str]) -> dict:
         return {"precision": self.precision, "files": files, "metrics": self.metrics, "misses": self.misses,
@@ -318,7 +428,7 @@ class _Model:
 
 
 def _search(backend, profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, tol: dict, work: Path,
-            progress: Progress) -> search.Choice:
+            progress: Progress, threads: int = 0) -> search.Choice:
     """The INT8 search on train + val (edgetl/search.py); the test split is not handed over."""
     recipe = p.recipe
     target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
@@ -331,15 +441,16 @@ def _search(backend, profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _
     names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
     return search.run(backend, profile, fp32, qins, rins, tolerances=tol, target_agreement=target_agreement,
                       candidates=names, classes=p.dataset.classes, seed=recipe.seed, work=work, progress=progress,
-                      make_runner=lambda art: backends.runner(backend, art, p.contract, p.dataset.classes, profile))
+                      make_runner=lambda art: backends.runner(backend, art, p.contract, p.dataset.classes, profile,
+                                                             threads=threads))
 
 
 def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32: Artifact, p: _Prepared,
-                ev: _Evidence, tol: dict, work: Path, baseline, progress: Progress) -> _Model:
+                ev: _Evidence, tol: dict, work: Path, progress: Progress, threads: int) -> _Model:
     recipe, ds, contract = p.recipe, p.dataset, p.contract
     quant, val_missed = None, []
     if precision == "int8":
-        choice = _search(backend, profile, fp32, p, ev, tol, work, progress)
+        choice = _search(backend, profile, fp32, p, ev, tol, work, progress, threads)
         art, val_missed = choice.artifact, choice.val_missed
         quant = {"chosen": art.meta.get("candidate", art.meta.get("quantizer")), "attempts": choice.attempts,
                  "float_nodes": choice.float_nodes, "tolerances": tol,
@@ -354,7 +465,7 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
         tol = {**tol, "min_top1_agreement": profile.tolerances.float_min_top1_agreement}
     # The gate: the test split is looked at here for the first time, once, with the chosen model.
     progress.stage(f"{profile.name}: parity gate ({precision})")
-    runner = backends.runner(backend, art, contract, ds.classes, profile)
+    runner = backends.runner(backend, art, contract, ds.classes, profile, threads=threads)
     test_logits = parity.logits_of(runner, ev.x["test"], progress=progress, description=f"parity (test, {precision})")
     report = parity.evaluate(ev.reference["test"], test_logits, ev.y["test"], ds.classes, seed=recipe.seed,
                              tolerance_pp=tol["max_accuracy_drop_pp"])
@@ -366,10 +477,8 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
     metrics = _metrics(report, fp32)
     for item in metrics["changed"]:
         item["file"] = ev.test_files[item["index"]]
-    progress.stage(f"{profile.name}: speed vs FP32 ({precision})")
-    pace = speed.versus(runner, baseline, ev.x["test"], batches=(1, profile.speed_batch))
     return _Model(precision, stem, art, runner, metrics, [f"{precision}: {m}" for m in missed], quant,
-                  sizes, pace["batch_1"]["ms"], report.warnings, pace)
+                  sizes, report.warnings)
 
 
 def _latency_ms(runner, x: np.ndarray, warmup: int = 5, runs: int = 30) -> float:
@@ -394,17 +503,38 @@ def _reference_row(fp32: Artifact, p: _Prepared, ev: _Evidence) -> dict:
             "confusion": parity.confusion(ev.y["test"], ref_pred, len(p.dataset.classes))}
 
 
-def _build_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, out: Path, work: Path,
-                  progress: Progress) -> TargetResult:
-    recipe, ds, contract = p.recipe, p.dataset, p.contract
+@dataclass
+class _Gated:
+    """A target whose models are made and gated; its speed evidence and bundle come next."""
+
+    profile: TargetProfile
+    backend: object
+    fp32: Artifact
+    work: Path
+    models: list[_Model]
+
+
+def _gate_target(profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _Evidence, work: Path,
+                 progress: Progress, threads: int = 0) -> _Gated:
     work.mkdir(parents=True, exist_ok=True)
     backend = backends.get(profile)
-    tol = _tolerances(profile, recipe)
-    baseline = backends.runner(backend, backend.convert(fp32, "fp32", profile, work), contract, ds.classes, profile)
-    models: list[_Model] = []
-    for i, precision in enumerate(profile.precisions):
-        models.append(_make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, p,
-                                  ev, tol, work, baseline, progress))
+    tol = _tolerances(profile, p.recipe)
+    models = [_make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, p, ev,
+                          tol, work, progress, threads) for i, precision in enumerate(profile.precisions)]
+    return _Gated(profile, backend, fp32, work, models)
+
+
+def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: Progress) -> TargetResult:
+    """Speed evidence (alone on the machine), then the bundle when every model passed."""
+    recipe, ds, contract = p.recipe, p.dataset, p.contract
+    profile, backend, models = g.profile, g.backend, g.models
+    baseline = backends.runner(backend, backend.convert(g.fp32, "fp32", profile, g.work), contract, ds.classes,
+                               profile)
+    for m in models:
+        progress.stage(f"{profile.name}: speed vs FP32 ({m.precision})")
+        runner = backends.runner(backend, m.artifact, contract, ds.classes, profile)  # all the cores again
+        m.speed = speed.versus(runner, baseline, ev.x["test"], batches=(1, profile.speed_batch))
+        m.latency_ms = m.speed["batch_1"]["ms"]
     default = models[0]
     int8 = next((m for m in models if m.quantization), None)
     quant = int8.quantization if int8 else {"chosen": None, "attempts": [], "float_nodes": []}

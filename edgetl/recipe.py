@@ -47,6 +47,8 @@ class TrainSection(_Section):
     patience: int = Field(8, ge=1)
     unfreeze_blocks: int = Field(3, ge=-1, description="fine-tune: top N blocks trainable; -1 = all")
     augment_views: int = Field(2, ge=0, le=16, description="augmented copies per training image")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="training and the float reference: auto | cpu | cuda | cuda:N")
 
 
 class GateSection(_Section):
@@ -60,6 +62,17 @@ class QuantizeSection(_Section):
     escalate: bool = Field(True, description="try the profile's next quantizers when one misses")
 
 
+class ComputeSection(_Section):
+    """How the build uses this machine. None of it changes the results (same seed, same bundle)."""
+
+    workers: int | None = Field(None, ge=0, le=64, description="image decoding workers; None = cores - 1")
+    nproc: int = Field(1, ge=1, le=64, description="training processes (torch elastic launch)")
+    jobs: int = Field(1, ge=1, le=16, description="targets built at once, the cores shared among them")
+    cache: bool = Field(True, description="feature-extract: keep trunk features on disk for the next build")
+    cache_dir: Path | None = Field(None, description="None = ~/.cache/edgetl/features ($EDGETL_CACHE/features)")
+    timeout_s: float = Field(900, gt=0, description="a process waiting on a failed one gives up after this")
+
+
 class BuildRecipe(_Section):
     seed: int = Field(0, ge=0, lt=2**32)
     out: Path = Path("edgetl-out")
@@ -69,6 +82,7 @@ class BuildRecipe(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     gate: GateSection = Field(default_factory=GateSection)
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
 
     @field_validator("targets")
     @classmethod
@@ -101,6 +115,12 @@ CLI_KEYS = {
     "seed": "seed",
     "out": "out",
     "target": "targets",
+    "device": "train.device",
+    "workers": "compute.workers",
+    "nproc": "compute.nproc",
+    "jobs": "compute.jobs",
+    "cache_dir": "compute.cache_dir",
+    "cache": "compute.cache",
 }
 
 
@@ -116,7 +136,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 # Paths written in a recipe file are relative to that file (flags stay relative to the working dir).
-_PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"))
+_PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"), ("compute", "cache_dir"))
 
 
 def _relative_to(raw: dict, base: Path) -> None:

@@ -110,7 +110,22 @@ def legend(result) -> list[str]:
         f"n_test = {result.reference.get('n_test')}; latency: median batch-1 time during the build on "
         f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), through the runtime that validated the model "
         "— use `edgetl bench` for careful numbers.",
-    ]
+    ] + _training_line(getattr(result, "training", None) or {})
+
+
+def _training_line(tr: dict) -> list[str]:
+    """Where the model trained and how many feature rows the cache gave."""
+    if "device" not in tr:
+        return []
+    line = (f"Trained on {tr['device']} ({tr.get('processes', 1)} process(es), {tr.get('workers', 0)} decoding "
+            "worker(s))")
+    fc = tr.get("feature_cache")
+    if fc and fc.get("enabled"):
+        line += (f"; feature cache: {fc['hits']} of {fc['rows']} rows read, {fc['computed']} computed "
+                 f"({fc['dir']})")
+    elif fc:
+        line += f"; feature cache off: {fc['rows']} rows computed"
+    return [line + "."]
 
 
 def _md(text: str) -> str:

@@ -15,12 +15,14 @@ DEFAULT_RUNS = 12
 WARMUP = 3
 
 
-def _batch(x: np.ndarray, n: int) -> np.ndarray:
-    reps = -(-n // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:n])
+def _batch(x, n: int) -> np.ndarray:
+    """n images of x (an array or a loader.Split), repeated when x has fewer."""
+    first = np.asarray(x[:n])
+    reps = -(-n // len(first))
+    return np.ascontiguousarray(np.concatenate([first] * reps)[:n])
 
 
-def versus(runner, baseline, x: np.ndarray, batches=(1, 8)) -> dict:
+def versus(runner, baseline, x, batches=(1, 8)) -> dict:
     """{"batch_<n>": {"ms": median, "fp32_ms": baseline median, "ratio": fp32_ms / ms}, "baseline": what ran}."""
     from .bench import interleaved
 

@@ -3,6 +3,14 @@
 Both strategies: AdamW, cosine schedule, label smoothing, early stopping on validation accuracy
 with the best checkpoint kept, fully seeded. Evaluation preprocessing is the bundle's own
 (runtime/preprocess.py); augmentation only adds a random crop/flip/colour jitter before it.
+
+Data is streamed (edgetl/loader.py): training images are decoded and augmented by DataLoader
+workers, each sample seeded by (seed, view or epoch, image content) — results do not depend on the
+worker count. Feature-extract reads the frozen trunk's rows from the feature cache
+(edgetl/features.py) and computes only the missing ones, split across ranks. Fine-tune trains on
+`Fit.device` (AMP and channels-last on CUDA) and, with several ranks, with DistributedDataParallel
+over a DistributedSampler: the global batch is `batch_size`, each rank takes its slice, BatchNorm
+statistics stay frozen (their affine weights train), so N processes follow one process's steps.
 """
 
 from __future__ import annotations
@@ -10,29 +18,48 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .export import onnxruntime_twin
+from . import features
+from .launch import SINGLE, Ranks
+from .loader import stream
 from .progress import NullProgress, Progress
 from .recipe import TrainSection
-from .runtime.preprocess import preprocess
-from .views import TrainViews, augmenter
+from .views import EpochSamples, TrainViews
 
 log = logging.getLogger(__name__)
+FEATURE_BATCH = 16
+
+
+@dataclass
+class Fit:
+    """How training runs (none of it changes the result, except the device's arithmetic)."""
+
+    device: str = "cpu"
+    workers: int = 0
+    ranks: Ranks = SINGLE
+    cache_dir: Path | None = None  # feature-extract rows cached here; None = always compute
+    progress: Progress = field(default_factory=NullProgress)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 @dataclass
 class TrainResult:
-    model: object  # torch nn.Sequential(trunk, head), eval mode
+    model: object  # torch nn.Sequential(trunk, head), eval mode, on the CPU; None on ranks other than 0
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     seconds_features: float = 0.0
     views: TrainViews | None = None  # the training views the head was fitted on (feature-extract)
     view_logits: np.ndarray | None = None  # the trained model's logits on those views
+    cache: dict | None = None  # feature cache statistics (feature-extract)
 
 
 def seed_everything(seed: int) -> None:
@@ -45,115 +72,200 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def eval_arrays(images, contract: dict) -> np.ndarray:
-    return np.stack([preprocess(img, contract) for img in images])
-
-
-def forward_batches(module, arrays: np.ndarray, batch: int, progress: Progress, description: str):
+def forward_batches(module, arrays, batch: int, progress: Progress, description: str, device: str = "cpu"):
+    """module(arrays) in batches (arrays: ndarray or loader.Split), float32 logits on the CPU. On CUDA
+    in full float32 (no TF32): this is the float reference the gate compares against."""
     import torch
 
     out = []
     starts = range(0, len(arrays), batch)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        module = module.to(device)
     with torch.inference_mode():
         for s in progress.track(starts, total=len(starts), description=description):
-            out.append(module(torch.from_numpy(arrays[s:s + batch])).float())
+            x = torch.from_numpy(np.ascontiguousarray(arrays[s:s + batch]))
+            out.append(module(x.to(device) if cuda else x).float().cpu())
+    if cuda:
+        module.cpu()
     return torch.cat(out)
 
 
-def _twin_forward(session, batches, total: int, progress: Progress, description: str) -> np.ndarray:
-    """Features of preprocessed batches, one batch at a time (memory stays flat)."""
-    out = [session.run(None, {"input": x})[0]
-           for x in progress.track(batches, total=total, description=description)]
-    return np.concatenate(out)
+def trunk_runtime(fit: Fit) -> str:
+    """What computes the feature rows (part of the cache namespace)."""
+    import torch
+
+    if fit.cuda:
+        return f"torch-{torch.__version__}-cuda-fp32"
+    import onnxruntime as ort
+
+    return f"onnxruntime-{ort.__version__}-cpu-fp32"
 
 
-def _fit(param_groups, *, n: int, batch_loss, train_mode, val_logits, y_val, snapshot, cfg: TrainSection,
-         seed: int, progress: Progress):
+def trunk_rows(trunk, contract: dict, fit: Fit, tmp: Path, check: np.ndarray):
+    """batch -> float32 rows: onnxruntime on the CPU (several times faster than eager torch there),
+    torch float32 on CUDA (channels-last)."""
+    import torch
+
+    if fit.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        net = trunk.to(fit.device).to(memory_format=torch.channels_last)
+
+        def run(x):
+            with torch.inference_mode():
+                t = torch.from_numpy(x).to(fit.device).contiguous(memory_format=torch.channels_last)
+                return net(t).float().cpu().numpy()
+
+        return run
+    from .export import onnxruntime_twin
+
+    twin = onnxruntime_twin(trunk, contract["input_size"], tmp, check=check, threads=torch.get_num_threads())
+    return lambda x: twin.run(None, {"input": x})[0]
+
+
+def feature_namespace(spec_name: str, weights_sha256: str, contract: dict) -> dict:
+    """What a cached row depends on besides the image, its view and the runtime (see features.py)."""
+    from . import __version__
+
+    return {"format": features.FORMAT, "edgetl": __version__, "backbone": spec_name,
+            "weights_sha256": weights_sha256, "contract": contract}
+
+
+def _view_rows(views: TrainViews, run, fit: Fit, cache, stats, description: str):
+    def compute(order):
+        chunks = [order[s:s + FEATURE_BATCH] for s in range(0, len(order), FEATURE_BATCH)]
+        batches = views.batches(FEATURE_BATCH, order=order)
+        for idx, x in fit.progress.track(zip(chunks, batches, strict=True), total=len(chunks),
+                                         description=description):
+            yield idx, run(x)
+
+    return features.rows(views.view_keys(), compute, cache, fit.ranks, stats)
+
+
+def fit_feature_extract(trunk, num_classes: int, train_items, val_items, contract: dict, cfg: TrainSection,
+                        seed: int, fit: Fit | None = None, *, cache_namespace: dict | None = None, **_):
+    """Frozen trunk: feature rows of the clean + augmented training views and of the val split (cached
+    on disk, float16), then the linear head trained on them."""
+    import torch
+    from torch import nn
+
+    fit = fit or Fit()
+    seed_everything(seed)
+    trunk.eval().requires_grad_(False)
+    t0 = time.perf_counter()
+    views = TrainViews(list(train_items), contract, cfg.augment_views, seed, fit.workers)
+    val_views = TrainViews(list(val_items), contract, 0, seed, fit.workers)
+    with tempfile.TemporaryDirectory(prefix="edgetl-twin-") as tmp:
+        runner: list = []
+
+        def run(x):  # the trunk is set up only when a row must be computed (a warm cache never needs it)
+            if not runner:
+                runner.append(trunk_rows(trunk, contract, fit, Path(tmp), check=x[:4]))
+            return runner[0](x)
+
+        cache = None if fit.cache_dir is None else \
+            features.FeatureCache(fit.cache_dir, {**(cache_namespace or {}), "runtime": trunk_runtime(fit)})
+        stats = [features.CacheStats(enabled=cache is not None, dir=str(cache.dir) if cache else None)
+                 for _ in range(2)]
+        f_train = _view_rows(views, run, fit, cache, stats[0], "features (train)")
+        f_val = _view_rows(val_views, run, fit, cache, stats[1], "features (val)")
+    trunk.cpu().to(memory_format=torch.contiguous_format)  # back from CUDA, as export expects it
+    seconds = time.perf_counter() - t0
+    if not fit.ranks.main:
+        return TrainResult(None, seconds_features=seconds)
+    cache_info = _merge_stats(stats)
+    f_train, f_val = torch.from_numpy(f_train), torch.from_numpy(f_val)
+    y_train = torch.as_tensor(views.view_labels)
+    y_val = torch.as_tensor(val_views.view_labels)
+
+    seed_everything(seed)  # the head starts the same whether the rows came from the cache or the trunk
+    head = nn.Linear(f_train.shape[1], num_classes)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(seed)
+
+    def train_epoch(_epoch, step):
+        head.train()
+        total = 0.0
+        batches = list(torch.randperm(len(f_train), generator=gen).split(cfg.batch_size))
+        for idx in batches:
+            loss = loss_fn(head(f_train[idx].float()), y_train[idx])
+            step(loss)
+            total += float(loss.detach()) * len(idx)
+        return total / len(f_train)
+
+    def val_logits():
+        head.eval()
+        return head(f_val.float())
+
+    state, best_epoch, best_acc, history = _fit(
+        [{"params": head.parameters(), "lr": cfg.lr}], steps=-(-len(f_train) // cfg.batch_size),
+        train_epoch=train_epoch, val_logits=val_logits, y_val=y_val,
+        snapshot=lambda: copy.deepcopy(head.state_dict()), cfg=cfg, fit=Fit(progress=fit.progress))
+    head.load_state_dict(state)
+    model = nn.Sequential(trunk, head).eval()
+    with torch.no_grad():
+        view_logits = np.concatenate([head(f_train[s:s + 4096].float()).numpy()
+                                      for s in range(0, len(f_train), 4096)])
+    return TrainResult(model, history, best_epoch, best_acc, seconds, views, view_logits, cache_info)
+
+
+def _merge_stats(stats: list) -> dict:
+    a, b = (s.to_dict() for s in stats)
+    out = {**a, "rows": a["rows"] + b["rows"], "hits": a["hits"] + b["hits"],
+           "computed": a["computed"] + b["computed"], "written": [w for w in (a["written"], b["written"]) if w],
+           "seconds_read": round(a["seconds_read"] + b["seconds_read"], 3),
+           "seconds_computed": round(a["seconds_computed"] + b["seconds_computed"], 3),
+           "notes": a["notes"] + b["notes"]}
+    return out
+
+
+def _fit(param_groups, *, steps: int, train_epoch, val_logits, y_val, snapshot, cfg: TrainSection, fit: Fit,
+         scaler=None):
     """Shared loop: AdamW + cosine per step, early stopping on val accuracy (then loss), best state kept.
 
-    batch_loss(idx) -> loss for training rows idx; train_mode() puts the trainable parts in train mode;
-    val_logits() -> validation logits in eval mode; snapshot() -> a copy of the state to keep.
+    train_epoch(epoch, step) runs one epoch, calling step(loss) per batch, and returns the mean
+    training loss; val_logits() -> validation logits in eval mode (rank 0; its verdict is shared so
+    every rank runs the same epochs); snapshot() -> a copy of the state to keep.
     """
     import torch
     from torch.nn import functional as F
 
-    gen = torch.Generator().manual_seed(seed)
-    steps = max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
     opt = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps))
-    best = (-1.0, float("inf"))
-    best_state, best_epoch, history, stale = None, 0, [], 0
-    for epoch in progress.track(range(1, cfg.epochs + 1), total=cfg.epochs, description="train"):
-        train_mode()
-        total = 0.0
-        batches = list(torch.randperm(n, generator=gen).split(cfg.batch_size))
-        if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on a batch of one
-            batches[-2:] = [torch.cat(batches[-2:])]
-        for idx in batches:
-            loss = batch_loss(idx)
-            opt.zero_grad()
+
+    def step(loss):
+        opt.zero_grad()
+        if scaler is None:
             loss.backward()
             opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        with torch.no_grad():
-            logits = val_logits()
-        val_acc = float((logits.argmax(1) == y_val).float().mean())
-        val_loss = float(F.cross_entropy(logits, y_val))
-        history.append({"epoch": epoch, "train_loss": round(total / n, 5), "val_accuracy": round(val_acc, 5),
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        sched.step()
+
+    best = (-1.0, float("inf"))
+    best_state, best_epoch, history, stale = None, 0, [], 0
+    for epoch in fit.progress.track(range(1, cfg.epochs + 1), total=cfg.epochs, description="train"):
+        train_loss = train_epoch(epoch, step)
+        verdict = None
+        if fit.ranks.main:
+            with torch.no_grad():
+                logits = val_logits().float().cpu()
+            verdict = (float((logits.argmax(1) == y_val).float().mean()), float(F.cross_entropy(logits, y_val)))
+        val_acc, val_loss = fit.ranks.broadcast(verdict)
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_accuracy": round(val_acc, 5),
                         "val_loss": round(val_loss, 5)})
         if (val_acc, -val_loss) > (best[0], -best[1]):
-            best, best_state, best_epoch, stale = (val_acc, val_loss), snapshot(), epoch, 0
+            best, best_epoch, stale = (val_acc, val_loss), epoch, 0
+            best_state = snapshot() if fit.ranks.main else None
         else:
             stale += 1
             if stale >= cfg.patience:
                 log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
                 break
     return best_state, best_epoch, best[0], history
-
-
-def fit_feature_extract(trunk, num_classes: int, train_images, train_labels, val_images, val_labels,
-                        contract: dict, cfg: TrainSection, seed: int, progress: Progress = NullProgress()):
-    """Frozen trunk: compute features once (clean + augmented views), train the linear head on the cache."""
-    import time
-
-    import torch
-    from torch import nn
-
-    seed_everything(seed)
-    trunk.eval().requires_grad_(False)
-    t0 = time.perf_counter()
-    views = TrainViews(list(train_images), np.asarray(train_labels), contract, cfg.augment_views, seed)
-    y_train = torch.as_tensor(views.view_labels)
-    batch = 8
-    with tempfile.TemporaryDirectory(prefix="edgetl-twin-") as tmp:
-        twin = onnxruntime_twin(trunk, contract["input_size"], Path(tmp),
-                                check=eval_arrays(val_images[:4], contract))
-        f_train = torch.from_numpy(_twin_forward(twin, views.batches(batch), -(-len(views) // batch), progress,
-                                                 "features (train)"))
-        val_batches = (eval_arrays(val_images[s:s + batch], contract) for s in range(0, len(val_images), batch))
-        f_val = torch.from_numpy(_twin_forward(twin, val_batches, -(-len(val_images) // batch), progress,
-                                               "features (val)"))
-    y_val = torch.as_tensor(np.asarray(val_labels))
-    seconds = time.perf_counter() - t0
-
-    head = nn.Linear(f_train.shape[1], num_classes)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    def val_logits():
-        head.eval()
-        return head(f_val)
-
-    state, best_epoch, best_acc, history = _fit(
-        [{"params": head.parameters(), "lr": cfg.lr}], n=len(f_train),
-        batch_loss=lambda idx: loss_fn(head(f_train[idx]), y_train[idx]), train_mode=head.train,
-        val_logits=val_logits, y_val=y_val, snapshot=lambda: copy.deepcopy(head.state_dict()), cfg=cfg,
-        seed=seed, progress=progress)
-    head.load_state_dict(state)
-    model = nn.Sequential(trunk, head).eval()
-    with torch.no_grad():
-        view_logits = head(f_train).numpy()
-    return TrainResult(model, history, best_epoch, best_acc, seconds, views, view_logits)
 
 
 def _unfreeze_top(trunk, n_blocks: int) -> list:
@@ -167,42 +279,94 @@ def _unfreeze_top(trunk, n_blocks: int) -> list:
     return [p for p in trunk.parameters() if p.requires_grad]
 
 
-def fit_fine_tune(trunk, num_classes: int, train_images, train_labels, val_images, val_labels,
-                  contract: dict, cfg: TrainSection, seed: int, progress: Progress = NullProgress()):
-    """Unfreeze the top `cfg.unfreeze_blocks` blocks; backbone LR = lr * backbone_lr_scale."""
+def fit_fine_tune(trunk, num_classes: int, train_items, val_items, contract: dict, cfg: TrainSection, seed: int,
+                  fit: Fit | None = None, *, val_x=None, **_):
+    """Unfreeze the top `cfg.unfreeze_blocks` blocks; backbone LR = lr * backbone_lr_scale.
+
+    val_x: the val split preprocessed (loader.Split), read by rank 0 for early stopping."""
     import torch
     from torch import nn
+    from torch.utils.data import DistributedSampler
 
+    fit = fit or Fit()
+    ranks = fit.ranks
+    if cfg.batch_size % ranks.world:
+        from .errors import UsageError
+
+        raise UsageError(f"train.batch_size {cfg.batch_size} is the global batch and must divide among "
+                         f"{ranks.world} processes; fix: a multiple of --nproc")
     seed_everything(seed)
     head = nn.Linear(_feature_dim(trunk, contract), num_classes)
     model = nn.Sequential(trunk, head)
     backbone_params = _unfreeze_top(trunk, cfg.unfreeze_blocks)
-    aug = augmenter(contract)
-    x_val = eval_arrays(val_images, contract)
-    y_val = torch.as_tensor(np.asarray(val_labels))
-    y_train = torch.as_tensor(np.asarray(train_labels))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    y_val = torch.as_tensor(np.asarray([it.label for it in val_items], dtype=np.int64))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
+    dev = torch.device(fit.device)
+    memory = torch.channels_last if fit.cuda else torch.contiguous_format
+    model.to(dev).to(memory_format=memory)
+    trained = model
+    if ranks.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[dev.index] if fit.cuda else None)
+    samples = EpochSamples(list(train_items), contract, seed)
+    sampler = DistributedSampler(range(len(samples)), num_replicas=ranks.world, rank=ranks.rank, shuffle=True,
+                                 seed=seed)
+    per_rank = cfg.batch_size // ranks.world
+    autocast = torch.autocast("cuda", dtype=torch.float16, enabled=fit.cuda)
+    scaler = torch.amp.GradScaler("cuda") if fit.cuda else None
 
     def set_train_mode():
-        model.eval()  # frozen BatchNorm layers keep their ImageNet statistics
+        model.eval()  # BatchNorm statistics stay frozen (same steps on any number of ranks)
         for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                continue
             if any(p.requires_grad for p in m.parameters(recurse=False)):
                 m.train()
 
-    def batch_loss(idx):
-        x = torch.from_numpy(np.stack([aug(train_images[i]) for i in idx.tolist()]))
-        return loss_fn(model(x), y_train[idx])
+    n_train = len(samples)
+
+    def train_epoch(epoch, step):
+        set_train_mode()
+        sampler.set_epoch(epoch)
+        keys = [(epoch, i) for i in sampler]
+        total = 0.0
+        for j, (x, y) in enumerate(stream(samples, keys, per_rank, fit.workers)):
+            # The sampler pads the epoch to a multiple of the ranks: rank r's k-th sample is position
+            # r + k * world of the epoch; positions past the data are padding and weigh nothing. Each
+            # rank's loss is its share of the global batch's mean, so the averaged gradient is the
+            # one a single process computes on the same global batch.
+            k = torch.arange(j * per_rank, j * per_rank + len(y))
+            real = (ranks.rank + k * ranks.world < n_train).to(dev)
+            n_global = min(n_train, (j + 1) * cfg.batch_size) - j * cfg.batch_size
+            x = torch.from_numpy(x).to(dev, non_blocking=True).contiguous(memory_format=memory)
+            y = torch.from_numpy(y).to(dev)
+            with autocast:
+                per_sample = loss_fn(trained(x), y)
+            loss = (per_sample * real).sum() * (ranks.world / n_global)
+            step(loss)
+            total += float((per_sample.detach() * real).sum())
+        return ranks.total(total) / n_train
 
     def val_logits():
         model.eval()
-        return forward_batches(model, x_val, 64, NullProgress(), "")
+        out = []
+        with torch.inference_mode(), autocast:
+            for s in range(0, len(val_x), 64):
+                x = torch.from_numpy(val_x[s:s + 64]).to(dev).contiguous(memory_format=memory)
+                out.append(model(x).float().cpu())
+        return torch.cat(out)
 
     groups = [{"params": head.parameters(), "lr": cfg.lr}]
     if backbone_params:
         groups.append({"params": backbone_params, "lr": cfg.lr * cfg.backbone_lr_scale})
     state, best_epoch, best_acc, history = _fit(
-        groups, n=len(train_images), batch_loss=batch_loss, train_mode=set_train_mode, val_logits=val_logits,
-        y_val=y_val, snapshot=lambda: copy.deepcopy(model.state_dict()), cfg=cfg, seed=seed, progress=progress)
+        groups, steps=-(-len(sampler) // per_rank), train_epoch=train_epoch, val_logits=val_logits, y_val=y_val,
+        snapshot=lambda: {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, cfg=cfg, fit=fit,
+        scaler=scaler)
+    model.cpu().to(memory_format=torch.contiguous_format)
+    if not ranks.main:
+        return TrainResult(None, history, best_epoch, best_acc)
     model.load_state_dict(state)
     model.eval().requires_grad_(False)
     return TrainResult(model, history, best_epoch, best_acc)

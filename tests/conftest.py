@@ -29,6 +29,19 @@ def make_image_folder(root: Path, per_class: int = 12, size: int = 48, seed: int
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _feature_cache(tmp_path_factory):
+    """Builds in the tests cache features in a folder of their own, never in ~/.cache."""
+    os.environ["EDGETL_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+
+
+def preprocessed(items, contract: dict) -> np.ndarray:
+    """The evaluation tensors of data items (what loader.Split gives, held in memory)."""
+    from edgetl.runtime.preprocess import load_rgb, preprocess
+
+    return np.stack([preprocess(load_rgb(it.path), contract) for it in items])
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data") / "imgs")
@@ -38,7 +51,13 @@ FAST_FLAGS = ["--image-size", "64", "--epochs", "15", "--seed", "0", "-q"]
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory, tiny_data) -> dict:
+def build_data(tmp_path_factory) -> Path:
+    """The shared build's data: tiny_data's kind, 16 images a class (12 test images: one is 8 pp)."""
+    return make_image_folder(tmp_path_factory.mktemp("build-data") / "imgs", per_class=16)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory, build_data) -> dict:
     """One real build of every built-in target: real MobileNetV2 ImageNet weights, real NNCF/ORT/OpenVINO."""
     from click.testing import CliRunner
 
@@ -46,7 +65,7 @@ def built(tmp_path_factory, tiny_data) -> dict:
 
     out = tmp_path_factory.mktemp("out") / "build"
     targets = ["--target", "cpu", "--target", "openvino", "--target", "gpu-int8"]
-    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", *targets,
+    res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", *targets,
                                    *FAST_FLAGS])
     assert res.exit_code == 0, res.output
     return {"out": out, "bundle": out / "cpu", "openvino": out / "openvino", "gpu": out / "gpu-int8",

@@ -10,6 +10,7 @@ from edgetl.profiles import load_profile
 from edgetl.recipe import TrainSection
 from edgetl.runtime.engine_ort import Engine
 from edgetl.runtime.predict import Predictor
+from tests.conftest import preprocessed
 
 pytestmark = pytest.mark.integration
 
@@ -19,14 +20,13 @@ def _setup(tiny_data, tmp_path):
     spec = backbones.get("mobilenet_v2")
     contract = spec.contract(64)
     trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
-    imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
     labels = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
-    net = train.fit_feature_extract(trunk, 3, imgs["train"], labels["train"], imgs["val"], labels["val"],
-                                    contract, TrainSection(epochs=10, augment_views=0), seed=0).model
+    net = train.fit_feature_extract(trunk, 3, ds.split("train"), ds.split("val"), contract,
+                                    TrainSection(epochs=10, augment_views=0), seed=0).model
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
-    val_x = train.eval_arrays(imgs["val"], contract)
+    val_x = preprocessed(ds.split("val"), contract)
     ref = train.forward_batches(net, val_x, 8, train.NullProgress(), "").numpy()
-    qi = QuantInputs(train.eval_arrays(imgs["train"], contract), val_x, labels["val"], ref, 0.0, 1.0, 0)
+    qi = QuantInputs(preprocessed(ds.split("train"), contract), val_x, labels["val"], ref, 0.0, 1.0, 0)
     return ds, contract, fp32, qi, val_x, ref, labels
 
 

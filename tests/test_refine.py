@@ -20,7 +20,7 @@ from edgetl.recipe import TrainSection
 from edgetl.refine import RefineInputs
 from edgetl.refine.head_refit import choose, head_refit, ridge_path
 from edgetl.views import TrainViews
-from tests.conftest import FAST_FLAGS
+from tests.conftest import FAST_FLAGS, preprocessed
 
 
 def test_ridge_path_recovers_a_linear_map_and_shrinks_to_the_start():
@@ -67,15 +67,14 @@ def _fitted(folder, tmp_path, *, seed: int, epochs: int):
     spec = backbones.get("mobilenet_v2")
     contract = spec.contract(64)
     trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
-    imgs = {s: data.load_images(ds.split(s)) for s in data.SPLITS}
     y = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
-    fit = train.fit_feature_extract(trunk, len(ds.classes), imgs["train"], y["train"], imgs["val"], y["val"],
-                                    contract, TrainSection(epochs=epochs, augment_views=1), seed=0)
+    fit = train.fit_feature_extract(trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract,
+                                    TrainSection(epochs=epochs, augment_views=1), seed=0)
     net = fit.model
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
-    x = {s: train.eval_arrays(imgs[s], contract) for s in ("val", "test")}
+    x = {s: preprocessed(ds.split(s), contract) for s in ("val", "test")}
     ref = {s: train.forward_batches(net, x[s], 16, train.NullProgress(), "").numpy() for s in x}
-    calib = train.eval_arrays(imgs["train"][:32], contract)
+    calib = preprocessed(ds.split("train")[:32], contract)
 
     def inputs(profile_agreement: float = 0.97) -> RefineInputs:
         qi = QuantInputs(calib, x["val"], y["val"], ref["val"], 1.0, profile_agreement, 0)
@@ -122,7 +121,7 @@ def test_head_refit_rewrites_openvino_and_nncf_heads(tiny_data, tmp_path):
 
     net = nn.Sequential(trunk, nn.Linear(1280, 3)).eval()
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
-    x = train.eval_arrays(data.load_images(ds.split("train")), contract)
+    x = preprocessed(ds.split("train"), contract)
     qi = QuantInputs(x[:16], x[:4], np.zeros(4, int), np.zeros((4, 3), np.float32), 1.0, 0.97, 0)
     rng = np.random.default_rng(0)
     w, b = rng.normal(0, 0.05, (3, 1280)).astype(np.float32), rng.normal(0, 1, 3).astype(np.float32)
@@ -231,7 +230,7 @@ def test_unknown_step_or_refiner_first_is_a_usage_error(tmp_path):
 def test_refine_inputs_carry_no_test_data():
     names = {f.name for f in dataclasses.fields(RefineInputs)} | {f.name for f in dataclasses.fields(QuantInputs)}
     assert not [n for n in names if "test" in n]
-    assert set(TrainViews.__dataclass_fields__) == {"images", "labels", "contract", "n_augmented", "seed"}
+    assert set(TrainViews.__dataclass_fields__) == {"items", "contract", "n_augmented", "seed", "workers"}
 
 
 class _Poison:
@@ -253,19 +252,19 @@ def test_poison_fails_on_use():
 
 
 @pytest.mark.integration
-def test_the_search_and_refit_never_read_the_test_split(tiny_data, tmp_path, monkeypatch):
+def test_the_search_and_refit_never_read_the_test_split(build_data, tmp_path, monkeypatch):
     """A whole build in which the test split is poisoned while each target's search (quantizers +
     head refit) runs: any read fails the build. The gate afterwards reads it as usual."""
     real = pipeline._search
 
-    def guarded(backend, profile, fp32, p, ev, tol, work, progress):
+    def guarded(backend, profile, fp32, p, ev, tol, work, progress, *rest):
         saved = {k: getattr(ev, k)["test"] for k in ("x", "y", "reference")}
         saved_files = ev.test_files
         try:
             for k in saved:
                 getattr(ev, k)["test"] = _Poison()
             ev.test_files = _Poison()
-            return real(backend, profile, fp32, p, ev, tol, work, progress)
+            return real(backend, profile, fp32, p, ev, tol, work, progress, *rest)
         finally:
             for k, v in saved.items():
                 getattr(ev, k)["test"] = v
@@ -273,7 +272,7 @@ def test_the_search_and_refit_never_read_the_test_split(tiny_data, tmp_path, mon
 
     monkeypatch.setattr(pipeline, "_search", guarded)
     out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--json", "--target", "cpu",
+    res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", "--target", "cpu",
                                    "--target", "openvino", *FAST_FLAGS])
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)

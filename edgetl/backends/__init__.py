@@ -74,6 +74,10 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
+    def limit_threads(self, settings: dict, threads: int) -> dict:
+        """Engine settings with intra-op threads capped at `threads`."""
+        ...
+
     def float_nodes(self, artifact: Artifact, convolutions_only: bool = False) -> list[str]:
         """Compute layers (or only convolutions) whose weights are not INT8: they run in float."""
         ...
@@ -127,9 +131,13 @@ def get(profile: TargetProfile) -> Backend:
 
 
 def runner(backend: Backend, artifact: Artifact, contract: dict, labels: list[str], profile: TargetProfile,
-           validating: bool = True):
-    """A Predictor running `artifact` through the backend's bundle engine (what the device runs)."""
+           validating: bool = True, threads: int = 0):
+    """A Predictor running `artifact` through the backend's bundle engine (what the device runs);
+    `threads` > 0 caps its intra-op threads (a target built beside others gets its share)."""
     from ..runtime.predict import Predictor, load_engine
 
-    engine = load_engine(backend.engine).Engine(artifact.path, backend.settings(profile, validating))
+    settings = backend.settings(profile, validating)
+    if threads:
+        settings = backend.limit_threads(settings, threads)
+    engine = load_engine(backend.engine).Engine(artifact.path, settings)
     return Predictor(engine, contract, labels)

@@ -64,6 +64,24 @@ def quantize_kwargs(nncf, data: QuantInputs, profile: TargetProfile) -> dict:
     return kw
 
 
+class _Pairs:
+    """(image as a batch of one, float model's class) per val image, read when NNCF asks for it."""
+
+    def __init__(self, x, classes: list[int]):
+        self.x, self.classes = x, classes
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.x[i:i + 1], self.classes[i]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
 def calibration(nncf, data: QuantInputs):
     return nncf.Dataset(_singles(data.calibration), lambda b: {INPUT: b})
 
@@ -87,7 +105,7 @@ def accuracy_control(model, data: QuantInputs, profile: TargetProfile, compile_f
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     kw = quantize_kwargs(nncf, data, profile)
-    pairs = list(zip(_singles(data.val_x), data.val_reference_logits.argmax(1).tolist(), strict=True))
+    pairs = _Pairs(data.val_x, data.val_reference_logits.argmax(1).tolist())
     val = nncf.Dataset(pairs, lambda item: {INPUT: item[0]})
     cache: dict = {}
     budget, t0 = profile.quantization.mixed_precision_budget_s, time.perf_counter()

@@ -333,6 +333,9 @@ class OnnxRuntimeBackend:
             out["provider_options"] = rt.provider_options
         return out
 
+    def limit_threads(self, settings: dict, threads: int) -> dict:
+        return {**settings, "threads": threads}
+
     def versions(self) -> dict[str, str]:
         import onnxruntime
 

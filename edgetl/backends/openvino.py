@@ -181,6 +181,9 @@ class OpenVinoBackend:
             out.pop("config", None)
         return out
 
+    def limit_threads(self, settings: dict, threads: int) -> dict:
+        return {**settings, "config": {**settings.get("config", {}), "INFERENCE_NUM_THREADS": threads}}
+
     def versions(self) -> dict[str, str]:
         return {"openvino": _ov().__version__}
 

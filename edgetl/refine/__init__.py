@@ -9,6 +9,7 @@ judged on the validation split.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ import numpy as np
 from ..artifact import Artifact
 from ..backends import QuantInputs
 from ..views import TrainViews
+
+# Work that targets share (the teacher logits, a QAT model) is computed once, under this lock, also
+# when targets are built side by side (--jobs).
+SHARED = threading.RLock()
 
 
 @dataclass
@@ -33,9 +38,10 @@ class RefineInputs:
 
     def teacher_logits(self) -> np.ndarray:
         """The float model's logits on every training view (computed once, shared by all targets)."""
-        if "teacher" not in self._cache:
-            self._cache["teacher"] = np.asarray(self._teacher(), dtype=np.float32)
-        return self._cache["teacher"]
+        with SHARED:
+            if "teacher" not in self._cache:
+                self._cache["teacher"] = np.asarray(self._teacher(), dtype=np.float32)
+            return self._cache["teacher"]
 
 
 Refiner = Callable[[Artifact, RefineInputs, object, object, Path], Artifact]

@@ -34,19 +34,35 @@ def _run(features_fn, batches) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(feats).astype(np.float64), np.concatenate(logits)
 
 
+def normal_equations(pairs, theta0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum over batches of (f, z) of X'X and X'(z - X theta0), X = [f, 1]: the ridge's sufficient
+    statistics, accumulated batch by batch (memory does not grow with the number of views)."""
+    gram = rhs = None
+    for f, z in pairs:
+        x = np.hstack([np.asarray(f, dtype=np.float64), np.ones((len(f), 1))])
+        g, r = x.T @ x, x.T @ (np.asarray(z, dtype=np.float64) - x @ theta0)
+        gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
+    return gram, rhs
+
+
 def ridge_path(f: np.ndarray, z: np.ndarray, w0: np.ndarray, b0: np.ndarray, alphas=ALPHAS):
     """(alpha, W, b) for every alpha: the ridge solution shrunk towards (w0, b0); the bias is free."""
-    n, d = f.shape
-    x = np.hstack([f, np.ones((n, 1))])
-    theta0 = np.vstack([w0.T, b0[None, :]]).astype(np.float64)  # (d+1, classes)
-    gram, rhs = x.T @ x, x.T @ (z - x @ theta0)
+    theta0 = _theta(w0, b0)
+    return ridge_solve(*normal_equations([(f, z)], theta0), theta0, alphas)
+
+
+def _theta(w0: np.ndarray, b0: np.ndarray) -> np.ndarray:
+    return np.vstack([w0.T, b0[None, :]]).astype(np.float64)  # (d+1, classes)
+
+
+def ridge_solve(gram: np.ndarray, rhs: np.ndarray, theta0: np.ndarray, alphas=ALPHAS):
+    d = gram.shape[0] - 1
     scale = float(np.trace(gram[:d, :d])) / d or 1.0
     reg = np.eye(d + 1)
     reg[d, d] = 0.0
     out = []
     for a in alphas:
-        delta = np.linalg.solve(gram + a * scale * reg, rhs)
-        theta = theta0 + delta
+        theta = theta0 + np.linalg.solve(gram + a * scale * reg, rhs)
         out.append((a, theta[:d].T.copy(), theta[d].copy()))
     return out
 
@@ -72,12 +88,14 @@ def choose(candidates, f_val: np.ndarray, current_val_logits: np.ndarray, ref_va
 
 def head_refit(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
     features_fn = backend.head_features(art, profile)
-    f_train, _ = _run(features_fn, inp.views.batches(BATCH))
-    z = inp.teacher_logits().astype(np.float64)
+    z = inp.teacher_logits()
+    theta0 = _theta(*(np.asarray(a, dtype=np.float64) for a in inp.head))
+    train_pairs = ((features_fn(x)[0], z[s:s + len(x)])
+                   for s, x in zip(range(0, len(inp.views), BATCH), inp.views.batches(BATCH), strict=True))
+    gram, rhs = normal_equations(train_pairs, theta0)
     val_x = inp.data.val_x
     f_val, l_val = _run(features_fn, (val_x[s:s + BATCH] for s in range(0, len(val_x), BATCH)))
-    w0, b0 = (np.asarray(a, dtype=np.float64) for a in inp.head)
-    (alpha, w, b, agree, mse), table = choose(ridge_path(f_train, z, w0, b0), f_val, l_val,
+    (alpha, w, b, agree, mse), table = choose(ridge_solve(gram, rhs, theta0), f_val, l_val,
                                               inp.data.val_reference_logits)
     info = {"refiner": "head_refit", "alpha": alpha, "val_agreement": agree, "val_mse": round(mse, 6),
             "n_views": len(inp.views), "path": table}

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..artifact import Artifact
 from ..errors import EdgetlError
-from . import RefineInputs
+from . import SHARED, RefineInputs
 
 log = logging.getLogger(__name__)
 BATCH = 16
@@ -122,10 +122,12 @@ def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
     best, best_state, stopped = (agree, -mse, 0), copy.deepcopy(qm.state_dict()), False
     for epoch in range(1, q.qat_epochs + 1):
         steps = 0
-        for idx in torch.randperm(len(inp.views), generator=gen).split(BATCH):
+        order = torch.randperm(len(inp.views), generator=gen).tolist()
+        for s, x in zip(range(0, len(order), BATCH), inp.views.batches(BATCH, order=order), strict=True):
+            idx = torch.as_tensor(order[s:s + BATCH])
             if len(idx) < 2:
                 continue
-            x = torch.from_numpy(np.stack([inp.views.make(int(k)) for k in idx]))
+            x = torch.from_numpy(x)
             loss = F.mse_loss(qm(x), teacher[idx])
             opt.zero_grad()
             loss.backward()
@@ -218,16 +220,17 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     key = ("qat", q.qat_epochs, q.qat_lr, q.qat_budget_s, q.symmetric_activations, preset, q.per_channel,
            profile.opset)
-    if key not in inp._cache:
-        t0 = time.perf_counter()
-        Student = _torch_modules()  # noqa: N806
-        trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
-        student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
-        qm = _quantize(student, inp, profile)
-        info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
-        qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx", profile.opset)
-        info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
-        inp._cache[key] = (qdq, info)
+    with SHARED:
+        if key not in inp._cache:
+            t0 = time.perf_counter()
+            Student = _torch_modules()  # noqa: N806
+            trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
+            student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
+            qm = _quantize(student, inp, profile)
+            info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
+            qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx", profile.opset)
+            info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
+            inp._cache[key] = (qdq, info)
     qdq, info = inp._cache[key]
     out = backend.from_qdq_onnx(qdq, art, profile, workdir, "qat")
     log.info("qat: epoch %d chosen (val agreement %.4f)", info["chosen_epoch"], info["val_agreement"])

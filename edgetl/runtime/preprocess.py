@@ -82,8 +82,9 @@ def resize_crop(img: Image.Image, contract: dict) -> Image.Image:
     return img.crop((left, top, left + w, top + h))
 
 
-def to_tensor(img: Image.Image, contract: dict) -> np.ndarray:
-    """RGB uint8 image of the input size -> float32 CHW, normalised per the contract."""
+def to_tensor(img, contract: dict) -> np.ndarray:
+    """RGB uint8 image of the input size (or a batch of them, NHWC uint8) -> float32 CHW (NCHW),
+    normalised per the contract."""
     arr = np.asarray(img, dtype=np.float32) / 255.0
     mean = np.asarray(contract["mean"], dtype=np.float32)
     std = np.asarray(contract["std"], dtype=np.float32)
@@ -91,7 +92,7 @@ def to_tensor(img: Image.Image, contract: dict) -> np.ndarray:
     if contract.get("channel_order", "RGB") == "BGR":
         arr = arr[..., ::-1]
     if contract.get("layout", "NCHW") == "NCHW":
-        arr = arr.transpose(2, 0, 1)
+        arr = np.moveaxis(arr, -1, -3)
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
