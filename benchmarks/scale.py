@@ -1,7 +1,7 @@
 """Scale: peak memory and wall time from 1k to 20k photo-size images, the feature cache, --nproc,
 --workers.
 
-    python benchmarks/scale.py [--sizes 1000 5000 20000] [--root DIR] [--skip-nproc] [-- build flags]
+    python benchmarks/scale.py [--sizes 1000 5000 20000] [--root DIR] [--no-extras] [-- build flags]
 
 Data: generated photo-size JPEGs (320 px, 10 classes: the built-in shapes, upscaled, in two colour
 families), written once under --root. Each build is a fresh `edgetl build --json` process with the
@@ -71,10 +71,13 @@ def build(data: Path, out: Path, *flags: str) -> dict:
     # processes of their own and hold a few images each.
     row = {"wall_s": round(wall, 1), "peak_rss_mb": round(max(res["peak_rss_mb"].values())),
            "rss_by_stage": res["peak_rss_mb"], "timings": res["timings"], "exit": proc.returncode,
-           "feature_s": round(res["training"]["feature_seconds"], 1), "cache_hits": cache.get("hits"),
+           "feature_s": round(res["training"]["feature_seconds"], 2), "cache_hits": cache.get("hits"),
            "cache_rows": cache.get("rows"), "agreement": t["metrics"].get("top1_agreement"),
            "drop_pp": t["metrics"].get("accuracy_drop_pp"), "accuracy": t["metrics"].get("accuracy"),
            "chosen": t["quantization"].get("chosen"), "n_test": t["metrics"].get("n_test")}
+    print(f"    {out.name}: wall {row['wall_s']} s, peak RSS {row['peak_rss_mb']} MB, feature stage {row['feature_s']} s "
+          f"(cache {row['cache_hits']}/{row['cache_rows']} rows), stages {res['timings']}, "
+          f"agreement {row['agreement']}, drop {row['drop_pp']} pp, {row['chosen']}, exit {row['exit']}", flush=True)
     if t.get("bundle"):
         files = json.loads((Path(t["bundle"]) / "manifest.json").read_text())["files"]
         row["files"] = {f: sha for f, sha in files.items() if f.startswith(("model", "golden/expected"))}
@@ -85,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "edgetl-scale")
-    ap.add_argument("--skip-nproc", action="store_true")
+    ap.add_argument("--no-extras", action="store_true", help="only the cold and warm builds")
     ap.add_argument("extra", nargs="*", help="more `edgetl build` flags (after --)")
     a = ap.parse_args()
     from edgetl.pipeline import machine_info
@@ -101,11 +104,10 @@ def main() -> None:
             cache = ["--cache-dir", str(Path(tmp) / "cache")]
             runs = {"cold": build(data, Path(tmp) / "cold", *cache, *a.extra),
                     "warm": build(data, Path(tmp) / "warm", *cache, *a.extra)}
-            if n == min(a.sizes):
+            if n == min(a.sizes) and not a.no_extras:
                 runs["workers0"] = build(data, Path(tmp) / "w0", "--workers", "0", *cache, *a.extra)
-                if not a.skip_nproc:
-                    runs["nproc1"] = build(data, Path(tmp) / "p1", "--no-cache", *a.extra)
-                    runs["nproc2"] = build(data, Path(tmp) / "p2", "--no-cache", "--nproc", "2", *a.extra)
+                runs["nproc1"] = build(data, Path(tmp) / "p1", "--no-cache", *a.extra)
+                runs["nproc2"] = build(data, Path(tmp) / "p2", "--no-cache", "--nproc", "2", *a.extra)
         for name, r in runs.items():
             print(f"  {name}: wall {r['wall_s']} s, peak RSS {r['peak_rss_mb']} MB, feature stage {r['feature_s']} s "
                   f"(cache {r['cache_hits']}/{r['cache_rows']} rows), train {r['timings'].get('train')} s, "
