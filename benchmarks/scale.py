@@ -75,7 +75,8 @@ def build(data: Path, out: Path, *flags: str) -> dict:
            "cache_rows": cache.get("rows"), "agreement": t["metrics"].get("top1_agreement"),
            "drop_pp": t["metrics"].get("accuracy_drop_pp"), "accuracy": t["metrics"].get("accuracy"),
            "chosen": t["quantization"].get("chosen"), "n_test": t["metrics"].get("n_test")}
-    print(f"    {out.name}: wall {row['wall_s']} s, peak RSS {row['peak_rss_mb']} MB, feature stage {row['feature_s']} s "
+    print(f"    {out.name}: wall {row['wall_s']} s, peak RSS {row['peak_rss_mb']} MB, "
+          f"feature stage {row['feature_s']} s "
           f"(cache {row['cache_hits']}/{row['cache_rows']} rows), stages {res['timings']}, "
           f"agreement {row['agreement']}, drop {row['drop_pp']} pp, {row['chosen']}, exit {row['exit']}", flush=True)
     if t.get("bundle"):

@@ -1,3 +1,3 @@
 """edgetl: labelled image folder -> verified, quantized edge bundles."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

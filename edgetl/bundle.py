@@ -1,18 +1,26 @@
-"""Stage 7: write a bundle into a staging folder, hash it, and publish it atomically; verify it later."""
+"""Stage 7: write a bundle into a staging folder, hash it, and publish it atomically; verify and sign it later.
+
+A bundle is a function of its inputs (data, recipe, seed, versions): two builds of the same inputs
+write the same bytes. Measurements of the build machine (seconds, latency, speed) go to
+OUT/report.json, never into the bundle; `created` is written only from SOURCE_DATE_EPOCH.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from .artifact import file_sha256
-from .errors import UsageError, VerifyError
+from . import interrupt
+from .errors import UsageError, VerifyError, require
+from .runtime.integrity import MANIFEST, SIGNATURE, IntegrityError, canonical, describe, load, problems, seal
 
-MANIFEST = "manifest.json"
 REQUIRED_KEYS = ("target", "backend", "files", "versions", "seed", "data_sha256", "calibration_sha256", "metrics")
+# Evidence of the build machine: report.json keeps them; a bundle's manifest never does.
+MEASUREMENTS = frozenset({"seconds", "speed", "latency_ms", "latency_measured_with"})
 
 
 def staging_dir(out: Path, target: str) -> Path:
@@ -36,31 +44,53 @@ def write_files(stage: Path, files: dict[str, Path | str | bytes]) -> None:
             dest.write_text(src, encoding="utf-8")
 
 
-def hash_tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).as_posix() != MANIFEST}
+def without_measurements(obj):
+    """`obj` with every build-machine measurement (MEASUREMENTS keys, at any depth) left out."""
+    if isinstance(obj, dict):
+        return {k: without_measurements(v) for k, v in obj.items() if k not in MEASUREMENTS}
+    if isinstance(obj, list):
+        return [without_measurements(v) for v in obj]
+    return obj
+
+
+def created() -> str | None:
+    """The build time a bundle may carry: SOURCE_DATE_EPOCH's, or none (a wall clock is no input)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not epoch:
+        return None
+    if not epoch.isdigit():
+        raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r}: not a whole number of seconds; fix: e.g. "
+                         "SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
 
 
 def write_manifest(stage: Path, manifest: dict) -> dict:
-    manifest = dict(manifest, files=hash_tree(stage))
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """Seal the manifest (every file's sha256 and its own digest) and write it, canonical and stable."""
+    manifest = seal(without_measurements(manifest), stage)
+    canonical(manifest)  # refuses NaN / non-JSON values before anything is written
+    import json
+
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
 
 def publish(stage: Path, final: Path) -> None:
-    """Swap the staged bundle into place; an older bundle is removed only after the swap."""
+    """Swap the staged bundle into place; an older bundle is removed only after the swap. Signals
+    wait until it is all done, so an interrupt never leaves OUT/<target> missing or an old copy behind."""
     old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    try:
-        os.replace(stage, final)
-    except OSError:
+    with interrupt.deferred():
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+        try:
+            os.replace(stage, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)  # put the previous bundle back
+            raise
         if old is not None:
-            os.replace(old, final)  # put the previous bundle back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+        interrupt.record_published(final.name)
 
 
 def discard(stage: Path | None) -> None:
@@ -73,24 +103,121 @@ def read_manifest(bundle: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{bundle}: no {MANIFEST}; fix: pass a bundle folder written by `edgetl build`")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise VerifyError(f"{path}: not a readable JSON manifest ({e})", [f"{MANIFEST}: unreadable"]) from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing or not isinstance(manifest.get("files"), dict):
-        raise VerifyError(f"{path}: manifest lacks {missing or ['files']}", [f"{MANIFEST}: incomplete"])
+        manifest = load(bundle)
+    except IntegrityError as e:
+        raise VerifyError(str(e), e.problems) from None
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise VerifyError(f"{path}: manifest lacks {missing}", [f"{MANIFEST}: incomplete"])
     return manifest
 
 
-def verify(bundle: Path) -> dict:
-    """Compare every file with the manifest; raise VerifyError listing missing/added/changed files."""
+def verify(bundle: Path, public_key: Path | None = None) -> dict:
+    """Every file and the manifest itself against the manifest's hashes and digest; with
+    `public_key`, the signature too. VerifyError lists every problem."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    want = manifest.get("files", {})
-    have = hash_tree(bundle)
-    problems = [f"missing: {f}" for f in sorted(set(want) - set(have))]
-    problems += [f"added: {f}" for f in sorted(set(have) - set(want))]
-    problems += [f"changed: {f}" for f in sorted(set(want) & set(have)) if want[f] != have[f]]
-    if problems:
-        raise VerifyError(f"{bundle}: {len(problems)} file(s) do not match the manifest", problems)
-    return {"bundle": str(bundle), "files": len(want), "ok": True}
+    found = problems(bundle, manifest)
+    if found:
+        raise VerifyError(describe(bundle, found), found)
+    signed = (bundle / SIGNATURE).is_file()
+    if public_key is not None:
+        if not signed:
+            raise VerifyError(f"{bundle / SIGNATURE}: missing; fix: sign the bundle (`edgetl sign {bundle} --key KEY`)",
+                              [f"missing: {SIGNATURE}"])
+        _check_signature(bundle, Path(public_key))
+    return {"bundle": str(bundle), "files": len(manifest["files"]), "ok": True, "digest": manifest["digest"],
+            "signature": "verified" if public_key is not None else ("present, not checked" if signed else "none")}
+
+
+def _hashing(model_signing, *also: str):
+    """The signature covers every file of the bundle but the signature itself (git paths included)."""
+    return model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE, *also], ignore_git_paths=False)
+
+
+def _signing_lib():
+    return require("model_signing", "sign")
+
+
+def _ec_key_problem(path: Path, private: bool) -> str | None:
+    """model-signing takes EC keys (P-256/384/521) only; other keys crash inside it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+    try:
+        if private:
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_public_key(data)
+    except TypeError:  # encrypted: model-signing asks for the password
+        return None
+    except ValueError:
+        return f"not a PEM {'private' if private else 'public'} key"
+    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) or \
+            key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+        return "not an elliptic-curve P-256/P-384/P-521 key"
+    return None
+
+
+def sign(bundle: Path, key: Path, password: str | None = None) -> dict:
+    """Sign an intact bundle with an EC private key (sigstore model-signing, offline): BUNDLE/bundle.sig."""
+    bundle = Path(bundle)
+    ms = _signing_lib()
+    verify(bundle)  # never sign a bundle that is not what the build wrote
+    bad = _ec_key_problem(Path(key), private=True)
+    if bad:
+        raise UsageError(f"--key {key}: {bad}; fix: openssl genpkey -algorithm EC -pkeyopt "
+                         "ec_paramgen_curve:P-256 -out private.pem")
+    target = bundle / SIGNATURE
+    tmp = bundle / f".{SIGNATURE}.tmp"
+    try:
+        (ms.signing.Config().use_elliptic_key_signer(private_key=Path(key),
+                                                     password=password.encode() if password else None)
+         .set_hashing_config(_hashing(ms, tmp.name))
+         .sign(bundle, tmp))
+        os.replace(tmp, target)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--key {key}: {e}; fix: pass the right key / --password") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"bundle": str(bundle), "signature": str(target)}
+
+
+def _check_signature(bundle: Path, public_key: Path) -> None:
+    ms = _signing_lib()
+    bad = _ec_key_problem(public_key, private=False)
+    if bad:
+        raise UsageError(f"--public-key {public_key}: {bad}; fix: pass the PEM public key of the signing key "
+                         "(openssl pkey -in private.pem -pubout -out public.pem)")
+    from cryptography.exceptions import InvalidSignature
+
+    sig = bundle / SIGNATURE
+    try:
+        ms.verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(
+            _hashing(ms)).verify(bundle, sig)
+    except InvalidSignature:
+        raise VerifyError(f"{sig}: the signature is not valid (damaged, or made for other content)",
+                          [f"invalid: {SIGNATURE}"]) from None
+    except ValueError as e:
+        text = str(e)
+        if text.startswith("Key mismatch"):
+            raise VerifyError(f"{sig}: made with another key than {public_key}", [f"wrong key: {SIGNATURE}"]) from None
+        if text.startswith("Signature mismatch"):
+            # The library's message is a list's repr: quotes inside it may come escaped.
+            names = re.findall(r"(?:Extra files found|Missing files) in model [^:]*: ([^\"'\]\\]+)"
+                               r"|Hash mismatch for \\*'([^'\\]+)", text)
+            files = sorted({f.strip() for a, b in names for f in (a or b).split(", ")}) or ["?"]
+            raise VerifyError(f"{bundle}: files differ from what was signed: {', '.join(files)}",
+                              [f"not signed: {f}" for f in files]) from None
+        raise VerifyError(f"{sig}: unreadable signature ({text[:200]})", [f"unreadable: {SIGNATURE}"]) from None
+    except (KeyError, TypeError) as e:
+        raise VerifyError(f"{sig}: unreadable signature ({type(e).__name__}: {e})",
+                          [f"unreadable: {SIGNATURE}"]) from None
+
+
+__all__ = ["MANIFEST", "SIGNATURE", "created", "discard", "publish", "read_manifest", "sign",
+           "staging_dir", "verify", "write_files", "write_manifest"]

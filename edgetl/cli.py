@@ -1,6 +1,7 @@
 """Command line. The only module that prints or exits.
 
-Exit codes: 0 ok; 1 parity gate failed / bundle not intact; 2 usage or bad input; 3 internal error.
+Exit codes: 0 ok; 1 parity gate failed / bundle not intact; 2 usage or bad input; 3 the build could not
+finish (internal error, full disk); 130 / 143 interrupted by SIGINT / SIGTERM (README "Failure modes").
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, interrupt
 from .errors import EdgetlError, UsageError, VerifyError
 
 
@@ -52,13 +53,28 @@ def _fail(err: EdgetlError, as_json: bool) -> None:
 
 
 def _run(fn, as_json: bool):
+    """fn() with SIGINT/SIGTERM turned into a clean unwind; every error as one line and its exit code."""
     try:
-        return fn()
+        with interrupt.as_exceptions():
+            return fn()
+    except interrupt.Interrupted as e:
+        published, pending = interrupt.unpublished()
+        what = (f"nothing published for {', '.join(pending)}" if pending else
+                "nothing published" if not published else "every target was published")
+        done = f" (published: {', '.join(published)})" if published and pending else ""
+        _fail(_Stopped(f"interrupted by {e.signal_name}; {what}{done}; temporary and staging folders removed, "
+                       "bundles already in OUT left as they were", e.exit_code), as_json)
     except EdgetlError as e:
         _fail(e, as_json)
     except Exception as e:  # a bug or an unsupported model: exit 3, never 1 (1 means "gate failed")
         logging.getLogger("edgetl").debug("internal error", exc_info=True)
         _fail(EdgetlError(f"internal error: {type(e).__name__}: {e} (run with -vv for the traceback)"), as_json)
+
+
+class _Stopped(EdgetlError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,15 +115,15 @@ def cli(verbose: int):
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
 def build(recipe_file, as_json, quiet, **flags):
     """Fine-tune, export, quantize, gate and bundle. RECIPE_FILE is optional (see `edgetl init`)."""
-    from rich.console import Console
 
-    from .pipeline import build as run_build
-    from .progress import NullProgress
-    from .recipe import CLI_KEYS, load_recipe
+    def go():  # imports inside: an interrupt while torch loads is an interrupt too (exit 130, not 1)
+        from rich.console import Console
 
-    overrides = {CLI_KEYS[k]: v for k, v in flags.items() if v is not None and v != ()}
+        from .pipeline import build as run_build
+        from .progress import NullProgress
+        from .recipe import CLI_KEYS, load_recipe
 
-    def go():
+        overrides = {CLI_KEYS[k]: v for k, v in flags.items() if v is not None and v != ()}
         recipe = load_recipe(recipe_file, overrides)
         console = Console(stderr=True)
         progress = NullProgress() if (quiet or as_json) else RichProgress(console)
@@ -129,6 +145,8 @@ def _print_summary(result) -> None:
                f"{len(result.data['classes'])} classes, {len(result.data['skipped'])} skipped")
     for s in result.data["skipped"][:20]:
         click.echo(f"  skipped {s['file']}: {s['reason']}")
+    for w in result.data.get("warnings", []):
+        click.echo(f"  warning: {w}")
     ref = result.reference
     if ref:
         click.echo(f"float reference: accuracy {ref['accuracy']:.4f}, n_test {ref['n_test']}, "
@@ -175,16 +193,19 @@ def init(path: Path, force: bool):
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--selftest", is_flag=True, help="also run the golden inputs through the bundle's runtime")
+@click.option("--public-key", type=click.Path(path_type=Path),
+              help="also check bundle.sig (`edgetl sign`) against this PEM public key")
 @click.option("--json", "as_json", is_flag=True)
-def verify(bundle_dir: Path, selftest: bool, as_json: bool):
-    """Exit 0 if every file matches the manifest, 1 if any is missing, added or changed."""
+def verify(bundle_dir: Path, selftest: bool, public_key: Path | None, as_json: bool):
+    """Exit 0 if every file and the manifest itself match what the build wrote (and, with
+    --public-key, the signature is valid); 1 if anything is missing, added or changed."""
     from . import bundle
 
     def go():
-        out = bundle.verify(bundle_dir)
+        out = bundle.verify(bundle_dir, public_key=public_key)
         if selftest:
             runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
-            results = [_predictor(bundle_dir, m).selftest(bundle_dir, m) for m in runtime["models"]]
+            results = [_predictor(bundle_dir, m, verify=False).selftest(bundle_dir, m) for m in runtime["models"]]
             out["selftest"] = {"ok": all(r["ok"] for r in results), "n": sum(r["n"] for r in results),
                                "models": results}
             failures = [f"{r['model']}: {f}" for r in results for f in r["failures"]]
@@ -193,16 +214,48 @@ def verify(bundle_dir: Path, selftest: bool, as_json: bool):
         return out
 
     out = _run(go, as_json)
-    click.echo(json.dumps(out) if as_json else f"{bundle_dir}: intact ({out['files']} files)"
+    signature = {"verified": ", signature verified", "present, not checked":
+                 ", signed (signature not checked: pass --public-key)", "none": ""}[out["signature"]]
+    click.echo(json.dumps(out) if as_json else f"{bundle_dir}: intact ({out['files']} files{signature})"
                + (f", self-test passed ({out['selftest']['n']} golden inputs)" if selftest else ""))
 
 
-def _predictor(bundle_dir: Path, model: str | None = None):
-    """The bundle's own predict.py, imported from the bundle (so its own engine file runs)."""
-    from .bundle import read_manifest
+@cli.command()
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--key", required=True, type=click.Path(path_type=Path),
+              help="PEM elliptic-curve private key (P-256/P-384/P-521)")
+@click.option("--password-env", metavar="NAME", help="environment variable holding the key's password")
+@click.option("--json", "as_json", is_flag=True)
+def sign(bundle_dir: Path, key: Path, password_env: str | None, as_json: bool):
+    """Sign an intact bundle (sigstore model-signing, offline key pair): writes BUNDLE/bundle.sig,
+    checked by `edgetl verify BUNDLE --public-key PUBLIC.pem`."""
+    import os
+
+    from . import bundle
+
+    def go():
+        password = None
+        if password_env:
+            if password_env not in os.environ:
+                raise UsageError(f"--password-env {password_env}: not set; fix: export {password_env}=...")
+            password = os.environ[password_env]
+        return bundle.sign(bundle_dir, key, password)
+
+    out = _run(go, as_json)
+    click.echo(json.dumps(out) if as_json else f"signed {bundle_dir}: {out['signature']}")
+
+
+def _predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True):
+    """The bundle's own predict.py, imported from the bundle (so its own engine file runs); with
+    `verify`, only once every file matches its manifest (exit 1 naming the first that does not)."""
+    import inspect
+
+    from . import bundle
     from .errors import MissingDependencyError
 
-    manifest = read_manifest(bundle_dir)
+    if verify:
+        bundle.verify(bundle_dir)
+    manifest = bundle.read_manifest(bundle_dir)
     try:
         runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -215,8 +268,9 @@ def _predictor(bundle_dir: Path, model: str | None = None):
         raise UsageError(f"--model {model}: {bundle_dir} has no such model; fix: use one of "
                          f"{', '.join(runtime['models'])}")
     module = _bundle_module(bundle_dir)
+    checked = {"verify": False} if "verify" in inspect.signature(module.Predictor.from_bundle).parameters else {}
     try:
-        return module.Predictor.from_bundle(bundle_dir, model=model)
+        return module.Predictor.from_bundle(bundle_dir, model=model, **checked)  # checked above, by edgetl
     except ImportError as e:
         raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} (target {manifest.get('target')}); "
                                      f"fix: pip install {' '.join(runtime.get('requires', []))}") from None
@@ -257,16 +311,18 @@ def _bundle_module(bundle_dir: Path):
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
               help="bundles are measured in turn, this many rounds, so drift hits all alike")
 @click.option("--model", help="which model of each bundle (default: its default model)")
+@click.option("--no-verify", is_flag=True, help="measure bundles whose files differ from their manifest")
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str | None, as_json: bool):
+def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str | None, no_verify: bool,
+          as_json: bool):
     """Latency (p50/p90, batch 1), throughput at --batch, peak memory and cold-load time of BUNDLES,
     each through its own runtime (predict.py + engine), interleaved in one process."""
     from .bench import bench_bundles
 
     def go():
         for b in bundles:
-            _predictor(b, model)  # fail fast: missing runtime, damaged bundle
-        return bench_bundles({str(b): (lambda b=b: _predictor(b, model)) for b in bundles},
+            _predictor(b, model, verify=not no_verify)  # fail fast: tampered, missing runtime, damaged bundle
+        return bench_bundles({str(b): (lambda b=b: _predictor(b, model, verify=False)) for b in bundles},
                              {str(b): _input_shape(b) for b in bundles}, batch=batch, runs=runs, warmup=warmup,
                              rounds=rounds, model=model)
 
@@ -292,10 +348,12 @@ def _input_shape(bundle_dir: Path) -> tuple[int, int, int]:
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="run even if the bundle's files differ from its manifest")
 @click.option("--json", "as_json", is_flag=True)
-def predict(bundle_dir: Path, images, as_json: bool):
-    """Classify IMAGES with a bundle (same code path as the bundle's predict.py)."""
-    results = _run(lambda: _predictor(bundle_dir).predict_files(images), as_json)
+def predict(bundle_dir: Path, images, no_verify: bool, as_json: bool):
+    """Classify IMAGES with a bundle (same code path as the bundle's predict.py). The bundle is
+    checked against its manifest first: a tampered one is refused (exit 1) unless --no-verify."""
+    results = _run(lambda: _predictor(bundle_dir, verify=not no_verify).predict_files(images), as_json)
     if as_json:
         click.echo(json.dumps({"predictions": results}))
     else:
@@ -339,7 +397,9 @@ def _print_info(m: dict) -> None:
     click.echo(f"size        {size} bytes ({m['sizes']['ratio']:.2f}x fp32)")
     models = ", ".join(f"{k} (validated with {v['validated_with']})" for k, v in m.get("models", {}).items())
     click.echo(f"models      {models}")
-    click.echo(f"built       {m['created']} with edgetl {m['edgetl_version']}, seed {m['seed']}")
+    when = m.get("created") or "time not recorded (SOURCE_DATE_EPOCH was not set)"
+    click.echo(f"built       {when} with edgetl {m['edgetl_version']}, seed {m['seed']}")
+    click.echo(f"digest      {m.get('digest', 'none (older bundle)')}")
     click.echo(f"files       {len(m['files'])}")
 
 

@@ -55,6 +55,26 @@ class Dataset:
                 "counts": counts, "skipped": self.skipped, "sha256": self.sha256}
 
 
+def balance_warnings(ds: Dataset, *, ratio: float, min_judged: int) -> list[str]:
+    """Class imbalance, said out loud: a class with far fewer images than the largest one (below
+    `ratio` of it), and a class with fewer than `min_judged` images in val or test (the search and
+    the gate cannot judge its recall: one image moves it by 100/n pp)."""
+    counts = ds.report()["counts"]
+    total = {c: sum(counts[s][c] for s in SPLITS) for c in ds.classes}
+    largest = max(total, key=total.get)
+    out = [f"class '{c}' has {n} images, '{largest}' has {total[largest]} ({100 * n / total[largest]:.0f} % of the "
+           f"largest, under data.imbalance_ratio {ratio:g}): the model will seldom predict it and the gate "
+           f"can hardly judge it; fix: add images of '{c}'"
+           for c, n in total.items() if n < ratio * total[largest]]
+    for split in ("val", "test"):
+        few = [f"'{c}' ({counts[split][c]})" for c in ds.classes if counts[split][c] < min_judged]
+        if few:
+            out.append(f"{split} split: too few images to judge the recall of {', '.join(few)} "
+                       f"(under data.min_judged_images {min_judged}); fix: add images of "
+                       f"{'that class' if len(few) == 1 else 'those classes'}")
+    return out
+
+
 def items_sha256(items: list[Item], root: Path) -> str:
     h = hashlib.sha256()
     for it in items:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from . import interrupt
 from .errors import EdgetlError, UsageError
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,10 @@ def _entry(fn, folder: str, args: tuple):
     os.dup2(2, 1)  # stdout belongs to the launching process (`--json`); ranks write to stderr
     sys.stdout = sys.stderr
     try:
-        return fn(*args)
+        with interrupt.as_exceptions():  # the launcher's SIGTERM unwinds this rank too (its temp folder goes)
+            return fn(*args)
     except BaseException as e:
-        code = e.exit_code if isinstance(e, EdgetlError) else EdgetlError.exit_code
+        code = e.exit_code if isinstance(e, (EdgetlError, interrupt.Interrupted)) else EdgetlError.exit_code
         text = str(e) if isinstance(e, EdgetlError) else f"{type(e).__name__}: {e}"
         _error_file(folder, rank).write_text(f"{code}\n{text}", encoding="utf-8")
         raise
@@ -172,6 +174,7 @@ def launch(nproc: int, fn, args: tuple):
     """Run fn(*args) in `nproc` processes on this machine (torch elastic launch, no restarts);
     rank 0's return value. A failing rank raises EdgetlError naming it, with its exit code."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -182,6 +185,8 @@ def launch(nproc: int, fn, args: tuple):
                               logs_specs=DefaultLogsSpecs(log_dir=str(Path(folder) / "logs")))
         try:
             results = elastic_launch(config, _entry)(fn, folder, args)
+        except SignalException as e:  # the launcher's own handler took SIGINT/SIGTERM; the ranks are stopped
+            raise interrupt.Interrupted(int(e.sigval)) from None
         except ChildFailedError as e:
             failed = sorted(e.failures)
             # The first rank to fail is the cause; the others' errors are its echo (a closed connection).
@@ -190,6 +195,8 @@ def launch(nproc: int, fn, args: tuple):
             if written:
                 _, rank, f = written[0]
                 code, _, text = f.read_text(encoding="utf-8").partition("\n")
+                if int(code) > 128:  # a rank stopped by SIGINT/SIGTERM: the build was interrupted
+                    raise interrupt.Interrupted(int(code) - 128) from None
                 err = EdgetlError(f"rank {rank} of {nproc} failed: {text}")
                 err.exit_code = int(code)
                 raise err from None

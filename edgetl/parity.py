@@ -36,8 +36,9 @@ class ParityReport:
 
 def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: list[str],
              *, seed: int = 0, split: str = "test", tolerance_pp: float | None = None,
-             n_boot: int = 2000) -> ParityReport:
-    """Every metric from the two logit matrices on the same images, in the same order."""
+             n_boot: int = 2000, min_judged: int = 1) -> ParityReport:
+    """Every metric from the two logit matrices on the same images, in the same order. A class with
+    fewer than `min_judged` images is listed with `judged: false` (its recall change is noise)."""
     labels = np.asarray(labels)
     ref_pred, pred = reference_logits.argmax(1), logits.argmax(1)
     ref_ok, ok = ref_pred == labels, pred == labels
@@ -59,7 +60,7 @@ def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarra
         if m.any():
             r0, r1 = float(ref_ok[m].mean()), float(ok[m].mean())
             per_class.append({"class": name, "n": int(m.sum()), "reference_recall": r0, "recall": r1,
-                              "change_pp": round((r1 - r0) * 100, 3)})
+                              "change_pp": round((r1 - r0) * 100, 3), "judged": bool(m.sum() >= min_judged)})
     only_ref, only_model = int((ref_ok & ~ok).sum()), int((~ref_ok & ok).sum())
     same = ref_pred == pred
     changed = [{"index": int(i), "label": int(labels[i]), "reference": int(ref_pred[i]), "predicted": int(pred[i])}
@@ -69,6 +70,10 @@ def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarra
     if tolerance_pp is not None and one > tolerance_pp:
         warnings.append(f"one {split} image is worth {one:.2f} pp, more than the {tolerance_pp:g} pp tolerance: "
                         f"with {n} images the gate cannot resolve a drop that small; add {split} images")
+    unjudged = [f"'{c['class']}' ({c['n']})" for c in per_class if not c["judged"]]
+    if unjudged:
+        warnings.append(f"per-class recall not judged for {', '.join(unjudged)}: fewer than {min_judged} {split} "
+                        "images each; fix: add images of those classes")
     return ParityReport(
         n_test=n, reference_accuracy=ref_acc, accuracy=acc, accuracy_drop_pp=round(drop, 4), drop_ci95_pp=ci,
         top1_agreement=float(same.mean()), logits_cosine_mean=float(cos.mean()),

@@ -26,10 +26,12 @@ from . import (
     data,
     export,
     features,
+    interrupt,
     launch,
     loader,
     parity,
     search,
+    space,
     speed,
     train,
 )
@@ -100,6 +102,8 @@ class _Prepared:
     model: object  # the pretrained ImageNet model (loaded here so a wrong checkpoint fails fast)
     dataset: data.Dataset
     contract: dict
+    needs: space.Needs | None = None  # disk space a build needs (for a full disk's message)
+    data_warnings: list[str] = field(default_factory=list)  # class imbalance, classes too small to judge
 
 
 @dataclass
@@ -112,7 +116,7 @@ class _Evidence:
     reference: dict[str, np.ndarray]  # "val"/"test" -> float PyTorch logits
     golden: list  # (label, image) pairs shipped for device self-tests
     manifest: dict  # manifest fields shared by every target
-    test_files: list[str]  # source file of every test image, in order (the report shows changed ones)
+    test_files: list[str]  # every test image's file, relative to the data folder, in order (changed ones are shown)
     refine: dict  # what refiners get besides the val split: training views, float head and model, teacher
 
 
@@ -122,6 +126,7 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise UsageError(f"--target: two profiles share the name {names}; fix: give each profile a unique name")
+    interrupt.expect(names)
     for p in profiles:
         backend = backends.get(p)
         quantizers = p.quantization.quantizers if p.quantization else []
@@ -146,7 +151,17 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
                             seed=recipe.seed, workers=workers + 1)  # + this process's core
         _check_out(Path(recipe.out), Path(folder))
     dataset = ranks.broadcast(dataset)
-    return _Prepared(recipe, profiles, spec, weights, model, dataset, spec.contract(recipe.model.image_size))
+    contract = spec.contract(recipe.model.image_size)
+    d = recipe.data
+    warnings = data.balance_warnings(dataset, ratio=d.imbalance_ratio, min_judged=d.min_judged_images)
+    needs = space.needs(n_crops=len(dataset.split("val")) + len(dataset.split("test")) + d.calibration_size,
+                        input_size=tuple(contract["input_size"]),
+                        fp32_bytes=4 * sum(t.numel() for t in model.parameters()),
+                        precisions=[list(p.precisions) for p in profiles], out=Path(recipe.out))
+    if ranks.main:
+        for w in [*warnings, *space.shortfalls(needs)]:
+            log.warning("%s", w)
+    return _Prepared(recipe, profiles, spec, weights, model, dataset, contract, needs, warnings)
 
 
 def _check_out(out: Path, data_root: Path) -> None:
@@ -177,6 +192,7 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     return _build(recipe, progress, launch.SINGLE, launch.resolve_device(recipe.train.device))
 
 
+
 class _Clock:
     """Seconds and the process's peak RSS after each stage (evidence for the report)."""
 
@@ -193,10 +209,23 @@ class _Clock:
 
 
 def _build(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device: str) -> BuildResult | None:
+    """The stages; a write that finds the disk full anywhere ends as one DiskFullError naming the folder."""
+    known: dict = {}
+    try:
+        return _stages(recipe, progress, ranks, device, known)
+    except OSError as e:
+        if not space.is_disk_full(e):
+            raise
+        raise space.explain(e, known.get("needs")) from None
+
+
+def _stages(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device: str,
+            known: dict) -> BuildResult | None:
     clock = _Clock()
     compute = recipe.compute
     workers = loader.default_workers() if compute.workers is None else compute.workers
     p = prepare(recipe, progress, ranks, workers)
+    known["needs"] = p.needs
     clock.lap("prepare")
     ds, contract, cfg = p.dataset, p.contract, recipe.train
     labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in data.SPLITS}
@@ -254,7 +283,7 @@ def _targets(recipe: BuildRecipe, p: _Prepared, trained: train.TrainResult, x: d
                      "device": device},
         "classes": ds.classes,
         "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
-                 "skipped": len(ds.skipped), "presplit": ds.presplit},
+                 "skipped": len(ds.skipped), "presplit": ds.presplit, "warnings": p.data_warnings},
     }
     head = net[-1]
     views = trained.views or TrainViews(ds.split("train"), contract, cfg.augment_views, recipe.seed, workers)
@@ -262,7 +291,7 @@ def _targets(recipe: BuildRecipe, p: _Prepared, trained: train.TrainResult, x: d
                     "head": (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()),
                     "view_logits": trained.view_logits}
     ev = _Evidence(calib, x, labels, ref, _golden_items(ds, labels["test"]), common,
-                   [str(it.path) for it in ds.split("test")], refine_parts)
+                   [it.rel(ds.root) for it in ds.split("test")], refine_parts)
 
     out = Path(recipe.out)
     results, reference = _run_targets(p, ev, net, out, work, progress, clock)
@@ -271,7 +300,8 @@ def _targets(recipe: BuildRecipe, p: _Prepared, trained: train.TrainResult, x: d
                 "device_info": launch.device_info(device), "processes": ranks.world, "workers": workers,
                 "feature_cache": trained.cache}
     build_result = BuildResult(
-        ok=all(r.published for r in results), out=str(out), targets=results, data=ds.report(),
+        ok=all(r.published for r in results), out=str(out), targets=results,
+        data={**ds.report(), "warnings": p.data_warnings},
         training=training, timings=clock.timings, recipe=recipe.to_toml_dict(), peak_rss_mb=clock.peak_rss,
         reference=reference, machine=machine_info())
     from . import report
@@ -287,9 +317,12 @@ class _StagesOnly:
         self.inner = progress
 
     def track(self, iterable, *, total=None, description=""):
-        return iterable
+        for item in iterable:  # signals reach the main thread only: a target's thread stops here
+            interrupt.check()
+            yield item
 
     def stage(self, name: str) -> None:
+        interrupt.check()
         self.inner.stage(name)
 
 
@@ -319,7 +352,7 @@ def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progre
             return _gate_target(profile, export(profile), p, ev, work / profile.name,
                                 _StagesOnly(progress) if jobs > 1 else progress, threads)
         except Exception as e:  # one target's failure must not hide the others' results
-            return _failed(profile, e)
+            return _failed(profile, e, p.needs)
         finally:
             seconds[profile.name] = time.perf_counter() - t0
 
@@ -335,7 +368,7 @@ def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progre
             try:
                 g = _finish_target(g, p, ev, out, progress)
             except Exception as e:
-                g = _failed(profile, e)
+                g = _failed(profile, e, p.needs)
         if not g.published:
             g.warnings.extend(_stale_bundle_warning(out / profile.name))
         results.append(g)
@@ -343,7 +376,9 @@ def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progre
     return results, reference
 
 
-def _failed(profile: TargetProfile, e: Exception) -> TargetResult:
+def _failed(profile: TargetProfile, e: Exception, needs: space.Needs | None = None) -> TargetResult:
+    if space.is_disk_full(e):
+        e = space.explain(e, needs)
     log.warning("target %s could not be built: %s", profile.name, e)
     log.debug("target %s failed", profile.name, exc_info=True)
     code = e.exit_code if isinstance(e, EdgetlError) else EdgetlError.exit_code
@@ -355,10 +390,11 @@ def _failed(profile: TargetProfile, e: Exception) -> TargetResult:
 def _stale_bundle_warning(folder: Path) -> list[str]:
     """A bundle from an earlier build left in place when this build's target failed: say so."""
     try:
-        created = json.loads((folder / bundle.MANIFEST).read_text(encoding="utf-8")).get("created", "?")
-    except (OSError, ValueError):
+        manifest = json.loads((folder / bundle.MANIFEST).read_text(encoding="utf-8"))
+        made = manifest.get("created") or f"digest {str(manifest.get('digest', '?'))[:19]}"
+    except (OSError, ValueError, AttributeError):
         return []
-    return [f"{folder} holds an earlier build's bundle (created {created}), not this build's; "
+    return [f"{folder} holds an earlier build's bundle ({made}), not this build's; "
             "this build published nothing for the target"]
 
 
@@ -468,7 +504,7 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
     runner = backends.runner(backend, art, contract, ds.classes, profile, threads=threads)
     test_logits = parity.logits_of(runner, ev.x["test"], progress=progress, description=f"parity (test, {precision})")
     report = parity.evaluate(ev.reference["test"], test_logits, ev.y["test"], ds.classes, seed=recipe.seed,
-                             tolerance_pp=tol["max_accuracy_drop_pp"])
+                             tolerance_pp=tol["max_accuracy_drop_pp"], min_judged=recipe.data.min_judged_images)
     missed = parity.misses(report, **tol)
     if val_missed:
         missed = [f"quantization budget spent: every candidate missed on the validation split "
@@ -551,7 +587,7 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
     try:
         files: dict = {}
         runtime_dir = Path(str(resources.files("edgetl").joinpath("runtime")))
-        for name in ("predict.py", "preprocess.py", f"engine_{backend.engine}.py"):
+        for name in ("predict.py", "preprocess.py", "integrity.py", f"engine_{backend.engine}.py"):
             files[name] = runtime_dir / name
         model_files = {m.precision: backend.model_files(m.artifact, m.stem) for m in models}
         for mf in model_files.values():
@@ -562,7 +598,7 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
             "backend": backend.name, "engine": backend.engine, "requires": backend.runtime_requires,
             "models": {prec: next(iter(mf)) for prec, mf in model_files.items()},
             "default_model": default.precision, "settings": backend.settings(profile)}, indent=2) + "\n"
-        files["recipe.toml"] = _recipe_toml(recipe)
+        files["recipe.toml"] = _recipe_toml(recipe, profile)
         files["README.md"] = _bundle_readme(profile, p, models, backend)
         golden = []
         for k, (label, img) in enumerate(ev.golden):
@@ -572,9 +608,10 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
         bundle.write_files(stage, files)
         expected = {"models": {m.precision: _expected(m, stage, golden, contract) for m in models}}
         bundle.write_files(stage, {"golden/expected.json": json.dumps(expected, indent=1) + "\n"})
+        created = bundle.created()  # SOURCE_DATE_EPOCH's; a bundle is a function of its inputs
         manifest = {
             "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"created": created} if created else {}),
             **ev.manifest, "versions": _versions(backend), "metrics": default.metrics, "quantization": quant,
             "sizes": default.sizes, "validated_with": default.runner.executed_by,
             "models": {m.precision: m.summary(list(model_files[m.precision])) for m in models},
@@ -609,11 +646,21 @@ def _png_bytes(img) -> bytes:
     return buf.getvalue()
 
 
-def _recipe_toml(recipe: BuildRecipe) -> str:
+def _recipe_toml(recipe: BuildRecipe, profile: TargetProfile) -> str:
+    """The resolved recipe as far as this bundle goes: without what describes the build machine
+    (OUT, the data and weights paths: manifest.json has their sha256; [compute]: it changes no
+    result) and with this bundle's target alone, by name (manifest.json has the profile)."""
     import tomli_w
 
-    return "# The resolved recipe this bundle was built with (defaults + file + flags).\n" + \
-        tomli_w.dumps(recipe.to_toml_dict())
+    d = recipe.to_toml_dict()
+    for key in ("out", "compute"):
+        d.pop(key, None)
+    d["data"].pop("path", None)
+    d["model"].pop("weights", None)
+    d["targets"] = [profile.name]
+    return ("# The resolved recipe this bundle was built with (defaults + file + flags), less the\n"
+            "# build machine's paths and [compute]: data_sha256 and backbone.weights_sha256 in\n"
+            "# manifest.json name the data and the weights.\n" + tomli_w.dumps(d))
 
 
 def _versions(backend) -> dict:

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-import sys
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import UsageError
-from .recipe import format_validation_error
+from .recipe import check_json_values, check_tables, format_validation_error, one_line, parse_toml
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+# Tables passed on to the runtime as JSON (runtime.json): no dates, no nan/inf.
+_JsonTable = Annotated[dict[str, Any], AfterValidator(check_json_values)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _once_each(v: list) -> list:
+    if len(set(v)) != len(v):
+        raise ValueError(f"{v} lists one twice")
+    return v
 
 
 class QuantizationProfile(_Strict):
-    quantizers: list[str] = Field(min_length=1)
+    quantizers: Annotated[list[str], AfterValidator(_once_each)] = Field(min_length=1)
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
@@ -62,9 +65,9 @@ class RuntimeSettings(_Strict):
     device: str = Field("CPU", pattern=r"^(CPU|GPU(\.\d+)?|NPU|(AUTO|HETERO|MULTI)(:[A-Z0-9.,]+)?)$")
     performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = "LATENCY"
     static_batch: bool = True  # OpenVINO: compile a static-shape model per batch size
-    provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # onnxruntime
+    provider_options: dict[str, _JsonTable] = Field(default_factory=dict)  # onnxruntime
     strict_providers: bool = False  # onnxruntime: fail instead of falling back to the CPU provider
-    config: dict[str, Any] = Field(default_factory=dict)  # OpenVINO properties
+    config: _JsonTable = Field(default_factory=dict)  # OpenVINO properties
 
 
 class TargetProfile(_Strict):
@@ -75,8 +78,10 @@ class TargetProfile(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"], min_length=1)
     # The models a bundle carries, first = default. int8 goes through the quantizer search;
     # fp16/fp32 are conversions. Each one is gated on its own.
-    precisions: list[Literal["int8", "fp16", "fp32"]] = Field(default_factory=lambda: ["int8"], min_length=1)
-    quantization: QuantizationProfile | None = None  # required when precisions has int8
+    precisions: Annotated[list[Literal["int8", "fp16", "fp32"]], AfterValidator(_once_each)] = Field(
+        default_factory=lambda: ["int8"], min_length=1)
+    # Required when precisions has int8 (checked here, after precisions: an error names `quantization`).
+    quantization: QuantizationProfile | None = Field(None, validate_default=True)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     # Where this profile's models are checked at build time, when that differs from where they
     # will run (e.g. GPU models validated on the CPU provider). Recorded in the manifest.
@@ -86,15 +91,12 @@ class TargetProfile(_Strict):
     speed_batch: int = Field(8, ge=1, le=256)
     source: str = Field("", exclude=True)
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if len(set(self.precisions)) != len(self.precisions):
-            raise ValueError(f"precisions {self.precisions} lists one twice")
-        if self.quantization and len(set(self.quantization.quantizers)) != len(self.quantization.quantizers):
-            raise ValueError(f"quantization.quantizers {self.quantization.quantizers} lists one twice")
-        if "int8" in self.precisions and self.quantization is None:
-            raise ValueError("precisions has int8: add a [quantization] table with quantizers = [...]")
-        return self
+    @field_validator("quantization")
+    @classmethod
+    def _int8_needs_quantization(cls, v: QuantizationProfile | None, info: ValidationInfo):
+        if v is None and "int8" in info.data.get("precisions", ()):
+            raise ValueError("missing: precisions has int8, so add a [quantization] table with quantizers = [...]")
+        return v
 
 
 def builtin_names() -> list[str]:
@@ -102,29 +104,29 @@ def builtin_names() -> list[str]:
 
 
 def load_profile(name_or_path: str) -> TargetProfile:
-    """A built-in name (`cpu`) or a path to a profile TOML."""
+    """A built-in name (`cpu`) or a path to a profile TOML. Raises UsageError with the file and key named."""
+    shown = one_line(name_or_path)
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         path = Path(name_or_path)
         if not path.is_file():
-            raise UsageError(f"--target {name_or_path}: profile file not found; fix: check the path")
+            raise UsageError(f"--target {shown}: profile file not found; fix: check the path")
         try:
-            text, source = path.read_text(encoding="utf-8"), str(path)
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--target {name_or_path}: cannot read the profile ({e}); "
-                             "fix: pass a UTF-8 TOML file") from None
+            text, source = path.read_text(encoding="utf-8"), shown
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise UsageError(one_line(f"--target {shown}: cannot read the profile ({e}); "
+                                      "fix: pass a UTF-8 TOML file")) from None
     else:
         if name_or_path not in builtin_names():
             raise UsageError(
-                f"--target {name_or_path}: unknown target; fix: use one of {', '.join(builtin_names())} "
+                f"--target {shown}: unknown target; fix: use one of {', '.join(builtin_names())} "
                 "or a path to a profile .toml"
             )
         res = files("edgetl").joinpath("targets", f"{name_or_path}.toml")
         text, source = res.read_text(encoding="utf-8"), f"built-in target '{name_or_path}'"
+    data = parse_toml(text, source, "fix the syntax (the built-in profiles in edgetl/targets/ are examples)")
+    check_tables(data, TargetProfile, source)
     try:
-        data = tomllib.loads(text)
         profile = TargetProfile.model_validate(data)
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{source}: not valid TOML ({e})") from None
     except ValidationError as e:
         raise UsageError(format_validation_error(e, source)) from None
     profile.source = source

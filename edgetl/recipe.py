@@ -5,11 +5,18 @@ Sources, later wins: defaults -> recipe TOML -> CLI flags. Validated once, here.
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
+import json
+import math
+import re
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UsageError
 
@@ -19,20 +26,34 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+def _no_nul(p: Path) -> Path:
+    if "\x00" in str(p):
+        raise ValueError("a path cannot contain a NUL byte")
+    return p
+
+
+# A path field: a NUL byte would only fail later, deep in the build, as an internal error.
+FilePath = Annotated[Path, AfterValidator(_no_nul)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSection(_Section):
-    path: Path | None = Field(None, description="ImageFolder or pre-split folder; empty = built-in data")
+    path: FilePath | None = Field(None, description="ImageFolder or pre-split folder; empty = built-in data")
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.25, gt=0, lt=0.6)
     calibration_size: int = Field(128, ge=8, le=4096)
+    # Warnings, not failures: a class with fewer images than this share of the largest class, and a
+    # class with fewer than min_judged_images in val or test (its recall change cannot be judged).
+    imbalance_ratio: float = Field(0.2, ge=0, le=1)
+    min_judged_images: int = Field(5, ge=1, le=1000)
 
 
 class ModelSection(_Section):
     backbone: str = "mobilenet_v2"
-    weights: Path | None = Field(None, description="local .pth state dict; skips the weights search")
+    weights: FilePath | None = Field(None, description="local .pth state dict; skips the weights search")
     image_size: int | None = Field(None, ge=32, le=1024, description="None = the backbone's native size")
 
 
@@ -69,13 +90,13 @@ class ComputeSection(_Section):
     nproc: int = Field(1, ge=1, le=64, description="training processes (torch elastic launch)")
     jobs: int = Field(1, ge=1, le=16, description="targets built at once, the cores shared among them")
     cache: bool = Field(True, description="feature-extract: keep trunk features on disk for the next build")
-    cache_dir: Path | None = Field(None, description="None = ~/.cache/edgetl/features ($EDGETL_CACHE/features)")
+    cache_dir: FilePath | None = Field(None, description="None = ~/.cache/edgetl/features ($EDGETL_CACHE/features)")
     timeout_s: float = Field(900, gt=0, description="a process waiting on a failed one gives up after this")
 
 
 class BuildRecipe(_Section):
     seed: int = Field(0, ge=0, lt=2**32)
-    out: Path = Path("edgetl-out")
+    out: FilePath = Path("edgetl-out")
     targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -87,6 +108,9 @@ class BuildRecipe(_Section):
     @field_validator("targets")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t.strip() or not t.isprintable()]
+        if bad:
+            raise ValueError(f"{bad} is not a target name or profile path (empty, or control characters)")
         return list(dict.fromkeys(v))
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -124,29 +148,125 @@ CLI_KEYS = {
 }
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_MAX_ERRORS = 6
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character (newline, NUL, ...) escaped: messages stay one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def format_key(loc) -> str:
+    """A dotted key as TOML writes it: `train.epochs`, `targets.0`, `runtime.config."a b"`."""
+    return ".".join(str(p) if isinstance(p, int) or _BARE_KEY.match(p) else one_line(json.dumps(p, ensure_ascii=False))
+                    for p in loc)
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: `SOURCE: 'key': what; unknown key 'other' (...)`. Every error names its key."""
     parts = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        if e["type"] == "extra_forbidden":
+    errors = err.errors(include_url=False, include_input=False)
+    for e in errors[:_MAX_ERRORS]:
+        loc = format_key(e.get("loc") or ()) or "(root)"
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = re.sub(r" for <class '[\w.]+'>", "", msg)  # "Input is not a valid path for <class 'pathlib.Path'>"
+        if e.get("type") == "extra_forbidden":
             parts.append(f"unknown key '{loc}' (remove it or check its spelling)")
         else:
-            parts.append(f"'{loc}': {e['msg']}")
-    return f"{source}: " + "; ".join(parts)
+            parts.append(f"'{loc}': {msg}")
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
+    return one_line(f"{source}: " + "; ".join(parts))
+
+
+def toml_kind(value: Any) -> str:
+    """What a TOML value is, in TOML's words (for messages)."""
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array of tables" if value and all(isinstance(v, dict) for v in value) else "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (dt.date, dt.time)):
+        return "a date/time"
+    return type(value).__name__
+
+
+def parse_toml(text: str, source: str, fix: str) -> dict[str, Any]:
+    """tomllib.loads, every failure a UsageError naming `source` (the parser raises more than TOMLDecodeError:
+    ValueError for an integer past Python's digit limit, RecursionError for arrays nested too deep)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(one_line(f"{source}: not valid TOML ({e}); {fix}")) from None
+    except ValueError as e:  # drop Python's "; use sys.set_int_max_str_digits()": not the reader's fix
+        raise UsageError(one_line(f"{source}: cannot read the TOML ({str(e).split(';')[0]}); {fix}")) from None
+    except RecursionError:
+        raise UsageError(one_line(f"{source}: cannot read the TOML (arrays or tables nested too deeply); {fix}")) \
+            from None
+
+
+def _table_model(annotation) -> type[BaseModel] | None:
+    """The model a field holds, when it is one table (`DataSection`, `QuantizationProfile | None`)."""
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else None
+    return None
+
+
+def check_tables(raw: dict[str, Any], model: type[BaseModel], source: str, prefix: tuple = ()) -> None:
+    """Every section the schema has as a table is a table in `raw` (before anything walks into it)."""
+    for name, info in model.model_fields.items():
+        sub = _table_model(info.annotation)
+        if sub is None or name not in raw:
+            continue
+        value, key = raw[name], format_key((*prefix, name))
+        if not isinstance(value, dict):
+            header = f"[[{key}]]" if toml_kind(value) == "an array of tables" else f"{key} = ..."
+            raise UsageError(one_line(f"{source}: '{key}': is {toml_kind(value)} ({header}), not a table; "
+                                      f"fix: write one [{key}] table with its keys under it"))
+        check_tables(value, sub, source, (*prefix, name))
+
+
+def check_json_values(value: dict[str, Any]) -> dict[str, Any]:
+    """Tables passed on as JSON (runtime settings): strings, finite numbers, booleans, arrays, tables."""
+    queue = collections.deque(((k,), v) for k, v in value.items())  # not recursive: nesting can be deep
+    while queue:
+        loc, v = queue.popleft()
+        if isinstance(v, dict):
+            queue.extend(((*loc, k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            queue.extend(((*loc, i), x) for i, x in enumerate(v))
+        elif (isinstance(v, float) and not math.isfinite(v)) or not isinstance(v, (str, int, float, bool)):
+            raise ValueError(f"'{format_key(loc)}' is {v if isinstance(v, float) else toml_kind(v)}; "
+                             "use strings, finite numbers, booleans, arrays or tables")
+    return value
 
 
 # Paths written in a recipe file are relative to that file (flags stay relative to the working dir).
 _PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"), ("compute", "cache_dir"))
 
 
-def _relative_to(raw: dict, base: Path) -> None:
+def _relative_to(raw: dict, base: Path, source: str) -> None:
     for section, key in _PATH_KEYS:
         node = raw.get(section) if section else raw
         if isinstance(node, dict) and isinstance(node.get(key), str):
             if not node[key]:
                 node.pop(key)  # "" means "not set" (e.g. data.path = "" -> built-in data)
                 continue
-            value = Path(node[key]).expanduser()
+            try:
+                value = Path(node[key]).expanduser()  # "~nosuchuser/x": RuntimeError; "~\0": ValueError
+            except (RuntimeError, ValueError, OSError) as e:
+                name = format_key((section, key) if section else (key,))
+                raise UsageError(one_line(f"{source}: '{name}': {node[key]!r} is not a usable path ({e}); "
+                                          "fix: give a path relative to the recipe, or an absolute one")) from None
             node[key] = str(value if value.is_absolute() else base / value)
     targets = raw.get("targets")
     if isinstance(targets, list):  # profile files named in the recipe are relative to it too
@@ -154,31 +274,41 @@ def _relative_to(raw: dict, base: Path) -> None:
                           and not Path(t).is_absolute() else t for t in targets]
 
 
+def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
+    """raw[a][b][c] = value for "a.b.c", making missing tables; a non-table on the way is a UsageError."""
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for i, p in enumerate(parents):
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            key = format_key(parents[: i + 1])
+            raise UsageError(one_line(f"{source}: '{key}': is {toml_kind(node)}, not a table, so the option for "
+                                      f"'{format_key(dotted.split('.'))}' cannot be set in it; "
+                                      f"fix: write [{key}] as one table"))
+    node[leaf] = list(value) if isinstance(value, tuple) else value
+
+
 def load_recipe(path: Path | None = None, overrides: dict[str, Any] | None = None) -> BuildRecipe:
     """Defaults <- TOML file <- overrides (dotted keys). Raises UsageError with the file and key named."""
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        source = str(path)
+        source = one_line(str(path))
         try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise UsageError(f"{path}: recipe file not found; fix: check the path or run `edgetl init`") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path}: cannot read the recipe ({e}); fix: pass a UTF-8 TOML file") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UsageError(f"{path}: not valid TOML ({e}); fix the syntax or run `edgetl init`") from None
-        _relative_to(raw, Path(path).resolve().parent)
-    for dotted, value in (overrides or {}).items():
-        if value is None or value == ():
-            continue
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = list(value) if isinstance(value, tuple) else value
-        if overrides:
-            source = f"{source} + command-line options" if "command-line" not in source else source
+            raise UsageError(f"{source}: recipe file not found; fix: check the path or run `edgetl init`") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL byte in the path
+            raise UsageError(one_line(f"{source}: cannot read the recipe ({e}); fix: pass a UTF-8 TOML file")) \
+                from None
+        raw = parse_toml(text, source, "fix the syntax or run `edgetl init`")
+        check_tables(raw, BuildRecipe, source)
+        _relative_to(raw, Path(path).resolve().parent, source)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and not (isinstance(v, tuple) and not v)}
+    if given:
+        source = f"{source} + command-line options"
+    for dotted, value in given.items():
+        _set_dotted(raw, str(dotted), value, source)
     try:
         return BuildRecipe.model_validate(raw)
     except ValidationError as e:

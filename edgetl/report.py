@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import numbers
-import os
 import re
 from pathlib import Path
 
@@ -82,10 +81,13 @@ def cells(result) -> list[list[str]]:
     """The parity table as text cells (one list per row), shared by the Markdown and HTML reports."""
     out = []
     for r in rows(result):
-        worst = min(r["per_class"], key=lambda c: c["change_pp"], default=None)
+        judged = [c for c in r["per_class"] if c.get("judged", True)]
+        worst = min(judged, key=lambda c: c["change_pp"], default=None)
+        unjudged = len(r["per_class"]) - len(judged)
         out.append([r["name"], _fmt(r["accuracy"], ".4f"), _with_bound(r["drop_pp"], "+.2f", r["drop_upper95_pp"], "≤"),
                     _with_bound(r["agreement"], ".4f", r["agreement_lower95"], "≥"),
-                    f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-", r["speed"],
+                    (f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-")
+                    + (f"; {unjudged} class(es) too small to judge" if unjudged else ""), r["speed"],
                     _fmt(r["float_layers"], "d"), _fmt(r["size_mb"], ".2f"), _fmt(r["latency_ms"], ".2f"),
                     r["validated_with"], r["status"]])
     return out
@@ -100,7 +102,7 @@ def notes(result) -> list[str]:
 
 def legend(result) -> list[str]:
     m = result.machine
-    return [
+    return [*(f"Data warning: {w}" for w in result.data.get("warnings", [])),
         "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (exact, "
         "paired: McNemar's discordant images with a Clopper-Pearson bound), the agreement at least (≥) its bound "
         "(Clopper-Pearson). The gate judges the point estimates.",
@@ -305,6 +307,7 @@ def changed_html(result) -> str:
     """Per model, a captioned thumbnail of every test image whose top-1 changed (capped)."""
     esc = html.escape
     classes = (result.data or {}).get("classes") or []
+    root = (result.data or {}).get("root")
     cache: dict[str, tuple[str | None, str]] = {}
     sections = []
     for r in _changed_rows(result):
@@ -314,10 +317,11 @@ def changed_html(result) -> str:
             caption = (f"true: {_class(classes, c.get('label'))} · float: {_class(classes, c.get('reference'))} "
                        f"→ {r['precision']}: {_class(classes, c.get('predicted'))}")
             if file and file not in cache:
+                full = Path(root, file) if root and not Path(file).is_absolute() else Path(file)  # data-relative
                 try:
-                    cache[file] = (thumbnail(file), Path(file).name)
+                    cache[file] = (thumbnail(full), Path(file).name)
                 except Exception as e:  # a moved or unreadable image must never cost the report
-                    reason = (str(e) or type(e).__name__) if os.path.exists(file) else "file not found"
+                    reason = (str(e) or type(e).__name__) if full.exists() else "file not found"
                     cache[file] = (None, f"{file} ({reason})")
             data, where = cache[file] if file else (None, f"test image #{c.get('index', '?')} (no file recorded)")
             pic = (f'<img alt="{esc(caption)}" title="{esc(file)}" src="data:image/png;base64,{data}">' if data else
@@ -365,8 +369,11 @@ def write(out: Path, result) -> None:
 
     def put(name: str, text: str) -> None:
         tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(out / name)
+        finally:  # a full disk or an interrupt leaves no half-written file
+            tmp.unlink(missing_ok=True)
 
     put("report.json", json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     put("report.md", "# edgetl build report\n\n" + markdown(result))

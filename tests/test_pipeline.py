@@ -27,7 +27,8 @@ def test_build_json_result(built):
 
 
 def test_build_is_reproducible(built, build_data, tmp_path):
-    """Same data and seed again (its features now come from the cache): the same numbers."""
+    """Same data and seed again, later, into another folder, as a one-target build (its features now
+    come from the cache): the same numbers, and the same bundle, byte for byte, file by file."""
     out = tmp_path / "again"
     res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", *FAST_FLAGS])
     assert res.exit_code == 0, res.output
@@ -41,6 +42,11 @@ def test_build_is_reproducible(built, build_data, tmp_path):
     m1 = json.loads((built["bundle"] / "manifest.json").read_text())
     m2 = json.loads((out / "cpu" / "manifest.json").read_text())
     assert m1["data_sha256"] == m2["data_sha256"] and m1["calibration_sha256"] == m2["calibration_sha256"]
+    files = sorted(p.relative_to(out / "cpu").as_posix() for p in (out / "cpu").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(built["bundle"]).as_posix() for p in built["bundle"].rglob("*")
+                           if p.is_file())
+    for name in files:
+        assert (out / "cpu" / name).read_bytes() == (built["bundle"] / name).read_bytes(), name
 
 
 def _corrupt_scales(fp32, data, profile, workdir):

@@ -8,6 +8,10 @@ file (engine_<name>.py) that runs the model. Needs numpy, Pillow and that engine
     python predict.py --bench [--batch 8]   # latency/throughput through this runtime
     python predict.py --model fp16 ...      # another model of the bundle (runtime.json "models")
     python predict.py --set device=GPU ...  # override a runtime setting (runtime.json "settings")
+    python predict.py --no-verify ...       # skip the check of every file against manifest.json
+
+Loading checks every file of the bundle against manifest.json (sha256 of each file, the manifest's
+own digest) and refuses a bundle that differs (exit 1, the file named), unless --no-verify.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from pathlib import Path
 import numpy as np
 
 try:  # inside the edgetl package
+    from .integrity import IntegrityError, check
     from .preprocess import ImageDecodeError, load_contract, load_rgb, preprocess
 except ImportError:  # inside a bundle, run as a script
+    from integrity import IntegrityError, check
     from preprocess import ImageDecodeError, load_contract, load_rgb, preprocess
 
 HERE = Path(__file__).resolve().parent
@@ -37,6 +43,23 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 class BundleError(ValueError):
     """The bundle cannot serve the request (unknown model name, unreadable runtime.json)."""
+
+
+class TamperedBundleError(BundleError):
+    """A file of the bundle, or its manifest, differs from what the build wrote. `problems` lists each."""
+
+    def __init__(self, message: str, problems: list[str]):
+        super().__init__(message)
+        self.problems = problems
+
+
+def verify_bundle(bundle: Path) -> None:
+    """Every file against manifest.json (hashes, the manifest's own digest); TamperedBundleError if not."""
+    try:
+        check(bundle)
+    except IntegrityError as e:
+        raise TamperedBundleError(f"{e}; fix: restore or rebuild the bundle (or pass --no-verify)",
+                                  e.problems) from None
 
 
 def load_engine(name: str):
@@ -70,8 +93,12 @@ class Predictor:
         self.labels = labels
 
     @classmethod
-    def from_bundle(cls, bundle=HERE, model: str | None = None, settings: dict | None = None) -> Predictor:
+    def from_bundle(cls, bundle=HERE, model: str | None = None, settings: dict | None = None, *,
+                    verify: bool = True) -> Predictor:
+        """The bundle's model; with `verify` (the default) only once every file matches manifest.json."""
         bundle = Path(bundle)
+        if verify:
+            verify_bundle(bundle)
         runtime = read_runtime(bundle)
         if "engine" not in runtime or "models" not in runtime:
             raise BundleError(f"{bundle}: runtime.json has no engine/models: the bundle was made by an older edgetl; "
@@ -206,12 +233,20 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="which of the bundle's models (runtime.json 'models'); default: the first")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a runtime setting, e.g. device=GPU, performance_hint=THROUGHPUT")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="run even if the bundle's files differ from manifest.json")
     args = ap.parse_args(argv)
     settings = _settings(args.set)
+    if not args.no_verify:  # once, before any model is loaded (and outside --bench's cold-load time)
+        try:
+            verify_bundle(HERE)
+        except TamperedBundleError as e:
+            print(f"predict.py: error: {e}", file=sys.stderr)
+            return 1
 
     def load(model=args.model):
         try:
-            return Predictor.from_bundle(HERE, model=model, settings=settings)
+            return Predictor.from_bundle(HERE, model=model, settings=settings, verify=False)
         except BundleError as e:
             ap.error(str(e))
 

@@ -1,0 +1,72 @@
+"""The real `edgetl` command in a process of its own, with one fault injected (tests only).
+
+    python tests/_faults.py FAULT [edgetl arguments...]
+
+FAULT: none | enospc-out:DIR (every bundle file copied under DIR finds the disk full) |
+term-at-manifest (the process sends itself SIGTERM while its bundle is staged, before it is
+published) | corrupt-quant (the ort_static quantizer scrambles its weight scales: the gate fails) |
+crash-export (the ONNX export raises: an internal error).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+
+def _enospc_under(folder: Path) -> None:
+    real = shutil.copyfile
+
+    def copyfile(src, dst, *args, **kwargs):
+        if Path(dst).resolve().is_relative_to(folder.resolve()):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), None, str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    shutil.copyfile = copyfile
+
+
+def _term_at_manifest() -> None:
+    from edgetl import bundle
+
+    real = bundle.write_manifest
+
+    def write_manifest(stage, manifest):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(stage, manifest)
+
+    bundle.write_manifest = write_manifest
+
+
+def _corrupt_quant() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from edgetl.backends.onnxruntime import OnnxRuntimeBackend
+    from tests.test_pipeline import _corrupt_scales
+
+    OnnxRuntimeBackend.quantizers["ort_static"] = _corrupt_scales
+
+
+def _crash_export() -> None:
+    from edgetl import export
+
+    def to_onnx(*args, **kwargs):
+        raise RuntimeError("injected export crash")
+
+    export.to_onnx = to_onnx
+
+
+def main() -> None:
+    fault, *args = sys.argv[1:]
+    name, _, arg = fault.partition(":")
+    {"none": lambda: None, "enospc-out": lambda: _enospc_under(Path(arg)), "term-at-manifest": _term_at_manifest,
+     "corrupt-quant": _corrupt_quant, "crash-export": _crash_export}[name]()
+    from edgetl.cli import cli
+
+    cli(args, prog_name="edgetl")
+
+
+if __name__ == "__main__":
+    main()
