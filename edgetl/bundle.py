@@ -26,8 +26,13 @@ MEASUREMENTS = frozenset({"seconds", "speed", "latency_ms", "latency_measured_wi
 def staging_dir(out: Path, target: str) -> Path:
     """A fresh folder beside the final one (same file system, so publishing is one rename)."""
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".staging-{target}-", dir=out))
-    stage.chmod(0o755)  # mkdtemp makes it private; a published bundle is meant to be shared
+    with interrupt.deferred():  # made and handed back as one step: a signal cannot orphan it
+        stage = Path(tempfile.mkdtemp(prefix=f".staging-{target}-", dir=out))
+    try:
+        stage.chmod(0o755)  # mkdtemp makes it private; a published bundle is meant to be shared
+    except BaseException:
+        discard(stage)
+        raise
     return stage
 
 
@@ -35,13 +40,18 @@ def write_files(stage: Path, files: dict[str, Path | str | bytes]) -> None:
     """Bundle-relative name -> source path (copied), text or bytes."""
     for rel, src in files.items():
         dest = stage / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(src, Path):
-            shutil.copyfile(src, dest)
-        elif isinstance(src, bytes):
-            dest.write_bytes(src)
-        else:
-            dest.write_text(src, encoding="utf-8")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(src, Path):
+                shutil.copyfile(src, dest)
+            elif isinstance(src, bytes):
+                dest.write_bytes(src)
+            else:
+                dest.write_text(src, encoding="utf-8")
+        except OSError as e:
+            if not e.filename:  # a write's error names no file: name the one it was writing
+                e.filename = str(dest)
+            raise
 
 
 def without_measurements(obj):
@@ -58,10 +68,13 @@ def created() -> str | None:
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
     if not epoch:
         return None
-    if not epoch.isdigit():
-        raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r}: not a whole number of seconds; fix: e.g. "
-                         "SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)")
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
+    try:
+        if not epoch.isdigit():
+            raise ValueError(epoch)
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch)))
+    except (ValueError, OverflowError, OSError):
+        raise UsageError(f"SOURCE_DATE_EPOCH={epoch[:40]!r}: not a time in whole seconds since 1970; fix: e.g. "
+                         "SOURCE_DATE_EPOCH=$(git log -1 --format=%ct)") from None
 
 
 def write_manifest(stage: Path, manifest: dict) -> dict:
@@ -70,7 +83,7 @@ def write_manifest(stage: Path, manifest: dict) -> dict:
     canonical(manifest)  # refuses NaN / non-JSON values before anything is written
     import json
 
-    (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_files(stage, {MANIFEST: json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"})
     return manifest
 
 
@@ -88,14 +101,15 @@ def publish(stage: Path, final: Path) -> None:
             if old is not None:
                 os.replace(old, final)  # put the previous bundle back
             raise
+        interrupt.record_published(final.name)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        interrupt.record_published(final.name)
 
 
 def discard(stage: Path | None) -> None:
     if stage is not None:
-        shutil.rmtree(stage, ignore_errors=True)
+        with interrupt.deferred():
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_manifest(bundle: Path) -> dict:

@@ -58,17 +58,25 @@ def _run(fn, as_json: bool):
         with interrupt.as_exceptions():
             return fn()
     except interrupt.Interrupted as e:
-        published, pending = interrupt.unpublished()
-        what = (f"nothing published for {', '.join(pending)}" if pending else
-                "nothing published" if not published else "every target was published")
-        done = f" (published: {', '.join(published)})" if published and pending else ""
-        _fail(_Stopped(f"interrupted by {e.signal_name}; {what}{done}; temporary and staging folders removed, "
-                       "bundles already in OUT left as they were", e.exit_code), as_json)
+        _interrupted(e, as_json)
     except EdgetlError as e:
+        _interrupted(interrupt.pending(), as_json)  # an error a signal caused (a killed worker) is the signal
         _fail(e, as_json)
     except Exception as e:  # a bug or an unsupported model: exit 3, never 1 (1 means "gate failed")
+        _interrupted(interrupt.pending(), as_json)
         logging.getLogger("edgetl").debug("internal error", exc_info=True)
         _fail(EdgetlError(f"internal error: {type(e).__name__}: {e} (run with -vv for the traceback)"), as_json)
+
+
+def _interrupted(e: interrupt.Interrupted | None, as_json: bool) -> None:
+    if e is None:
+        return
+    published, pending = interrupt.unpublished()
+    what = (f"nothing published for {', '.join(pending)}" if pending else
+            "nothing published" if not published else "every target was published")
+    done = f" (published: {', '.join(published)})" if published and pending else ""
+    _fail(_Stopped(f"interrupted by {e.signal_name}; {what}{done}; temporary and staging folders removed, "
+                   "bundles already in OUT left as they were", e.exit_code), as_json)
 
 
 class _Stopped(EdgetlError):
@@ -248,10 +256,7 @@ def sign(bundle_dir: Path, key: Path, password_env: str | None, as_json: bool):
 def _predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True):
     """The bundle's own predict.py, imported from the bundle (so its own engine file runs); with
     `verify`, only once every file matches its manifest (exit 1 naming the first that does not)."""
-    import inspect
-
     from . import bundle
-    from .errors import MissingDependencyError
 
     if verify:
         bundle.verify(bundle_dir)
@@ -267,6 +272,18 @@ def _predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = Tru
     if model is not None and model not in runtime["models"]:
         raise UsageError(f"--model {model}: {bundle_dir} has no such model; fix: use one of "
                          f"{', '.join(runtime['models'])}")
+    bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # leave no __pycache__ in the bundle
+    try:
+        return _load_predictor(bundle_dir, model, manifest, runtime)
+    finally:
+        sys.dont_write_bytecode = bytecode
+
+
+def _load_predictor(bundle_dir: Path, model: str | None, manifest: dict, runtime: dict):
+    import inspect
+
+    from .errors import MissingDependencyError
+
     module = _bundle_module(bundle_dir)
     checked = {"verify": False} if "verify" in inspect.signature(module.Predictor.from_bundle).parameters else {}
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -178,7 +177,7 @@ def launch(nproc: int, fn, args: tuple):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    with tempfile.TemporaryDirectory(prefix="edgetl-launch-") as folder:
+    with interrupt.temporary_folder("edgetl-launch-") as folder:
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                               rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                               monitor_interval=0.2, start_method="spawn",
@@ -186,7 +185,7 @@ def launch(nproc: int, fn, args: tuple):
         try:
             results = elastic_launch(config, _entry)(fn, folder, args)
         except SignalException as e:  # the launcher's own handler took SIGINT/SIGTERM; the ranks are stopped
-            raise interrupt.Interrupted(int(e.sigval)) from None
+            raise interrupt.caught_elsewhere(int(e.sigval)) from None
         except ChildFailedError as e:
             failed = sorted(e.failures)
             # The first rank to fail is the cause; the others' errors are its echo (a closed connection).
@@ -196,11 +195,13 @@ def launch(nproc: int, fn, args: tuple):
                 _, rank, f = written[0]
                 code, _, text = f.read_text(encoding="utf-8").partition("\n")
                 if int(code) > 128:  # a rank stopped by SIGINT/SIGTERM: the build was interrupted
-                    raise interrupt.Interrupted(int(code) - 128) from None
+                    raise interrupt.caught_elsewhere(int(code) - 128) from None
                 err = EdgetlError(f"rank {rank} of {nproc} failed: {text}")
                 err.exit_code = int(code)
                 raise err from None
             raise EdgetlError(f"rank {failed[0] if failed else '?'} of {nproc} failed "
                               f"(exit {e.failures[failed[0]].exitcode if failed else '?'}); "
                               "fix: run with --nproc 1 -vv to see the error") from None
+        finally:
+            interrupt.reinstall()  # torch leaves its own SIGINT/SIGTERM handlers in place
         return results[0]

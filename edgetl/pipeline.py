@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -136,6 +135,7 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
             if q in backend.requires:
                 require(*backend.requires[q])
         backend.check(p)
+    bundle.created()  # a bad SOURCE_DATE_EPOCH fails now, not after the build
     spec = backbones.get(recipe.model.backbone)
     weights = backbones.resolve_weights(spec, recipe.model.weights)
     model = backbones.load_pretrained(spec, weights, recipe.model.image_size)
@@ -229,8 +229,7 @@ def _stages(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device
     clock.lap("prepare")
     ds, contract, cfg = p.dataset, p.contract, recipe.train
     labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in data.SPLITS}
-    with tempfile.TemporaryDirectory(prefix="edgetl-") as tmp:
-        work = Path(tmp)
+    with interrupt.temporary_folder("edgetl-") as work:
         x: dict[str, loader.Split] = {}
         if ranks.main:  # val and test decoded once, to uint8 crops on disk, read in batches from here on
             x = {s: loader.Split.write(ds.split(s), contract, work / f"{s}.crops", workers, progress, f"decode ({s})")
@@ -346,6 +345,7 @@ def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progre
             return exports[profile.opset]
 
     def gate(profile: TargetProfile):
+        interrupt.check()  # a target's thread (--jobs) stops here once the build is interrupted
         t0 = time.perf_counter()
         progress.stage(f"target {profile.name}")
         try:
@@ -358,7 +358,11 @@ def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progre
 
     if jobs > 1:
         with ThreadPoolExecutor(jobs, thread_name_prefix="edgetl-target") as pool:
-            gated = list(pool.map(gate, p.profiles))
+            try:
+                gated = list(pool.map(gate, p.profiles))
+            except interrupt.Interrupted:
+                pool.shutdown(wait=True, cancel_futures=True)  # targets not started never start
+                raise
     else:
         gated = [gate(profile) for profile in p.profiles]
     results = []
@@ -377,6 +381,7 @@ def _run_targets(p: _Prepared, ev: _Evidence, net, out: Path, work: Path, progre
 
 
 def _failed(profile: TargetProfile, e: Exception, needs: space.Needs | None = None) -> TargetResult:
+    interrupt.check()  # an error a signal caused (a killed worker) ends the build as the interrupt it is
     if space.is_disk_full(e):
         e = space.explain(e, needs)
     log.warning("target %s could not be built: %s", profile.name, e)
@@ -575,7 +580,7 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
     int8 = next((m for m in models if m.quantization), None)
     quant = int8.quantization if int8 else {"chosen": None, "attempts": [], "float_nodes": []}
     missed = [miss for m in models for miss in m.misses]
-    warnings = sorted({w for m in models for w in m.warnings})
+    warnings = sorted({w for m in models for w in m.warnings}) + _budget_warnings(quant)
     result = TargetResult(profile.name, False, None, default.metrics, missed, quant, default.sizes, warnings,
                           [m.summary([]) for m in models], default.runner.executed_by)
     if missed:
@@ -625,6 +630,17 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
     result.published, result.bundle = True, str(final)
     result.models = [m.summary(list(model_files[m.precision])) for m in models]
     return result
+
+
+def _budget_warnings(quant: dict) -> list[str]:
+    """A wall-clock budget that ended a search step makes the bundle depend on the machine's speed."""
+    hit = [a["quantizer"] for a in quant.get("attempts", [])
+           if (a.get("qat") or {}).get("stopped_by_budget") or "budget" in str(a.get("error", ""))]
+    if not hit:
+        return []
+    return [f"a time budget ended {', '.join(hit)} on this machine (quantization.qat_budget_s / "
+            "mixed_precision_budget_s): this bundle depends on the build machine's speed, and a rebuild "
+            "elsewhere may differ; fix: raise the budget for a reproducible bundle"]
 
 
 def _expected(m: _Model, stage: Path, golden: list[tuple[str, str]], contract: dict) -> dict:

@@ -82,7 +82,7 @@ def cells(result) -> list[list[str]]:
     out = []
     for r in rows(result):
         judged = [c for c in r["per_class"] if c.get("judged", True)]
-        worst = min(judged, key=lambda c: c["change_pp"], default=None)
+        worst = min(judged or r["per_class"], key=lambda c: c["change_pp"], default=None)  # judged ones first
         unjudged = len(r["per_class"]) - len(judged)
         out.append([r["name"], _fmt(r["accuracy"], ".4f"), _with_bound(r["drop_pp"], "+.2f", r["drop_upper95_pp"], "≤"),
                     _with_bound(r["agreement"], ".4f", r["agreement_lower95"], "≥"),

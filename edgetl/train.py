@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import features
+from . import features, interrupt
 from .launch import SINGLE, Ranks
 from .loader import stream
 from .progress import NullProgress, Progress
@@ -156,7 +155,7 @@ def fit_feature_extract(trunk, num_classes: int, train_items, val_items, contrac
     t0 = time.perf_counter()
     views = TrainViews(list(train_items), contract, cfg.augment_views, seed, fit.workers)
     val_views = TrainViews(list(val_items), contract, 0, seed, fit.workers)
-    with tempfile.TemporaryDirectory(prefix="edgetl-twin-") as tmp:
+    with interrupt.temporary_folder("edgetl-twin-") as tmp:
         runner: list = []
 
         def run(x):  # the trunk is set up only when a row must be computed (a warm cache never needs it)

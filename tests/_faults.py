@@ -4,7 +4,8 @@
 
 FAULT: none | enospc-out:DIR (every bundle file copied under DIR finds the disk full) |
 term-at-manifest (the process sends itself SIGTERM while its bundle is staged, before it is
-published) | corrupt-quant (the ort_static quantizer scrambles its weight scales: the gate fails) |
+published) | term-in-publish (a thread of the process sends SIGTERM between the two renames that
+swap a bundle into place) | corrupt-quant (the ort_static quantizer scrambles its weight scales: the gate fails) |
 crash-export (the ONNX export raises: an internal error).
 """
 
@@ -41,6 +42,23 @@ def _term_at_manifest() -> None:
     bundle.write_manifest = write_manifest
 
 
+def _term_in_publish() -> None:
+    import threading
+    import time
+
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).name.startswith(".staging-"):  # the earlier bundle is already moved aside
+            t = threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGTERM))
+            t.start()
+            t.join()
+            time.sleep(0.3)  # the handler runs in the main thread, here
+        return real(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
 def _corrupt_quant() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from edgetl.backends.onnxruntime import OnnxRuntimeBackend
@@ -62,6 +80,7 @@ def main() -> None:
     fault, *args = sys.argv[1:]
     name, _, arg = fault.partition(":")
     {"none": lambda: None, "enospc-out": lambda: _enospc_under(Path(arg)), "term-at-manifest": _term_at_manifest,
+     "term-in-publish": _term_in_publish,
      "corrupt-quant": _corrupt_quant, "crash-export": _crash_export}[name]()
     from edgetl.cli import cli
 

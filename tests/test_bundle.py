@@ -88,6 +88,9 @@ def test_selftest_catches_a_wrong_model(built, tmp_path):
     (bundle / "golden" / "expected.json").write_text(json.dumps(exp))
     st = subprocess.run([sys.executable, "predict.py", "--selftest"], cwd=bundle, capture_output=True, text=True,
                         timeout=120)
+    assert st.returncode == 1 and "golden/expected.json: changed since the build" in st.stderr  # refused at load
+    st = subprocess.run([sys.executable, "predict.py", "--selftest", "--no-verify"], cwd=bundle,
+                        capture_output=True, text=True, timeout=120)
     assert st.returncode == 1 and "FAILED" in st.stdout
 
 

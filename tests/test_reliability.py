@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +28,12 @@ FAST_RECIPE = "[quantize]\nescalate = false\n"
 
 
 def _edgetl(fault: str, *args, tmpdir: Path, env: dict | None = None, **kw) -> subprocess.Popen:
-    """`edgetl ARGS` in its own process with TMPDIR of its own (to see what it leaves there)."""
+    """`edgetl ARGS` in a process (and process group, as a shell runs a command) of its own, with
+    TMPDIR of its own (to see what it leaves there)."""
     tmpdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmpdir), **(env or {})}
     return subprocess.Popen([sys.executable, str(FAULTS), fault, *map(str, args)], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
 
 
 def _run(fault: str, *args, tmpdir: Path, env: dict | None = None, timeout: float = 300):
@@ -69,14 +71,35 @@ def fast_recipe(tmp_path) -> Path:
     return path
 
 
-def _wait_for(proc: subprocess.Popen, log: list[str], needle: str, timeout: float = 180) -> None:
-    """Read stderr lines until one contains `needle`."""
-    deadline = time.monotonic() + timeout
-    for line in proc.stderr:
-        log.append(line)
-        if needle in line or time.monotonic() > deadline:
-            return
-    raise AssertionError(f"process ended before '{needle}': {''.join(log)[-2000:]}")
+class _Stderr:
+    """The process's stderr, read line by line by a thread (so that waiting can time out)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(proc.stderr), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, needle: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in list(self.lines)):
+                return
+            if not self.thread.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no '{needle}' on stderr: {self.text[-2000:]}")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def _interrupt(proc: subprocess.Popen, sig: int, err: _Stderr, timeout: float = 120) -> str:
+    """`sig` to the whole process group, as Ctrl-C or a CI runner sends it; the process's stderr."""
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=timeout)
+    err.thread.join(timeout=10)
+    return err.text
 
 
 # 1. interrupts ------------------------------------------------------------------------------------
@@ -86,11 +109,9 @@ def test_sigint_during_training_exits_130_and_cleans_up(earlier, build_data, fas
     tmpdir = tmp_path / "tmp"
     proc = _edgetl("none", "build", fast_recipe, "--data", build_data, "--out", earlier, *FAST_FLAGS[:-1],
                    "--seed", "3", tmpdir=tmpdir)
-    log: list[str] = []
-    _wait_for(proc, log, "> train")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    err = "".join(log) + err
+    stderr = _Stderr(proc)
+    stderr.wait_for("> train")
+    err = _interrupt(proc, signal.SIGINT, stderr)  # the DataLoader workers get it too
     assert proc.returncode == 130, err
     lines = [ln for ln in err.splitlines() if "interrupted" in ln]
     assert lines == ["edgetl: error: interrupted by SIGINT; nothing published for cpu; temporary and staging "
@@ -111,6 +132,33 @@ def test_sigterm_while_a_bundle_is_staged_exits_143_and_keeps_the_earlier_one(ea
     assert _tree_bytes(earlier / "cpu") == before and not _debris(earlier)
     assert not _ours_left(tmpdir)
     assert subprocess.run([EDGETL, "verify", earlier / "cpu"], capture_output=True).returncode == 0
+
+
+def test_sigterm_between_the_publishing_renames_finishes_the_swap_first(earlier, build_data, fast_recipe, tmp_path):
+    """The signal reaches another thread between the two renames: the swap completes, then the build stops."""
+    before = _tree_bytes(earlier / "cpu")
+    tmpdir = tmp_path / "tmp"
+    code, out, err = _run("term-in-publish", "build", fast_recipe, "--data", build_data, "--out", earlier,
+                          *FAST_FLAGS, "--seed", "3", tmpdir=tmpdir)
+    assert code == 143, err
+    assert "interrupted by SIGTERM; every target was published" in err
+    assert _tree_bytes(earlier / "cpu") != before and not _debris(earlier) and not _ours_left(tmpdir)
+    assert subprocess.run([EDGETL, "verify", earlier / "cpu"], capture_output=True).returncode == 0
+
+
+def test_sigint_while_targets_are_gated_side_by_side(earlier, build_data, fast_recipe, tmp_path):
+    """--jobs 2: the targets' threads stop at their next step; the build ends with 130 and cleans up."""
+    before = _tree_bytes(earlier / "cpu")
+    tmpdir = tmp_path / "tmp"
+    proc = _edgetl("none", "build", fast_recipe, "--data", build_data, "--out", earlier, "--target", "cpu",
+                   "--target", "openvino", "--jobs", "2", *FAST_FLAGS[:-1], "--seed", "3", tmpdir=tmpdir)
+    stderr = _Stderr(proc)
+    stderr.wait_for("> target openvino")
+    err = _interrupt(proc, signal.SIGINT, stderr)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT; nothing published for cpu, openvino" in err
+    assert _tree_bytes(earlier / "cpu") == before and not (earlier / "openvino").exists()
+    assert not _debris(earlier) and not _ours_left(tmpdir)
 
 
 # 2. a full disk -----------------------------------------------------------------------------------
@@ -229,7 +277,8 @@ def test_no_absolute_path_or_measurement_inside_bundles(built, build_data):
             assert not [n for n in needles if n in data], (target, name)
         manifest = json.loads((built[target] / "manifest.json").read_text())
         text = json.dumps(manifest)
-        for key in ('"seconds"', '"speed"', '"latency_ms"', '"created"'):
+        for key in ('"seconds"', '"speed"', '"latency_ms"', *([] if "SOURCE_DATE_EPOCH" in os.environ
+                                                              else ['"created"'])):
             assert key not in text, (target, key)
     report = json.loads((built["out"] / "report.json").read_text())
     assert report["targets"][0]["models"][0]["speed"]["batch_1"]["ms"] > 0  # measurements live here
@@ -262,6 +311,16 @@ def test_verify_catches_an_edited_manifest(built, tmp_path, change):
     assert res.returncode == 1 and f"{b}/manifest.json: changed since the build" in res.stderr
 
 
+def test_verify_refuses_symbolic_links(built, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(built["bundle"], b)
+    shutil.copy(b / "labels.txt", tmp_path / "labels.txt")
+    (b / "labels.txt").unlink()
+    (b / "labels.txt").symlink_to(tmp_path / "labels.txt")  # same content, through a link
+    res = subprocess.run([EDGETL, "verify", b], capture_output=True, text=True)
+    assert res.returncode == 1 and "symbolic link" in res.stderr
+
+
 def test_predict_refuses_a_tampered_bundle_unless_no_verify(built, tmp_path, build_data):
     b = tmp_path / "b"
     shutil.copytree(built["bundle"], b)
@@ -280,6 +339,25 @@ def test_predict_refuses_a_tampered_bundle_unless_no_verify(built, tmp_path, bui
     own = subprocess.run([sys.executable, b / "predict.py", "--no-verify", img], capture_output=True, text=True,
                          env=env)
     assert own.returncode == 0 and "\tred\t" in own.stdout
+
+
+def test_running_a_bundle_leaves_it_intact(built, tmp_path, build_data):
+    """With bytecode writing on (as on most machines), predict.py and `edgetl predict` write no
+    __pycache__ into the bundle; a planted one is named as what it is."""
+    b = tmp_path / "b"
+    shutil.copytree(built["bundle"], b)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    img = sorted((build_data / "red").glob("*.png"))[0]
+    for _ in range(2):
+        own = subprocess.run([sys.executable, b / "predict.py", img], capture_output=True, text=True, env=env)
+        assert own.returncode == 0, own.stderr
+        cli = subprocess.run([EDGETL, "predict", b, img], capture_output=True, text=True, env=env)
+        assert cli.returncode == 0, cli.stderr
+    assert not list(b.rglob("__pycache__"))
+    (b / "__pycache__").mkdir()
+    (b / "__pycache__" / "preprocess.cpython-311.pyc").write_bytes(b"planted")
+    res = subprocess.run([EDGETL, "verify", b], capture_output=True, text=True)
+    assert res.returncode == 1 and "bytecode cache" in res.stderr and "PYTHONDONTWRITEBYTECODE" in res.stderr
 
 
 def _keys(folder: Path) -> tuple[Path, Path, Path]:
@@ -328,3 +406,16 @@ def test_sign_and_verify_with_a_key_pair(built, tmp_path):
     (b / "labels.txt").write_text("x\n")
     refused = edgetl("sign", b, "--key", key)
     assert refused.returncode == 1 and "labels.txt" in refused.stderr
+
+
+# 7. a malformed recipe ----------------------------------------------------------------------------
+
+def test_array_of_tables_recipe_exits_2_naming_the_key(tmp_path, tiny_data):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[data]]\npath = "imgs"\n')
+    for extra in ([], ["--data", tiny_data]):
+        code, out, err = _run("none", "build", recipe, *extra, "--out", tmp_path / "out", tmpdir=tmp_path / "tmp")
+        assert code == 2 and "Traceback" not in err, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("edgetl: error:")]
+        assert len(lines) == 1 and f"{recipe}: 'data':" in lines[0], err
+        assert not (tmp_path / "out").exists()

@@ -265,7 +265,9 @@ def test_bench_and_predict_refuse_bad_requests(built, tmp_path):
     (damaged / "model.bin").unlink()
     img = next(iter((damaged / "golden").glob("*.png")))
     res = runner.invoke(cli, ["predict", str(damaged), str(img)])
-    assert res.exit_code == 1 and "edgetl verify" in res.output
+    assert res.exit_code == 1 and f"{damaged / 'model.bin'}: missing" in res.output  # checked before loading
+    res = runner.invoke(cli, ["predict", "--no-verify", str(damaged), str(img)])
+    assert res.exit_code == 1 and "edgetl verify" in res.output  # the runtime could not load it
 
 
 def test_report_survives_odd_class_names(built, tmp_path):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .. import interrupt
 from ..errors import EdgetlError, require
 from ..export import INPUT
 from ..profiles import TargetProfile
@@ -111,6 +112,7 @@ def accuracy_control(model, data: QuantInputs, profile: TargetProfile, compile_f
     budget, t0 = profile.quantization.mixed_precision_budget_s, time.perf_counter()
 
     def validate(candidate, items) -> tuple[float, list[float]]:
+        interrupt.check()  # NNCF's loop, in a target's thread under --jobs, stops at an interrupt
         if time.perf_counter() - t0 > budget:
             raise BudgetExceeded(f"mixed_precision stopped after {budget:g} s "
                                  "(quantization.mixed_precision_budget_s); candidate dropped")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import interrupt
 from ..artifact import Artifact
 from ..errors import EdgetlError
 from . import SHARED, RefineInputs
@@ -133,6 +134,7 @@ def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
             loss.backward()
             opt.step()
             steps += 1
+            interrupt.check()  # in a target's thread under --jobs
             if time.perf_counter() > deadline:
                 stopped = True
                 break

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -43,11 +44,24 @@ def digest(manifest: dict) -> str:
     return "sha256:" + hashlib.sha256(canonical({k: v for k, v in manifest.items() if k != "digest"})).hexdigest()
 
 
+def _walk(root: Path) -> tuple[list[str], list[str]]:
+    """(regular files, symbolic links) under root, as sorted bundle-relative posix names; links are
+    never followed (a linked folder would hide what it holds from the hashes)."""
+    files, links = [], []
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in [*dirs, *names]:
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                links.append(rel)
+            elif name in names and path.is_file():
+                files.append(rel)
+    return sorted(f for f in files if f not in UNLISTED), sorted(links)
+
+
 def hash_tree(root: Path) -> dict[str, str]:
-    """Bundle-relative posix name -> sha256 of every file but the unlisted ones."""
-    root = Path(root)
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).as_posix() not in UNLISTED}
+    """Bundle-relative posix name -> sha256 of every regular file but the unlisted ones."""
+    return {rel: file_sha256(Path(root, rel)) for rel in _walk(Path(root))[0]}
 
 
 def seal(manifest: dict, root: Path) -> dict:
@@ -64,8 +78,9 @@ def load(bundle: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise IntegrityError(f"{path}: missing; rebuild the bundle", [f"missing: {MANIFEST}"]) from None
-    except (OSError, ValueError) as e:
-        raise IntegrityError(f"{path}: not a readable JSON manifest ({e})", [f"{MANIFEST}: unreadable"]) from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise IntegrityError(f"{path}: not a readable JSON manifest ({one_line(e)[:200]})",
+                             [f"unreadable: {MANIFEST}"]) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise IntegrityError(f"{path}: has no 'files' table; rebuild the bundle", [f"{MANIFEST}: incomplete"])
     return manifest
@@ -83,11 +98,24 @@ def problems(bundle: Path, manifest: dict) -> list[str]:
             ok = False
         if not ok:
             found.append(f"changed: {MANIFEST} (its digest does not match its content)")
-    want, have = manifest["files"], hash_tree(bundle)
+    files, links = _walk(Path(bundle))
+    have = {rel: file_sha256(Path(bundle, rel)) for rel in files}
+    want = manifest["files"]
     found += [f"missing: {f}" for f in sorted(set(want) - set(have))]
-    found += [f"added: {f}" for f in sorted(set(have) - set(want))]
+    found += [f"added: {f}" + (_BYTECODE if "__pycache__" in f.split("/") else "")
+              for f in sorted(set(have) - set(want))]
     found += [f"changed: {f}" for f in sorted(set(want) & set(have)) if want[f] != have[f]]
-    return found
+    found += [f"added: {f} (a symbolic link: a bundle holds regular files only)" for f in links]
+    return [one_line(f) for f in found]
+
+
+_BYTECODE = (" (Python's bytecode cache, written when the bundle's code was imported with bytecode writing "
+             "on: delete the __pycache__ folder, and import bundles with PYTHONDONTWRITEBYTECODE=1)")
+
+
+def one_line(text) -> str:
+    """A file name or message with newlines and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def describe(bundle: Path, found: list[str]) -> str:
@@ -107,7 +135,11 @@ def check(bundle: Path) -> dict:
     """The manifest of an intact bundle; IntegrityError naming the first bad file otherwise."""
     bundle = Path(bundle)
     manifest = load(bundle)
-    found = problems(bundle, manifest)
+    try:
+        found = problems(bundle, manifest)
+    except OSError as e:
+        raise IntegrityError(f"{bundle}: cannot read the bundle's files ({one_line(e)})",
+                             [f"unreadable: {one_line(e)}"]) from None
     if found:
         raise IntegrityError(describe(bundle, found), found)
     return manifest

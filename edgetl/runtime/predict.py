@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+if not __package__:  # in a bundle: it is checked against its manifest, so write no __pycache__ into it
+    sys.dont_write_bytecode = True
+
 import numpy as np
 
 try:  # inside the edgetl package
