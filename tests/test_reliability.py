@@ -269,6 +269,16 @@ def test_class_imbalance_is_warned_recorded_and_not_judged(tmp_path, fast_recipe
 
 # 4. a bundle is a function of its inputs ----------------------------------------------------------
 
+def test_a_rebuild_in_another_process_folder_and_time_writes_the_same_bytes(built, build_data, tmp_path):
+    """The shared build's recipe again, as a one-target build in a process of its own, later, into
+    another OUT with another TMPDIR: every file of the cpu bundle is byte for byte the same."""
+    out = tmp_path / "elsewhere" / "out"
+    code, stdout, err = _run("none", "build", "--data", build_data, "--out", out, "--target", "cpu", *FAST_FLAGS,
+                             tmpdir=tmp_path / "tmp")
+    assert code == 0, err
+    assert _tree_bytes(out / "cpu") == _tree_bytes(built["bundle"])
+
+
 def test_no_absolute_path_or_measurement_inside_bundles(built, build_data):
     needles = [str(built["out"].resolve()).encode(), str(build_data.resolve()).encode(),
                str(Path.home()).encode() + b"/", b"/tmp/"]

@@ -4,6 +4,7 @@ then accuracy control), IR files in the bundle, run by runtime/engine_openvino.p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,22 @@ def _read_onnx(fp32: Artifact, path: Path | None = None):
     return model
 
 
+_MADE_NAME = re.compile(r"^([A-Z][A-Za-z0-9]*)_\d+$")  # "Constant_678008", "Reshape_15"; not "/0/conv"
+
+
+def _canonical_names(model) -> None:
+    """OpenVINO names the nodes it makes `<Type>_<n>` from a process-wide counter, so the same model
+    made after other work (another target, another thread) would get other names and other IR bytes.
+    Renamed by their place in the graph instead; names given by the model (inputs, layers) stay."""
+    for i, op in enumerate(model.get_ordered_ops()):
+        made = _MADE_NAME.match(op.get_friendly_name())
+        if made:
+            op.set_friendly_name(f"{made.group(1)}_{i}")
+
+
 def _save(model, path: Path, kind: str, compress_to_fp16: bool = False, **meta) -> Artifact:
     ov = _ov()
+    _canonical_names(model)
     ov.save_model(model, str(path), compress_to_fp16=compress_to_fp16)
     return Artifact.of(path, kind, companions=[str(path.with_suffix(".bin"))], **meta)
 
