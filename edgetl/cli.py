@@ -253,13 +253,14 @@ def sign(bundle_dir: Path, key: Path, password_env: str | None, as_json: bool):
     click.echo(json.dumps(out) if as_json else f"signed {bundle_dir}: {out['signature']}")
 
 
-def _predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True):
+def _predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True, public_key: Path | None = None):
     """The bundle's own predict.py, imported from the bundle (so its own engine file runs); with
-    `verify`, only once every file matches its manifest (exit 1 naming the first that does not)."""
+    `verify`, only once every file matches its manifest (exit 1 naming the first that does not) and,
+    with `public_key`, its signature holds."""
     from . import bundle
 
     if verify:
-        bundle.verify(bundle_dir)
+        bundle.verify(bundle_dir, public_key=public_key)
     manifest = bundle.read_manifest(bundle_dir)
     try:
         runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
@@ -366,11 +367,16 @@ def _input_shape(bundle_dir: Path) -> tuple[int, int, int]:
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="run even if the bundle's files differ from its manifest")
+@click.option("--public-key", type=click.Path(path_type=Path),
+              help="also require a valid bundle.sig made with this key's private half")
 @click.option("--json", "as_json", is_flag=True)
-def predict(bundle_dir: Path, images, no_verify: bool, as_json: bool):
+def predict(bundle_dir: Path, images, no_verify: bool, public_key: Path | None, as_json: bool):
     """Classify IMAGES with a bundle (same code path as the bundle's predict.py). The bundle is
     checked against its manifest first: a tampered one is refused (exit 1) unless --no-verify."""
-    results = _run(lambda: _predictor(bundle_dir, verify=not no_verify).predict_files(images), as_json)
+    if no_verify and public_key:
+        _fail(UsageError("--no-verify and --public-key: pick one"), as_json)
+    results = _run(lambda: _predictor(bundle_dir, verify=not no_verify, public_key=public_key)
+                   .predict_files(images), as_json)
     if as_json:
         click.echo(json.dumps({"predictions": results}))
     else:

@@ -125,7 +125,6 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise UsageError(f"--target: two profiles share the name {names}; fix: give each profile a unique name")
-    interrupt.expect(names)
     for p in profiles:
         backend = backends.get(p)
         quantizers = p.quantization.quantizers if p.quantization else []
@@ -182,6 +181,7 @@ def _check_out(out: Path, data_root: Path) -> None:
 def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResult | None:
     """Run the build: in this process, in `compute.nproc` launched ones, or as one rank of a build
     started by torchrun. Returns rank 0's result (None on the other ranks)."""
+    interrupt.expect([load_profile(t).name for t in recipe.targets])  # here: a launcher never runs prepare()
     if launch.from_environment():
         ranks, device = launch.join(recipe.train.device, recipe.compute.timeout_s)
         result = _build(recipe, progress if ranks.main else NullProgress(), ranks, device)

@@ -134,6 +134,20 @@ def test_sigterm_while_a_bundle_is_staged_exits_143_and_keeps_the_earlier_one(ea
     assert subprocess.run([EDGETL, "verify", earlier / "cpu"], capture_output=True).returncode == 0
 
 
+def test_sigint_during_a_two_process_build(earlier, build_data, fast_recipe, tmp_path):
+    """--nproc 2: the elastic launcher takes the signal and stops the ranks; each cleans up."""
+    before = _tree_bytes(earlier / "cpu")
+    tmpdir = tmp_path / "tmp"
+    proc = _edgetl("none", "build", fast_recipe, "--data", build_data, "--out", earlier, "--nproc", "2",
+                   "--no-cache", *FAST_FLAGS[:-1], "--seed", "3", tmpdir=tmpdir)
+    stderr = _Stderr(proc)
+    stderr.wait_for("> train")
+    err = _interrupt(proc, signal.SIGINT, stderr)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT; nothing published for cpu" in err
+    assert _tree_bytes(earlier / "cpu") == before and not _debris(earlier) and not _ours_left(tmpdir)
+
+
 def test_sigterm_between_the_publishing_renames_finishes_the_swap_first(earlier, build_data, fast_recipe, tmp_path):
     """The signal reaches another thread between the two renames: the swap completes, then the build stops."""
     before = _tree_bytes(earlier / "cpu")
@@ -404,6 +418,8 @@ def test_sign_and_verify_with_a_key_pair(built, tmp_path):
     assert signed.returncode == 0 and (b / "bundle.sig").is_file(), signed.stderr
     ok = edgetl("verify", b, "--public-key", pub)
     assert ok.returncode == 0 and "signature verified" in ok.stdout, ok.stderr
+    golden = next(iter((b / "golden").glob("*.png")))
+    assert edgetl("predict", b, golden, "--public-key", pub).returncode == 0
     assert "signature not checked" in edgetl("verify", b).stdout
     wrong = edgetl("verify", b, "--public-key", other)
     assert wrong.returncode == 1 and "another key" in wrong.stderr
@@ -412,6 +428,7 @@ def test_sign_and_verify_with_a_key_pair(built, tmp_path):
     assert edgetl("verify", b).returncode == 0
     forged = edgetl("verify", b, "--public-key", pub)
     assert forged.returncode == 1 and "manifest.json" in forged.stderr, forged.stderr
+    assert edgetl("predict", b, golden, "--public-key", pub).returncode == 1
     # A tampered bundle is never signed.
     (b / "labels.txt").write_text("x\n")
     refused = edgetl("sign", b, "--key", key)
