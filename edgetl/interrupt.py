@@ -84,6 +84,11 @@ def caught_elsewhere(signum: int) -> Interrupted:
     return Interrupted(signum)
 
 
+def in_worker() -> None:
+    """In a process forked from a deferred step: its signals are its own again."""
+    _state.update(deferring=0, pending=False)
+
+
 def reinstall() -> None:
     """Take SIGINT/SIGTERM back after a library installed its own handlers (torch elastic's launcher)."""
     if _state["active"] and threading.current_thread() is threading.main_thread():

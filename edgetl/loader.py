@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import interrupt
 from .runtime.preprocess import load_rgb, resize_crop, to_tensor
 
 
@@ -38,6 +39,7 @@ def _worker_init(_worker_id: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # decoding is the workers' job; the cores' threads belong to the model
+    interrupt.in_worker()  # forked while the parent held signals back: a worker stops at Ctrl-C as usual
 
 
 def stream(dataset, order: Sequence | None, batch: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -53,12 +55,13 @@ def stream(dataset, order: Sequence | None, batch: int, workers: int) -> Iterato
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_stack,
                         worker_init_fn=_worker_init if workers else None)
     handler = signal.getsignal(signal.SIGCHLD) if workers else None
-    batches_iter = iter(loader)
-    if workers:
-        # torch installs a process-wide SIGCHLD handler with its first worker; in a long-lived process
-        # (the test suite) it crashed the process when an unrelated child exited later. The loader
-        # still notices a dead worker by polling (every few seconds), so the handler is put back.
-        signal.signal(signal.SIGCHLD, handler)
+    with interrupt.deferred():  # a signal inside torch's iterator set-up leaves a half-made iterator behind
+        batches_iter = iter(loader)
+        if workers:
+            # torch installs a process-wide SIGCHLD handler with its first worker; in a long-lived process
+            # (the test suite) it crashed the process when an unrelated child exited later. The loader
+            # still notices a dead worker by polling (every few seconds), so the handler is put back.
+            signal.signal(signal.SIGCHLD, handler)
     for x, y in batches_iter:
         yield x.numpy(), y.numpy()
 
