@@ -7,6 +7,7 @@ OUT/report.json, never into the bundle; `created` is written only from SOURCE_DA
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -81,8 +82,6 @@ def write_manifest(stage: Path, manifest: dict) -> dict:
     """Seal the manifest (every file's sha256 and its own digest) and write it, canonical and stable."""
     manifest = seal(without_measurements(manifest), stage)
     canonical(manifest)  # refuses NaN / non-JSON values before anything is written
-    import json
-
     write_files(stage, {MANIFEST: json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"})
     return manifest
 
@@ -232,6 +231,3 @@ def _check_signature(bundle: Path, public_key: Path) -> None:
         raise VerifyError(f"{sig}: unreadable signature ({type(e).__name__}: {e})",
                           [f"unreadable: {SIGNATURE}"]) from None
 
-
-__all__ = ["MANIFEST", "SIGNATURE", "created", "discard", "publish", "read_manifest", "sign",
-           "staging_dir", "verify", "write_files", "write_manifest"]

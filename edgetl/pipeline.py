@@ -192,7 +192,6 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     return _build(recipe, progress, launch.SINGLE, launch.resolve_device(recipe.train.device))
 
 
-
 class _Clock:
     """Seconds and the process's peak RSS after each stage (evidence for the report)."""
 

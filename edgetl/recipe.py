@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UsageError
+from .runtime.integrity import one_line  # messages stay one line (shared with the bundle's own check)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,11 +151,6 @@ CLI_KEYS = {
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _MAX_ERRORS = 6
-
-
-def one_line(text: str) -> str:
-    """`text` with every non-printable character (newline, NUL, ...) escaped: messages stay one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def format_key(loc) -> str:

@@ -49,11 +49,16 @@ def needs(*, n_crops: int, input_size: tuple[int, int], fp32_bytes: float, preci
     return Needs(Path(tempfile.gettempdir()), Path(out).resolve(), work, outb)
 
 
-def _free(path: Path) -> float | None:
+def _existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (OUT may not exist yet)."""
     while not path.exists() and path != path.parent:
         path = path.parent
+    return path
+
+
+def _free(path: Path) -> float | None:
     try:
-        return shutil.disk_usage(path).free
+        return shutil.disk_usage(_existing(path)).free
     except OSError:
         return None
 
@@ -74,10 +79,8 @@ def shortfalls(n: Needs) -> list[str]:
 
 
 def _device(path: Path) -> int | None:
-    while not path.exists() and path != path.parent:
-        path = path.parent
     try:
-        return path.stat().st_dev
+        return _existing(path).stat().st_dev
     except OSError:
         return None
 

@@ -276,10 +276,14 @@ def test_bad_profile_is_exit_2_via_the_cli(tmp_path, monkeypatch, text, named):
     ('[train]\n"ep\\nochs" = 3\n', 'train."ep\\nochs"'),
 ])
 def test_malformed_recipes(tmp_path, text, key):
-    f = tmp_path / "r.toml"
+    _refused_naming(tmp_path / "r.toml", text, key, load_recipe)
+
+
+def _refused_naming(f, text: str, key: str, load) -> None:
+    """`load(f)` of a file holding `text` is one UsageError line naming the file and `key`."""
     f.write_text(text, encoding="utf-8")
     with pytest.raises(UsageError) as e:
-        load_recipe(f)
+        load(f)
     msg = str(e.value)
     assert "\n" not in msg and str(f) in msg and f"'{key}'" in msg, msg
 
@@ -292,12 +296,7 @@ def test_malformed_recipes(tmp_path, text, key):
     ("", {"data.path": Path("a\x00b")}, "data.path"),
 ])
 def test_malformed_overrides(tmp_path, text, overrides, key):
-    f = tmp_path / "r.toml"
-    f.write_text(text, encoding="utf-8")
-    with pytest.raises(UsageError) as e:
-        load_recipe(f, overrides)
-    msg = str(e.value)
-    assert "\n" not in msg and str(f) in msg and f"'{key}'" in msg, msg
+    _refused_naming(tmp_path / "r.toml", text, key, lambda f: load_recipe(f, overrides))
 
 
 @pytest.mark.parametrize("text", ["seed = " + "9" * 5000 + "\n", "a = " + "[" * 20000 + "]" * 20000 + "\n"])
@@ -323,12 +322,7 @@ def test_toml_the_parser_cannot_take(tmp_path, text):
     ('name = "x"\nbackend = "b"\nprecisions = ["fp32"]\n[tolerances]\nexport_atol = inf\n', "tolerances.export_atol"),
 ])
 def test_malformed_profiles(tmp_path, text, key):
-    f = tmp_path / "p.toml"
-    f.write_text(text, encoding="utf-8")
-    with pytest.raises(UsageError) as e:
-        load_profile(str(f))
-    msg = str(e.value)
-    assert "\n" not in msg and str(f) in msg and f"'{key}'" in msg, msg
+    _refused_naming(tmp_path / "p.toml", text, key, lambda f: load_profile(str(f)))
 
 
 def test_builtin_profiles_still_load():
