@@ -5,7 +5,7 @@ from it: each variant below is a target profile derived from a built-in one (cpu
 ships exactly one search candidate, so its gate row is that step's test-split result. The shipped
 profiles (full search) are built alongside. Calibration sizes are compared by separate builds.
 
-    python benchmarks/parity.py [--data shapes,digits] [--backbones mobilenet_v2,efficientnet_lite0]
+    python benchmarks/parity.py [--data shapes,digits,hard] [--backbones mobilenet_v2,efficientnet_lite0]
                                 [--calibration-sizes 128,300] [--variants ptq,refit,...] [--json FILE]
     python benchmarks/parity.py --timing      # the shipped three-target build on digits, wall time
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import write_digits  # noqa: E402
+from digits import write_digits, write_hard_digits  # noqa: E402
 
 HEAD_OP = {"onnxruntime": "Gemm", "openvino": "MatMul"}
 # variant -> (candidate list, head kept float)
@@ -86,7 +86,8 @@ def rows_of(result: dict, data: str, backbone: str, calib: int) -> list[dict]:
         b = [k for k in sp if k.startswith("batch_") and k != "batch_1"]
         out.append({
             "data": data, "backbone": backbone, "calibration": calib, "target": t["target"],
-            "chosen": q["chosen"], "val_agreement": chosen.get("val_top1_agreement"),
+            "chosen": q["chosen"], "val_agreement": (chosen.get("evidence") or {}).get("top1_agreement",
+                                                                                     chosen.get("val_top1_agreement")),
             "reference_accuracy": met["reference_accuracy"], "accuracy": met["accuracy"],
             "drop_pp": met["accuracy_drop_pp"], "drop_upper95_pp": met.get("drop_upper95_pp"),
             "agreement": met["top1_agreement"], "agreement_lower95": met.get("agreement_lower95"),
@@ -102,8 +103,8 @@ def rows_of(result: dict, data: str, backbone: str, calib: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| data | backbone | calib | target | chosen | val agr | test drop pp (≤ bound) | test agr (≥ bound) | "
-            "float convs | vs FP32 b1 / b8 | search s | target met |")
+    head = ("| data | backbone | calib | target | chosen | val+views agr | test drop pp (≤ bound) | "
+            "test agr (≥ bound) | float convs | vs FP32 b1 / b8 | search s | target met |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
@@ -123,15 +124,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def determinism(data, tmp: Path, backbone: str) -> None:
+    """The cpu target alone and inside a three-target build: the same candidate, the same model bytes."""
+    folder, extra = data
+    models = {}
+    for name, targets in (("cpu alone", ["cpu"]), ("cpu+openvino+gpu", ["cpu", "openvino", "gpu"])):
+        out = tmp / f"det-{len(targets)}"
+        res, wall, code = build(["--data", str(folder), *extra, "--backbone", backbone,
+                                 *[x for t in targets for x in ("--target", t)]], out)
+        cpu = next(t for t in res["targets"] if t["target"] == "cpu")
+        manifest = json.loads((out / "cpu" / "manifest.json").read_text()) if cpu["published"] else {"files": {}}
+        models[name] = (cpu["quantization"]["chosen"], manifest["files"].get("model.onnx"))
+        rss = max(res.get("peak_rss_mb", {}).values(), default=float("nan"))
+        print(f"hard / {backbone} / {name}: wall {wall:.1f} s, exit {code}, peak RSS {rss:.0f} MB; stages: "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items()), flush=True)
+        for r in rows_of({"targets": [t for t in res["targets"] if t["target"] != "gpu"]}, "hard", backbone, 128):
+            print(f"  {r['target']}: {r.get('chosen')} val+views agreement {r.get('val_agreement')} test drop "
+                  f"{r.get('drop_pp')} agreement {r.get('agreement')} float convs {r.get('float_convolutions')} "
+                  f"published {r.get('published')}", flush=True)
+        for t in res["targets"]:
+            for att in t["quantization"]["attempts"]:
+                print(f"    {t['target']} {att['quantizer']}: " + str(att.get("decision") or att.get("skipped")
+                                                                     or att.get("error")), flush=True)
+    (c1, h1), (c2, h2) = models.values()
+    print(f"cpu alone vs in three targets: chosen {c1} / {c2}; model.onnx sha256 "
+          f"{'IDENTICAL' if h1 == h2 and h1 else 'DIFFERENT'} ({str(h1)[:16]} / {str(h2)[:16]})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="shapes,digits")
+    ap.add_argument("--data", default="shapes,digits,hard", help="shapes, digits, hard (digits cut and degraded)")
     ap.add_argument("--backbones", default="mobilenet_v2,efficientnet_lite0")
     ap.add_argument("--calibration-sizes", default="128")
     ap.add_argument("--variants", default="ptq,ptq+refit,ptq-headfloat,ptq-headfloat+refit,qat,qat+refit",
                     help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--no-shipped", action="store_true", help="skip the shipped cpu/openvino profiles")
     ap.add_argument("--timing", action="store_true", help="only: shipped three-target build on digits, wall time")
+    ap.add_argument("--determinism", action="store_true",
+                    help="only: the hard case, cpu alone vs cpu+openvino+gpu: wall, peak RSS, chosen, model sha256")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     from edgetl.pipeline import machine_info
@@ -144,7 +174,12 @@ def main() -> None:
         sys.exit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        sets = {"shapes": (None, []), "digits": (write_digits(tmp / "digits"), ["--image-size", "128"])}
+        sets = {"shapes": (None, []), "digits": (write_digits(tmp / "digits"), ["--image-size", "128"]),
+                # the hard real case: 10 classes, 30 train / 8 val a class, 1,417 test, degraded, 64 px
+                "hard": (write_hard_digits(tmp / "hard"), ["--image-size", "64"])}
+        if a.determinism:
+            determinism(sets["hard"], tmp, a.backbones.split(",")[0])
+            return
         if a.timing:
             res, wall, code = build(["--data", str(sets["digits"][0]), *sets["digits"][1], "--target", "cpu",
                                      "--target", "openvino", "--target", "gpu"], tmp / "timing")

@@ -32,6 +32,8 @@ class RichProgress:
         return (RichProgress, ())
 
     def track(self, iterable, *, total=None, description=""):
+        if not self.console.is_terminal:  # a log file or a CI console: stage lines only, no erased bars
+            return iter(iterable)
         from rich.progress import track
 
         return iter(track(iterable, total=total, description=f"  {description}", console=self.console,
@@ -149,6 +151,8 @@ def build(recipe_file, as_json, quiet, **flags):
 
 
 def _print_summary(result) -> None:
+    from .report import margin_line
+
     click.echo(f"data: {sum(sum(c.values()) for c in result.data['counts'].values())} images, "
                f"{len(result.data['classes'])} classes, {len(result.data['skipped'])} skipped")
     for s in result.data["skipped"][:20]:
@@ -175,6 +179,13 @@ def _print_summary(result) -> None:
                 f"agreement {met['top1_agreement']:.4f}, {len(met.get('changed', []))} predictions changed, "
                 f"{m['sizes']['ratio']:.2f}x fp32 size, {m['latency_ms']:.2f} ms{q}; speed vs FP32 {pace or '-'}; "
                 f"validated with {m['validated_with']}")
+            margin = margin_line(met.get("agreement_by_margin"))
+            rule = met.get("gate_rule") or {}
+            if margin or rule:
+                click.echo(f"    {margin}{'; ' if margin and rule else ''}"
+                           + (f"gate rule {rule['applied']}" + ("" if rule.get("certified", True)
+                                                                else ": NOT CERTIFIED (see the warning)")
+                              if rule else ""))
         for w in t.warnings:
             click.echo(f"  warning: {w}")
         for miss in t.misses:
@@ -394,13 +405,19 @@ def info(bundle_dir: Path, as_json: bool):
     from .bundle import read_manifest
 
     m = _run(lambda: read_manifest(bundle_dir), as_json)
+    from .runtime.integrity import digest
+
+    if "digest" in m and m["digest"] != digest(m):  # an edited manifest: say so rather than read its shape
+        _fail(VerifyError(f"{bundle_dir}: manifest.json does not match its digest (edited since the build): the "
+                          "bundle is not intact; fix: rebuild it, and see `edgetl verify`"), as_json)
     if as_json:
         click.echo(json.dumps({k: v for k, v in m.items() if k != "files"}))
         return
     try:
         _print_info(m)
-    except (KeyError, TypeError, IndexError) as e:
-        _fail(VerifyError(f"{bundle_dir}: manifest lacks {e}; fix: rebuild the bundle"), False)
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        _fail(VerifyError(f"{bundle_dir}: manifest.json is not shaped as edgetl writes it ({type(e).__name__}: {e}); "
+                          "fix: rebuild the bundle"), False)
 
 
 def _print_info(m: dict) -> None:

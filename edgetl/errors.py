@@ -36,6 +36,11 @@ class ExportError(EdgetlError):
     """The exported/quantized model does not match what it was exported from."""
 
 
+class BudgetExceeded(EdgetlError):
+    """A search candidate passed a wall-clock limit the user set: the whole candidate is dropped
+    (never shortened), and the build warns that what shipped depends on the machine's speed."""
+
+
 class ParityError(EdgetlError):
     """A target missed its parity gate; `misses` lists every tolerance it missed."""
 

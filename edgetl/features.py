@@ -90,8 +90,8 @@ class FeatureCache:
                 shape = np.load(data, mmap_mode="r", allow_pickle=False).shape
                 if len(shape) != 2 or shape[0] != len(shard_keys):
                     raise ValueError(f"{len(shard_keys)} keys for rows of shape {shape}")
-            except (OSError, ValueError) as e:
-                log.warning("feature cache: skipping unreadable shard %s (%s)", data, e)
+            except (OSError, ValueError, EOFError) as e:  # EOFError: a zero-length file
+                log.warning("feature cache: skipping unreadable shard %s (%s: %s)", data, type(e).__name__, e)
                 continue
             for row, k in enumerate(shard_keys.astype(str).tolist()):
                 if k in wanted and k not in seen:

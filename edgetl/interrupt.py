@@ -85,8 +85,14 @@ def caught_elsewhere(signum: int) -> Interrupted:
 
 
 def in_worker() -> None:
-    """In a process forked from a deferred step: its signals are its own again."""
-    _state.update(deferring=0, pending=False)
+    """In a DataLoader worker: the parent owns the shutdown. A worker ignores SIGINT and SIGTERM (a
+    Ctrl-C reaches the whole process group): the parent unwinds and stops its workers, and torch's
+    watchdog ends a worker whose parent is gone. A worker that died of the signal itself could do so
+    while the parent was receiving a shared file descriptor from it (a traceback from
+    multiprocessing's resource sharer thread after the one edgetl line)."""
+    _state.update(deferring=0, pending=False, active=False)
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def reinstall() -> None:

@@ -18,7 +18,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +35,9 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # The group in which ranks wait for rank 0's solitary work (scan, decoding val/test): bounded by
+    # compute.prepare_timeout_s, not by compute.timeout_s (which bounds the training collectives).
+    wait_group: object = field(default=None, compare=False, repr=False)
 
     @property
     def main(self) -> bool:
@@ -51,7 +54,7 @@ class Ranks:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.wait_group)
         return box[0]
 
     def total(self, value: float) -> float:
@@ -115,7 +118,7 @@ def from_environment() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def join(device_spec: str, timeout_s: float) -> tuple[Ranks, str]:
+def join(device_spec: str, timeout_s: float, prepare_timeout_s: float | None = None) -> tuple[Ranks, str]:
     """Join the process group of a launched build: (this rank, its device). Threads per process =
     the cores divided among the processes on this machine."""
     import torch
@@ -124,14 +127,43 @@ def join(device_spec: str, timeout_s: float) -> tuple[Ranks, str]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    check_devices(device_spec, local_world)  # torchrun's --nproc-per-node: one GPU per process too
     device = resolve_device(device_spec, local_rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                timeout=timedelta(seconds=timeout_s))
-    return Ranks(rank, world, local_rank), device
+        dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s))
+    wait = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout_s, prepare_timeout_s or 0)))
+    return Ranks(rank, world, local_rank, wait), device
+
+
+def backend_for(device: str) -> str:
+    """The process group's backends. On CUDA, NCCL for tensors on the GPU *and* gloo for the CPU tensors
+    and objects the ranks exchange (sums of losses, the scan, feature rows): an NCCL-only group has
+    no backend for CPU tensors and fails on the first of them."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
+def check_devices(spec: str, nproc: int) -> None:
+    """Before a launch: NCCL takes one GPU per process, so several ranks on one GPU are refused here
+    (exit 2, one line) instead of failing inside NCCL after the scan."""
+    if nproc <= 1:
+        return
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "cpu" or not torch.cuda.is_available():
+        if spec.startswith("cuda"):
+            resolve_device(spec)  # the usual "no CUDA device" line
+        return
+    count = torch.cuda.device_count()
+    if spec.startswith("cuda:"):
+        raise UsageError(f"--device {spec} --nproc {nproc}: every process would train on the one GPU {spec}, and "
+                         "NCCL refuses two processes on one GPU; fix: --device cuda (one GPU per process) or --nproc 1")
+    if nproc > count:
+        raise UsageError(f"--device {spec} --nproc {nproc}: this machine has {count} CUDA device(s), and NCCL takes "
+                         f"one per process; fix: --nproc {count} (or --device cpu for {nproc} CPU processes)")
 
 
 def take_the_machine() -> None:

@@ -39,7 +39,7 @@ def _worker_init(_worker_id: int) -> None:
     import torch
 
     torch.set_num_threads(1)  # decoding is the workers' job; the cores' threads belong to the model
-    interrupt.in_worker()  # forked while the parent held signals back: a worker stops at Ctrl-C as usual
+    interrupt.in_worker()  # the parent owns Ctrl-C: it unwinds and stops its workers
 
 
 def stream(dataset, order: Sequence | None, batch: int, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -94,17 +94,19 @@ class Split:
 
     @classmethod
     def write(cls, items: Sequence, contract: dict, path: Path, workers: int, progress=None,
-              description: str = "", batch: int = 32) -> Split:
-        """Decode every item once (workers), write the crops to `path`, labels come from the items."""
+              description: str = "", batch: int = 32, samples=None) -> Split:
+        """Decode every item once (workers), write the crops to `path`. `samples` (a map-style dataset
+        of uint8 HWC crops at the input size) replaces the items' centre crops, e.g. augmented views."""
         path = Path(path)
-        chunks = stream(_Crops(items, contract), None, batch, workers)
-        total = -(-len(items) // batch)
+        samples = _Crops(items, contract) if samples is None else samples
+        chunks = stream(samples, None, batch, workers)
+        total = -(-len(samples) // batch)
         if progress is not None:
             chunks = progress.track(chunks, total=total, description=description)
         with open(path, "wb") as f:
             for x, _ in chunks:
                 f.write(np.ascontiguousarray(x, dtype=np.uint8).tobytes())
-        return cls(path, len(items), contract)
+        return cls(path, len(samples), contract)
 
     def __len__(self) -> int:
         return self.n

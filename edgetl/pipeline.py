@@ -39,12 +39,13 @@ from .errors import EdgetlError, UsageError, require
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
-from .refine import RefineInputs, onnx_teacher
+from .refine import RefineInputs, onnx_teacher, refiners
 from .runtime.preprocess import load_rgb, preprocess
-from .views import TrainViews
+from .views import EvidenceCrops, TrainViews
 
 log = logging.getLogger(__name__)
 N_GOLDEN = 8
+GOLDEN_MARGIN = 0.5  # float top-1 minus top-2 probability a golden image should have
 
 
 @dataclass
@@ -153,7 +154,9 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
     contract = spec.contract(recipe.model.image_size)
     d = recipe.data
     warnings = data.balance_warnings(dataset, ratio=d.imbalance_ratio, min_judged=d.min_judged_images)
-    needs = space.needs(n_crops=len(dataset.split("val")) + len(dataset.split("test")) + d.calibration_size,
+    n_val = len(dataset.split("val"))
+    views = evidence_views(recipe, profiles, n_val)
+    needs = space.needs(n_crops=n_val * (1 + views) + len(dataset.split("test")) + d.calibration_size,
                         input_size=tuple(contract["input_size"]),
                         fp32_bytes=4 * sum(t.numel() for t in model.parameters()),
                         precisions=[list(p.precisions) for p in profiles], out=Path(recipe.out))
@@ -161,6 +164,19 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
         for w in [*warnings, *space.shortfalls(needs)]:
             log.warning("%s", w)
     return _Prepared(recipe, profiles, spec, weights, model, dataset, contract, needs, warnings)
+
+
+EVIDENCE_COMPARISONS = 2000  # what the search's agreement evidence aims for by default
+MAX_EVIDENCE_VIEWS = 16
+
+
+def evidence_views(recipe: BuildRecipe, profiles: list[TargetProfile], n_val: int) -> int:
+    """Augmented views per val image for the search's agreement evidence (0 when nothing is searched)."""
+    if not any("int8" in p.precisions for p in profiles):
+        return 0
+    if recipe.quantize.evidence_views is not None:
+        return recipe.quantize.evidence_views
+    return max(2, min(MAX_EVIDENCE_VIEWS, -(-EVIDENCE_COMPARISONS // max(1, n_val)) - 1))
 
 
 def _check_out(out: Path, data_root: Path) -> None:
@@ -183,11 +199,12 @@ def build(recipe: BuildRecipe, progress: Progress = NullProgress()) -> BuildResu
     started by torchrun. Returns rank 0's result (None on the other ranks)."""
     interrupt.expect([load_profile(t).name for t in recipe.targets])  # here: a launcher never runs prepare()
     if launch.from_environment():
-        ranks, device = launch.join(recipe.train.device, recipe.compute.timeout_s)
+        ranks, device = launch.join(recipe.train.device, recipe.compute.timeout_s, recipe.compute.prepare_timeout_s)
         result = _build(recipe, progress if ranks.main else NullProgress(), ranks, device)
         launch.leave()
         return result
     if recipe.compute.nproc > 1:
+        launch.check_devices(recipe.train.device, recipe.compute.nproc)
         return launch.launch(recipe.compute.nproc, build, (recipe, progress))
     return _build(recipe, progress, launch.SINGLE, launch.resolve_device(recipe.train.device))
 
@@ -233,6 +250,11 @@ def _stages(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device
         if ranks.main:  # val and test decoded once, to uint8 crops on disk, read in batches from here on
             x = {s: loader.Split.write(ds.split(s), contract, work / f"{s}.crops", workers, progress, f"decode ({s})")
                  for s in ("val", "test")}
+            views = evidence_views(recipe, p.profiles, len(ds.split("val")))
+            if views:  # the search's agreement evidence: seeded augmented views of the val images
+                x["evidence"] = loader.Split.write(
+                    ds.split("val"), contract, work / "evidence.crops", workers, progress, "decode (val views)",
+                    samples=EvidenceCrops(ds.split("val"), contract, views, recipe.seed))
         clock.lap("decode")
 
         progress.stage(f"train ({cfg.strategy}) on {device}" + (f", {ranks.world} processes" if ranks.world > 1
@@ -263,8 +285,7 @@ def _targets(recipe: BuildRecipe, p: _Prepared, trained: train.TrainResult, x: d
     ds, contract, cfg = p.dataset, p.contract, recipe.train
     net = trained.model
     progress.stage("float reference")
-    ref = {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy()
-           for s in ("val", "test")}
+    ref = {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy() for s in x}
     clock.lap("reference")
 
     calib_items = data.calibration_subset(ds.split("train"), len(ds.classes), recipe.data.calibration_size,
@@ -288,7 +309,7 @@ def _targets(recipe: BuildRecipe, p: _Prepared, trained: train.TrainResult, x: d
     refine_parts = {"views": views, "model": net, "cache": {},
                     "head": (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()),
                     "view_logits": trained.view_logits}
-    ev = _Evidence(calib, x, labels, ref, _golden_items(ds, labels["test"]), common,
+    ev = _Evidence(calib, x, labels, ref, _golden_items(ds, labels["test"], ref["test"]), common,
                    [it.rel(ds.root) for it in ds.split("test")], refine_parts)
 
     out = Path(recipe.out)
@@ -420,9 +441,15 @@ def _peak_rss_mb() -> float:
         return float("nan")
 
 
-def _golden_items(ds: data.Dataset, test_labels) -> list[tuple[str, object]]:
-    """Up to N_GOLDEN test images, round-robin over classes, saved decoded (PNG) for device self-tests."""
-    per_class = [np.flatnonzero(test_labels == c).tolist() for c in range(len(ds.classes))]
+def _golden_items(ds: data.Dataset, test_labels, reference_logits) -> list[tuple[str, object]]:
+    """Up to N_GOLDEN test images, round-robin over classes, saved decoded (PNG) for device self-tests.
+    Per class, the images whose float top-1 is clear (margin >= GOLDEN_MARGIN) come first, in file
+    order, then the rest by margin: another CPU, runtime version or TensorRT's FP16/INT8 kernels must
+    not flip a golden image's top-1 by rounding alone."""
+    margin = parity.float_margin(reference_logits)
+    per_class = [sorted(np.flatnonzero(test_labels == c).tolist(),
+                        key=lambda i: (margin[i] < GOLDEN_MARGIN, 0.0 if margin[i] >= GOLDEN_MARGIN else -margin[i]))
+                 for c in range(len(ds.classes))]
     order = [i for rnd in itertools.zip_longest(*per_class) for i in rnd if i is not None][:N_GOLDEN]
     return [(ds.classes[test_labels[i]], load_rgb(ds.split("test")[i].path)) for i in order]
 
@@ -440,7 +467,8 @@ def _metrics(report: parity.ParityReport, fp32: Artifact) -> dict:
             "top1_agreement": report.top1_agreement, "n_test": report.n_test,
             "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
             "per_class": report.per_class, "discordant": report.discordant, "confusion": report.confusion,
-            "drop_upper95_pp": report.drop_upper95_pp, "agreement_lower95": report.agreement_lower95,
+            "drop_upper95_pp": report.drop_upper95_pp, "drop_lower95_pp": report.drop_lower95_pp,
+            "agreement_lower95": report.agreement_lower95, "one_image_pp": report.one_image_pp,
             "changed": [dict(c) for c in report.changed],
             "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
 
@@ -472,8 +500,11 @@ def _search(backend, profile: TargetProfile, fp32: Artifact, p: _Prepared, ev: _
     """The INT8 search on train + val (edgetl/search.py); the test split is not handed over."""
     recipe = p.recipe
     target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
+    views = ev.x.get("evidence")
     qins = backends.QuantInputs(ev.calibration, ev.x["val"], ev.y["val"], ev.reference["val"],
-                                tol["max_accuracy_drop_pp"], target_agreement, recipe.seed)
+                                tol["max_accuracy_drop_pp"], target_agreement, recipe.seed, views,
+                                ev.reference.get("evidence"),
+                                len(views) // len(ev.y["val"]) if views is not None else 0)
     r = ev.refine
     known = r["view_logits"]
     teacher = (lambda: known) if known is not None else onnx_teacher(fp32, r["views"])
@@ -495,9 +526,10 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
         quant = {"chosen": art.meta.get("candidate", art.meta.get("quantizer")), "attempts": choice.attempts,
                  "float_nodes": choice.float_nodes, "tolerances": tol,
                  "judged_on": "validation split; gate on test split"}
-        for step in ("qat", "refit"):
-            if step in art.meta:
-                quant[step] = art.meta[step]
+        for refiner in refiners().values():
+            key = getattr(refiner, "record_key", None)
+            if key and key in art.meta:
+                quant[key] = art.meta[key]
     else:
         progress.stage(f"{profile.name}: convert ({precision})")
         art = backend.convert(fp32, precision, profile, work)
@@ -509,16 +541,22 @@ def _make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32
     test_logits = parity.logits_of(runner, ev.x["test"], progress=progress, description=f"parity (test, {precision})")
     report = parity.evaluate(ev.reference["test"], test_logits, ev.y["test"], ds.classes, seed=recipe.seed,
                              tolerance_pp=tol["max_accuracy_drop_pp"], min_judged=recipe.data.min_judged_images)
-    missed = parity.misses(report, **tol)
+    rule = parity.resolve_rule(recipe.gate.rule, report.n_test, tol["max_accuracy_drop_pp"])
+    missed, gate_warnings = parity.gate_misses(report, **tol, rule=rule)
+    for w in gate_warnings:
+        log.warning("%s (%s): %s", profile.name, precision, w)
     if val_missed:
         missed = [f"quantization budget spent: every candidate missed on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
     sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
     metrics = _metrics(report, fp32)
+    metrics["gate_rule"] = {"asked": recipe.gate.rule, "applied": rule, "certified": not gate_warnings}
+    metrics["agreement_by_margin"] = parity.agreement_by_margin(ev.reference["test"],
+                                                                ev.reference["test"].argmax(1) == test_logits.argmax(1))
     for item in metrics["changed"]:
         item["file"] = ev.test_files[item["index"]]
     return _Model(precision, stem, art, runner, metrics, [f"{precision}: {m}" for m in missed], quant,
-                  sizes, report.warnings)
+                  sizes, [*report.warnings, *gate_warnings])
 
 
 def _latency_ms(runner, x: np.ndarray, warmup: int = 5, runs: int = 30) -> float:
@@ -601,7 +639,9 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
         files["runtime.json"] = json.dumps({
             "backend": backend.name, "engine": backend.engine, "requires": backend.runtime_requires,
             "models": {prec: next(iter(mf)) for prec, mf in model_files.items()},
-            "default_model": default.precision, "settings": backend.settings(profile)}, indent=2) + "\n"
+            "default_model": default.precision, "settings": backend.settings(profile),
+            "model_settings": {m.precision: ms for m in models if (ms := backend.model_settings(profile, m.precision))},
+        }, indent=2) + "\n"
         files["recipe.toml"] = _recipe_toml(recipe, profile)
         files["README.md"] = _bundle_readme(profile, p, models, backend)
         golden = []
@@ -632,14 +672,13 @@ def _finish_target(g: _Gated, p: _Prepared, ev: _Evidence, out: Path, progress: 
 
 
 def _budget_warnings(quant: dict) -> list[str]:
-    """A wall-clock budget that ended a search step makes the bundle depend on the machine's speed."""
-    hit = [a["quantizer"] for a in quant.get("attempts", [])
-           if (a.get("qat") or {}).get("stopped_by_budget") or "budget" in str(a.get("error", ""))]
+    """A wall-clock limit that dropped a candidate makes the bundle depend on the machine's speed."""
+    hit = [a["quantizer"] for a in quant.get("attempts", []) if a.get("dropped_by_time_limit")]
     if not hit:
         return []
-    return [f"a time budget ended {', '.join(hit)} on this machine (quantization.qat_budget_s / "
+    return [f"a time limit dropped {', '.join(hit)} on this machine (quantization.qat_budget_s / "
             "mixed_precision_budget_s): this bundle depends on the build machine's speed, and a rebuild "
-            "elsewhere may differ; fix: raise the budget for a reproducible bundle"]
+            "elsewhere may differ; fix: unset the limit for a reproducible bundle"]
 
 
 def _expected(m: _Model, stage: Path, golden: list[tuple[str, str]], contract: dict) -> dict:

@@ -34,14 +34,29 @@ class QuantizationProfile(_Strict):
     symmetric_activations: bool = False
     preset: Literal["mixed", "performance"] | None = None  # NNCF preset; default: from symmetric_activations
     bias_correction: Literal["full", "fast"] = "full"  # NNCF; MobileNetV3/hard-swish nets need "full"
-    # NNCF accuracy control (the `mixed_precision` quantizer) stops, and the candidate is dropped,
-    # past this many seconds: it is the last resort, not the usual path.
-    mixed_precision_budget_s: float = Field(60.0, gt=0)
-    # `qat` (quantization-aware training with the float model as teacher): epochs over the
-    # training views, AdamW learning rate, and a wall-clock budget (the epoch is chosen on val).
+    # ort_static: biases as INT32 behind DequantizeLinear (onnxruntime's default) or left float.
+    # TensorRT's ONNX parser has rejected INT32 bias DQs: its profiles leave biases float.
+    quantize_bias: bool = True
+    # Work is bounded in steps and evaluations, never in seconds, so that a slow or loaded machine
+    # ships the same bytes. `qat`: AdamW steps over the training views (batch 16): qat_epochs epochs,
+    # at most qat_max_steps; the checkpoint (one of qat_checkpoints, "no training" included) is the
+    # one with the lowest val logit error. qat_loss "mse+kl" adds a KL term on logits softened by
+    # qat_temperature. `mixed_precision`: at most 12 layers reverted, sensitivity ranked on 64 val images.
     qat_epochs: int = Field(2, ge=1, le=50)
+    qat_max_steps: int = Field(96, ge=1, le=100_000)
+    qat_checkpoints: int = Field(4, ge=1, le=64)
     qat_lr: float = Field(1e-5, gt=0, le=1e-2)
-    qat_budget_s: float = Field(180.0, gt=0)
+    qat_loss: Literal["mse", "mse+kl"] = "mse"
+    qat_temperature: float = Field(2.0, gt=0, le=100)
+    # Optional wall-clock limits (seconds; none by default). Past one, the *whole* candidate is
+    # dropped, loudly (a warning in the manifest says the bundle then depends on the machine's
+    # speed); a candidate is never shortened by the clock.
+    qat_budget_s: float | None = Field(None, gt=0)
+    mixed_precision_budget_s: float | None = Field(None, gt=0)
+    # Escalation only where it can pay: a later candidate runs only while the current choice, with
+    # its logit error on the evidence cut by this share, would meet the search target
+    # (0.5: the next candidate would have to halve the quantization noise; 1: always try them all).
+    escalate_noise_cut: float = Field(0.5, ge=0, le=1)
     # Op types left in float by every quantizer (e.g. ["Gemm"]: a fine-tuned classifier head is
     # tiny but carries the low-margin decision; quantizing it costs agreement and buys no speed).
     float_op_types: list[str] = Field(default_factory=list)

@@ -78,10 +78,18 @@ class GateSection(_Section):
 
     max_accuracy_drop_pp: float | None = Field(None, ge=0)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    # How the accuracy drop is judged on the test split. "point": the drop itself must be within the
+    # tolerance. "evidence": fail only when the paired 95 % bound shows the model worse by more than
+    # the tolerance; pass otherwise, saying loudly when the split cannot certify the tolerance. "auto":
+    # "point" when one test image is worth at most half the tolerance, else "evidence".
+    rule: Literal["auto", "point", "evidence"] = "auto"
 
 
 class QuantizeSection(_Section):
     escalate: bool = Field(True, description="try the profile's next quantizers when one misses")
+    evidence_views: int | None = Field(None, ge=0, le=64, description=(
+        "augmented views per val image for the search's agreement evidence; None = enough for about "
+        "2000 comparisons, at most 16"))
 
 
 class ComputeSection(_Section):
@@ -93,6 +101,8 @@ class ComputeSection(_Section):
     cache: bool = Field(True, description="feature-extract: keep trunk features on disk for the next build")
     cache_dir: FilePath | None = Field(None, description="None = ~/.cache/edgetl/features ($EDGETL_CACHE/features)")
     timeout_s: float = Field(900, gt=0, description="a process waiting on a failed one gives up after this")
+    prepare_timeout_s: float = Field(21600, gt=0, description=(
+        "--nproc: how long the other processes wait for rank 0's scan and decoding before training"))
 
 
 class BuildRecipe(_Section):

@@ -105,7 +105,13 @@ def legend(result) -> list[str]:
     return [*(f"Data warning: {w}" for w in result.data.get("warnings", [])),
         "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (exact, "
         "paired: McNemar's discordant images with a Clopper-Pearson bound), the agreement at least (≥) its bound "
-        "(Clopper-Pearson). The gate judges the point estimates.",
+        "(Clopper-Pearson). The gate's drop rule (recipe gate.rule) is 'point' (the drop itself within the "
+        "tolerance) when one test image is worth at most half the tolerance, else 'evidence' (fail only when the "
+        "lower bound is above the tolerance, and say loudly that the split cannot certify it).",
+        "The INT8 search judges agreement on the val images and seeded augmented views of them (never test); a "
+        "later candidate replaces an earlier one only when a one-sided exact sign test over the val images "
+        "favours it at p < 0.05, otherwise the cheaper one stays.",
+        *model_lines(result),
         "speed vs FP32: the FP32 model's time over this model's, through the same runtime, at batch 1 (b1) and "
         "a larger batch, interleaved medians (above 1x is faster). float layers: compute layers the INT8 "
         "model keeps in float.",
@@ -113,6 +119,39 @@ def legend(result) -> list[str]:
         f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores), through the runtime that validated the model "
         "— use `edgetl bench` for careful numbers.",
     ] + _training_line(getattr(result, "training", None) or {})
+
+
+def margin_line(by_margin) -> str:
+    """"agreement 0.998 on 540 clear images, 0.91 on 60 borderline (margin < 0.2)"."""
+    if not isinstance(by_margin, dict) or "clear" not in by_margin:
+        return ""
+    c, b = by_margin["clear"], by_margin["borderline"]
+    fmt = lambda part: "-" if part.get("agreement") is None else f"{part['agreement']:.4f}"  # noqa: E731
+    return (f"agreement {fmt(c)} on {c['n']} clear images, {fmt(b)} on {b['n']} borderline "
+            f"(float top-1 minus top-2 probability < {by_margin.get('threshold', 0.2):g})")
+
+
+def model_lines(result) -> list[str]:
+    """Per model: agreement split by the float model's margin, the gate rule applied, the search's choice."""
+    lines = []
+    for t in result.targets:
+        for m in t.models:
+            met, q = m.get("metrics") or {}, m.get("quantization") or {}
+            parts = [p for p in (margin_line(met.get("agreement_by_margin")),) if p]
+            rule = met.get("gate_rule") or {}
+            if rule:
+                parts.append(f"gate rule {rule.get('applied')}" + ("" if rule.get("certified", True)
+                                                                   else " (NOT CERTIFIED: see the warnings)"))
+            chosen = next((a for a in q.get("attempts", []) if a.get("quantizer") == q.get("chosen")), None)
+            ev = (chosen or {}).get("evidence")
+            if ev:
+                lo, hi = ev.get("agreement_ci95") or (None, None)
+                parts.append(f"search chose {q.get('chosen')}: agreement {ev['top1_agreement']:.4f} "
+                             f"[{lo}, {hi}] on {ev['comparisons']} val comparisons ({ev['images']} images x "
+                             f"{ev['views_per_image']} views)")
+            if parts:
+                lines.append(f"{t.target} {m.get('precision', '?')}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def _training_line(tr: dict) -> list[str]:
@@ -170,15 +209,37 @@ def markdown_changed(result) -> str:
     classes = (result.data or {}).get("classes") or []
     text = ""
     for r in _changed_rows(result):
-        text += f"\n### Changed predictions: {_md(_changed_title(r))}\n\n"
-        for c in r["changed"][:MD_CHANGED_CAP]:
-            where = _md_code(c["file"]) if c.get("file") else f"test image #{c.get('index', '?')}"
-            text += (f"- {where} true {_md(_class(classes, c.get('label')))}: "
-                     f"float {_md(_class(classes, c.get('reference')))} → "
-                     f"{_md(r['precision'])} {_md(_class(classes, c.get('predicted')))}\n")
-        if len(r["changed"]) > MD_CHANGED_CAP:
-            text += f"- {_more(MD_CHANGED_CAP, len(r['changed']))}\n"
+        text += f"\n### Changed predictions: {_md(_changed_title(r))}\n"
+        for kind, items in grouped(r["changed"]):
+            text += f"\n#### {_md(kind)} ({len(items)})\n\n"
+            for c in items[:MD_CHANGED_CAP]:
+                where = _md_code(c["file"]) if c.get("file") else f"test image #{c.get('index', '?')}"
+                text += (f"- {where} true {_md(_class(classes, c.get('label')))}: "
+                         f"float {_md(_class(classes, c.get('reference')))} → "
+                         f"{_md(r['precision'])} {_md(_class(classes, c.get('predicted')))}\n")
+            if len(items) > MD_CHANGED_CAP:
+                text += f"- {_more(MD_CHANGED_CAP, len(items))}\n"
     return text
+
+
+def grouped(changed: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Changed predictions by how they moved: right → wrong, wrong → right, wrong → other wrong."""
+    from .parity import FLIP_KINDS, flip_kind
+
+    def kind(c):
+        k = c.get("kind")
+        if k in FLIP_KINDS:
+            return k
+        try:
+            return flip_kind(int(c["label"]), int(c["reference"]), int(c["predicted"]))
+        except (KeyError, TypeError, ValueError):
+            return "changed"
+
+    groups: dict[str, list[dict]] = {}
+    for c in changed:
+        groups.setdefault(kind(c), []).append(c)
+    order = [*FLIP_KINDS, "changed"]
+    return sorted(groups.items(), key=lambda kv: order.index(kv[0]))
 
 
 def markdown(result) -> str:
@@ -311,29 +372,35 @@ def changed_html(result) -> str:
     cache: dict[str, tuple[str | None, str]] = {}
     sections = []
     for r in _changed_rows(result):
-        figs = []
-        for c in r["changed"][:HTML_CHANGED_CAP]:
-            file = str(c["file"]) if c.get("file") else None
-            caption = (f"true: {_class(classes, c.get('label'))} · float: {_class(classes, c.get('reference'))} "
-                       f"→ {r['precision']}: {_class(classes, c.get('predicted'))}")
-            if file and file not in cache:
-                full = Path(root, file) if root and not Path(file).is_absolute() else Path(file)  # data-relative
-                try:
-                    cache[file] = (thumbnail(full), Path(file).name)
-                except Exception as e:  # a moved or unreadable image must never cost the report
-                    reason = (str(e) or type(e).__name__) if full.exists() else "file not found"
-                    cache[file] = (None, f"{file} ({reason})")
-            data, where = cache[file] if file else (None, f"test image #{c.get('index', '?')} (no file recorded)")
-            pic = (f'<img alt="{esc(caption)}" title="{esc(file)}" src="data:image/png;base64,{data}">' if data else
-                   f'<div class="missing" title="{esc(where)}"></div>')
-            figs.append(f'<figure class="changed">{pic}<figcaption>{esc(caption)}<br>'
-                        f"<small>{esc(where)}</small></figcaption></figure>")
-        more = (f"<p>{esc(_more(HTML_CHANGED_CAP, len(r['changed'])))}</p>"
-                if len(r["changed"]) > HTML_CHANGED_CAP else "")
-        sections.append(f"<h3>{esc(_changed_title(r))}</h3><div>{''.join(figs)}</div>{more}")
+        groups = []
+        for kind, items in grouped(r["changed"]):
+            figs = [_figure(c, r, classes, root, cache) for c in items[:HTML_CHANGED_CAP]]
+            more = f"<p>{esc(_more(HTML_CHANGED_CAP, len(items)))}</p>" if len(items) > HTML_CHANGED_CAP else ""
+            groups.append(f"<h4>{esc(kind)} ({len(items)})</h4><div>{''.join(figs)}</div>{more}")
+        sections.append(f"<h3>{esc(_changed_title(r))}</h3>{''.join(groups)}")
     if not sections:
         return ""
     return "<h2>Changed predictions</h2>" + "".join(sections)
+
+
+def _figure(c: dict, r: dict, classes, root, cache: dict) -> str:
+    """One changed test image: thumbnail (or a blank box when its file cannot be read) and caption."""
+    esc = html.escape
+    file = str(c["file"]) if c.get("file") else None
+    caption = (f"true: {_class(classes, c.get('label'))} · float: {_class(classes, c.get('reference'))} "
+               f"→ {r['precision']}: {_class(classes, c.get('predicted'))}")
+    if file and file not in cache:
+        full = Path(root, file) if root and not Path(file).is_absolute() else Path(file)  # data-relative
+        try:
+            cache[file] = (thumbnail(full), Path(file).name)
+        except Exception as e:  # a moved or unreadable image must never cost the report
+            reason = (str(e) or type(e).__name__) if full.exists() else "file not found"
+            cache[file] = (None, f"{file} ({reason})")
+    data, where = cache[file] if file else (None, f"test image #{c.get('index', '?')} (no file recorded)")
+    pic = (f'<img alt="{esc(caption)}" title="{esc(file)}" src="data:image/png;base64,{data}">' if data else
+           f'<div class="missing" title="{esc(where)}"></div>')
+    return (f'<figure class="changed">{pic}<figcaption>{esc(caption)}<br>'
+            f"<small>{esc(where)}</small></figcaption></figure>")
 
 
 def html_page(result, images: dict[str, str]) -> str:

@@ -1,14 +1,28 @@
-"""The INT8 search: walk the profile's candidates in order, each judged on the validation split.
+"""The INT8 search: walk the profile's candidates in order, each judged on train + val evidence.
 
 A candidate is a chain `step[+step...]`: the first step is a quantizer of the backend (fp32 ONNX
 in, INT8 model out) or a refiner (edgetl/refine/) applied to the float model; every later step is a
 refiner applied to the model before it. "nncf_ptq+head_refit" is NNCF PTQ, then the head refit;
 models built by a chain's prefix are reused by the next candidate. The search does not know what
-a step does: every one is "model in, model out, judged on val".
+a step does: every one is "model in, model out".
 
-The first fully-INT8 candidate that meets the search target is taken. A candidate that keeps
-compute layers in float (mixed precision) is taken only when no fully-INT8 candidate meets it.
-When none meets it, the best attempt goes to the gate. The search never receives the test split.
+Evidence. Agreement with the float model needs no labels, so a candidate is judged on the val
+images *and* seeded augmented views of them (`QuantInputs.evidence_x`, thousands of comparisons
+where val alone has ~100); the accuracy drop, which needs labels, is judged on val.
+
+The rule (deterministic: nothing here reads a clock):
+- The first candidate that builds is the current choice. A later one replaces it only when its
+  advantage is significant on paired evidence: over the val images on whose views exactly one of
+  the two agrees with the float model more often, an exact one-sided sign (McNemar) test at
+  ALPHA. Otherwise the cheaper, earlier one stays. An image counts once, whatever its views.
+- The search stops at the first fully-INT8 choice that meets the search target, and before a
+  candidate that cannot plausibly reach it: when even the current choice with its logit error cut
+  by `quantization.escalate_noise_cut` (0.5: half the quantization noise) stays under the target,
+  the remaining candidates are skipped and recorded as such. (Only for a working choice: one under
+  the gate's agreement floor is broken, not noisy, and the next quantizer is always tried.)
+- A candidate that keeps convolutions in float (mixed precision) ships only when it meets the target,
+  no fully-INT8 choice does, and it is significantly better than the fully-INT8 choice.
+The search never receives the test split.
 """
 
 from __future__ import annotations
@@ -19,9 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import backends, parity
+import numpy as np
+
+from . import parity
 from .artifact import Artifact
-from .errors import EdgetlError, UsageError
+from .backends import QuantInputs
+from .errors import BudgetExceeded, EdgetlError, UsageError
 from .progress import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -51,6 +68,9 @@ def check_candidates(candidates: list[str], backend, source: str) -> None:
                              f"fix: put a quantizer before it (e.g. 'nncf_ptq+{first}')")
 
 
+ALPHA = 0.05  # significance a later candidate needs to replace an earlier one
+
+
 @dataclass
 class Choice:
     artifact: Artifact
@@ -59,7 +79,60 @@ class Choice:
     attempts: list[dict]
 
 
-def run(backend, profile, fp32: Artifact, qins: backends.QuantInputs, refine_inputs, *, tolerances: dict,
+@dataclass
+class _Scored:
+    """A candidate that built and ran, with its evidence."""
+
+    name: str
+    artifact: Artifact
+    agree: np.ndarray  # (val images, 1 + views) bool: agrees with the float model on that row
+    logits: np.ndarray  # its logits on the evidence rows, val first, then the views image-major
+    gate_missed: list[str]
+    missed: list[str]  # of the search target
+    float_nodes: list[str]
+    int8: bool  # no convolution left in float
+    attempt: dict
+    broken: bool = False  # agreement under the gate's floor (min_top1_agreement): broken, not noisy
+
+
+def evidence_reference(qins: QuantInputs) -> np.ndarray:
+    """The float logits on every evidence row: val, then the val views image-major."""
+    parts = [qins.val_reference_logits]
+    if qins.evidence_views:
+        parts.append(qins.evidence_reference_logits)
+    return np.concatenate(parts)
+
+
+def _agreement(logits: np.ndarray, qins: QuantInputs) -> np.ndarray:
+    n, k = len(qins.val_y), qins.evidence_views
+    same = logits.argmax(1) == evidence_reference(qins).argmax(1)
+    return np.column_stack([same[:n], same[n:].reshape(n, k)]) if k else same[:, None]
+
+
+def _interval(agree: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:
+    """95 % interval of the agreement, resampling val images (rows of one image are not independent)."""
+    per_image = agree.mean(1)
+    idx = np.random.default_rng(seed).integers(0, len(per_image), size=(n_boot, len(per_image)))
+    boot = per_image[idx].mean(1)
+    return [round(float(np.percentile(boot, 2.5)), 5), round(float(np.percentile(boot, 97.5)), 5)]
+
+
+def compare(new: np.ndarray, old: np.ndarray) -> dict:
+    """Paired evidence that `new` agrees with the float model more often than `old`: val images whose
+    views favour one of the two, and the one-sided sign test's p-value."""
+    diff = new.sum(1).astype(np.int64) - old.sum(1).astype(np.int64)
+    better, worse = int((diff > 0).sum()), int((diff < 0).sum())
+    return {"images_better": better, "images_worse": worse, "p_value": parity.sign_test_p(better, worse)}
+
+
+def projected_agreement(logits: np.ndarray, reference: np.ndarray, noise_cut: float) -> float:
+    """Agreement if the model's logit error were cut by `noise_cut` (0.5: halved): an optimistic
+    reach for the next candidate, read from this one's evidence."""
+    shrunk = reference + (1.0 - noise_cut) * (logits - reference)
+    return float((shrunk.argmax(1) == reference.argmax(1)).mean())
+
+
+def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, tolerances: dict,
         target_agreement: float, candidates: list[str], make_runner: Callable, classes: list[str], seed: int,
         work: Path, progress: Progress = NullProgress()) -> Choice:
     """Walk `candidates`; see the module docstring."""
@@ -68,7 +141,10 @@ def run(backend, profile, fp32: Artifact, qins: backends.QuantInputs, refine_inp
     known = refiners()
     built: dict[tuple[str, ...], Artifact] = {}
     attempts: list[dict] = []
-    best_int8 = best_any = None
+    int8: _Scored | None = None  # the current fully-INT8 choice
+    mixed: _Scored | None = None  # the current choice among those that keep convolutions in float
+    reference = evidence_reference(qins)
+    noise_cut = profile.quantization.escalate_noise_cut
 
     def build(steps: tuple[str, ...]) -> Artifact:
         if steps in built:
@@ -82,50 +158,108 @@ def run(backend, profile, fp32: Artifact, qins: backends.QuantInputs, refine_inp
         built[steps] = art
         return art
 
-    for cand in candidates:
-        steps = tuple(steps_of(cand))
-        progress.stage(f"{profile.name}: quantize ({cand})")
-        t0 = time.perf_counter()
-        try:
-            made = build(steps)
-            art = replace(made, meta={**made.meta, "candidate": cand})
-            runner = make_runner(art)
-            val_logits = parity.logits_of(runner, qins.val_x, progress=progress, description=f"{cand} (val)")
-            float_nodes = backend.float_nodes(art)
-            # A float classifier head (one small Gemm) costs no measurable speed; a float convolution does.
-            compute_float = backend.float_nodes(art, convolutions_only=True)
-        except UsageError:
-            raise
-        except Exception as e:  # a candidate that fails to build or to run is recorded; the next one goes on
-            message = str(e) if isinstance(e, EdgetlError) else f"{type(e).__name__}: {e}"
-            log.warning("candidate %s failed: %s", cand, message)
-            log.debug("candidate %s failed", cand, exc_info=True)
-            attempts.append({"quantizer": cand, "error": message, "seconds": round(time.perf_counter() - t0, 2)})
+    for k, cand in enumerate(candidates):
+        current = int8 or mixed
+        if int8 is not None and not int8.missed:
+            break  # the first fully-INT8 choice that meets the search target
+        if current is not None and not current.broken:  # a broken model (under the agreement floor) says nothing
+            reach = projected_agreement(current.logits, reference, noise_cut)
+            if reach < target_agreement:
+                for rest in candidates[k:]:
+                    attempts.append({"quantizer": rest, "skipped": (
+                        f"{current.name} agrees {current.agree.mean():.4f} on the evidence; with its logit error cut "
+                        f"by {noise_cut:g} it would agree {reach:.4f} < {target_agreement:g}: no later candidate "
+                        "can plausibly reach the search target (quantization.escalate_noise_cut)")})
+                break
+        scored = _score(cand, build, backend, profile, qins, make_runner, classes, seed, tolerances,
+                        target_agreement, progress, attempts)
+        if scored is None:
             continue
-        rep = parity.evaluate(qins.val_reference_logits, val_logits, qins.val_y, classes, seed=seed, split="val")
-        gate_missed = parity.misses(rep, **tolerances, drop_by_ci=True)
-        missed = parity.misses(rep, max_accuracy_drop_pp=tolerances["max_accuracy_drop_pp"],
-                               min_top1_agreement=target_agreement, drop_by_ci=True)
-        attempt = {"quantizer": cand, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
-                   "val_top1_agreement": rep.top1_agreement, "val_misses": missed,
-                   "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),
-                   "seconds": round(time.perf_counter() - t0, 2)}
-        for step in ("qat", "refit"):  # what the refiners chose (on train + val), for the report
-            if step in art.meta:
-                attempt[step] = {k: v for k, v in art.meta[step].items() if k != "path"}
-        attempts.append(attempt)
-        key = (not gate_missed, not missed, not compute_float, rep.top1_agreement, -rep.accuracy_drop_pp)
-        entry = (key, art, gate_missed, float_nodes)
-        if best_any is None or key > best_any[0]:
-            best_any = entry
-        if not compute_float and (best_int8 is None or key > best_int8[0]):
-            best_int8 = entry
-        if not missed and not compute_float:
-            break  # the first fully-INT8 candidate that meets the search
-    if best_any is None:
+        attempts.append(scored.attempt)
+        old = int8 if scored.int8 else mixed
+        if old is None:
+            scored.attempt["decision"] = "chosen (first that built)" if current is None else "chosen"
+        else:
+            test = compare(scored.agree, old.agree)
+            scored.attempt["versus"] = {"candidate": old.name, **test}
+            if test["p_value"] >= ALPHA:
+                scored.attempt["decision"] = f"kept {old.name}: not significantly better (p = {test['p_value']:.3g})"
+                continue
+            scored.attempt["decision"] = f"replaces {old.name} (p = {test['p_value']:.3g})"
+        if scored.int8:
+            int8 = scored
+        else:
+            mixed = scored
+    if int8 is None and mixed is None:
         raise EdgetlError(f"target '{profile.name}': every quantization candidate failed: "
-                          + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts))
-    met_int8 = best_int8 is not None and best_int8[0][1]
-    chosen = best_int8 if met_int8 else best_any
-    return Choice(chosen[1], chosen[2], chosen[3], attempts)
+                          + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts if "error" in a))
+    chosen = int8 or mixed
+    if int8 is not None and int8.missed and mixed is not None and not mixed.missed:
+        test = compare(mixed.agree, int8.agree)
+        if test["p_value"] < ALPHA:  # mixed precision: met, nothing fully INT8 did, and clearly better
+            chosen = mixed
+    return Choice(replace(chosen.artifact, meta={**chosen.artifact.meta, "candidate": chosen.name}),
+                  chosen.gate_missed, chosen.float_nodes, attempts)
 
+
+def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make_runner: Callable,
+           classes: list[str], seed: int, tolerances: dict, target_agreement: float, progress: Progress,
+           attempts: list[dict]) -> _Scored | None:
+    """Build and run one candidate on the evidence; a failure is recorded in `attempts` (None)."""
+    progress.stage(f"{profile.name}: quantize ({cand})")
+    t0 = time.perf_counter()
+    try:
+        made = build(tuple(steps_of(cand)))
+        art = replace(made, meta={**made.meta, "candidate": cand})
+        runner = make_runner(art)
+        parts = [parity.logits_of(runner, qins.val_x, progress=progress, description=f"{cand} (val)")]
+        if qins.evidence_views:
+            parts.append(parity.logits_of(runner, qins.evidence_x, progress=progress,
+                                          description=f"{cand} (val views)"))
+        logits = np.concatenate(parts)
+        float_nodes = backend.float_nodes(art)
+        # A float classifier head (one small Gemm) costs no measurable speed; a float convolution does.
+        compute_float = backend.float_nodes(art, convolutions_only=True)
+    except UsageError:
+        raise
+    except Exception as e:  # a candidate that fails to build or to run is recorded; the next one goes on
+        message = str(e) if isinstance(e, EdgetlError) else f"{type(e).__name__}: {e}"
+        log.warning("candidate %s failed: %s", cand, message)
+        log.debug("candidate %s failed", cand, exc_info=True)
+        attempts.append({"quantizer": cand, "error": message, "seconds": round(time.perf_counter() - t0, 2),
+                         **({"dropped_by_time_limit": True} if isinstance(e, BudgetExceeded) else {})})
+        return None
+    n = len(qins.val_y)
+    rep = parity.evaluate(qins.val_reference_logits, logits[:n], qins.val_y, classes, seed=seed, split="val")
+    agree = _agreement(logits, qins)
+    rate = float(agree.mean())
+    drop_only = dict(max_accuracy_drop_pp=tolerances["max_accuracy_drop_pp"], min_top1_agreement=0.0,
+                     drop_by_ci=True)
+    gate_missed = parity.misses(rep, **drop_only)
+    missed = list(gate_missed)
+    broken = rate < tolerances["min_top1_agreement"] - 1e-9
+    if broken:
+        gate_missed.append(f"top-1 agreement {rate:.4f} < {tolerances['min_top1_agreement']:g} "
+                           f"({agree.size} val images and views)")
+    if rate < target_agreement - 1e-9:
+        missed.append(f"top-1 agreement {rate:.4f} < {target_agreement:g} ({agree.size} val images and views)")
+    attempt = {"quantizer": cand, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
+               "val_top1_agreement": rep.top1_agreement,
+               "evidence": {"images": int(agree.shape[0]), "views_per_image": int(agree.shape[1]),
+                            "comparisons": int(agree.size), "top1_agreement": round(rate, 5),
+                            "agreement_ci95": _interval(agree, seed),
+                            "by_margin": parity.agreement_by_margin(evidence_reference(qins), _rows(agree))},
+               "val_misses": missed, "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    from .refine import refiners
+
+    for refiner in refiners().values():  # what the refiners chose (on train + val), for the report
+        key = getattr(refiner, "record_key", None)
+        if key and key in art.meta:
+            attempt[key] = {k: v for k, v in art.meta[key].items() if k != "path"}
+    return _Scored(cand, art, agree, logits, gate_missed, missed, float_nodes, not compute_float, attempt, broken)
+
+
+def _rows(agree: np.ndarray) -> np.ndarray:
+    """The agreement matrix back in evidence-row order: val first, then the views image-major."""
+    return np.concatenate([agree[:, 0], agree[:, 1:].reshape(-1)])

@@ -28,7 +28,7 @@ from .launch import SINGLE, Ranks
 from .loader import stream
 from .progress import NullProgress, Progress
 from .recipe import TrainSection
-from .views import EpochSamples, TrainViews
+from .views import AUGMENT_VERSION, EpochSamples, TrainViews
 
 log = logging.getLogger(__name__)
 FEATURE_BATCH = 16
@@ -96,7 +96,8 @@ def trunk_runtime(fit: Fit) -> str:
     import torch
 
     if fit.cuda:
-        return f"torch-{torch.__version__}-cuda-fp32"
+        gpu = torch.cuda.get_device_name(torch.device(fit.device))
+        return f"torch-{torch.__version__}-cuda-{torch.version.cuda}-cudnn-{torch.backends.cudnn.version()}-{gpu}-fp32"
     import onnxruntime as ort
 
     return f"onnxruntime-{ort.__version__}-cpu-fp32"
@@ -125,10 +126,16 @@ def trunk_rows(trunk, contract: dict, fit: Fit, tmp: Path, check: np.ndarray):
 
 def feature_namespace(spec_name: str, weights_sha256: str, contract: dict) -> dict:
     """What a cached row depends on besides the image, its view and the runtime (see features.py)."""
+    import PIL
+    import torchvision
+
     from . import __version__
 
+    # The rows are pixels through the trunk: what decodes and resizes them (Pillow), what augments
+    # them (edgetl's augmentation, drawn by torchvision's functional ops) changes them too.
     return {"format": features.FORMAT, "edgetl": __version__, "backbone": spec_name,
-            "weights_sha256": weights_sha256, "contract": contract}
+            "weights_sha256": weights_sha256, "contract": contract, "pillow": PIL.__version__,
+            "torchvision": torchvision.__version__, "augment": AUGMENT_VERSION}
 
 
 def _view_rows(views: TrainViews, run, fit: Fit, cache, stats, description: str):
@@ -239,9 +246,12 @@ def _fit(param_groups, *, steps: int, train_epoch, val_logits, y_val, snapshot, 
             loss.backward()
             opt.step()
         else:
+            scale = scaler.get_scale()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if scaler.get_scale() < scale:
+                return  # inf/NaN gradients: the scaler skipped this step, so the schedule does not move
         sched.step()
 
     best = (-1.0, float("inf"))

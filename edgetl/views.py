@@ -16,23 +16,53 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
 from .runtime.preprocess import load_rgb, preprocess, to_tensor
 
-_VIEW, _EPOCH = 0, 1  # seed domains: training views / fine-tune epochs
+_VIEW, _EPOCH, _EVIDENCE = 0, 1, 2  # seed domains: training views / fine-tune epochs / val evidence views
 
 
-def augmenter(contract: dict):
-    """Random crop, flip and colour jitter, then the bundle's own tensor conversion."""
-    from torchvision import transforms as T
+# Augmentation: random resized crop (area 0.55-1, aspect 3/4-4/3), horizontal flip, colour jitter
+# (brightness, contrast, saturation 0.25, hue 0.02, in a random order). Every parameter is drawn from
+# a generator of the sample's own (numpy, local): no process-global state, so target threads
+# (--jobs) and DataLoader workers make the same view whatever runs beside them.
+AUGMENT_VERSION = 2  # part of the feature cache's namespace: bump when a view's pixels change
+CROP_SCALE, CROP_RATIO = (0.55, 1.0), (3 / 4, 4 / 3)
+JITTER, HUE = 0.25, 0.02
 
-    pipe = T.Compose([T.RandomResizedCrop(tuple(contract["input_size"]), scale=(0.55, 1.0), antialias=True),
-                      T.RandomHorizontalFlip(),
-                      T.ColorJitter(0.25, 0.25, 0.25, 0.02)])
-    return lambda img: to_tensor(pipe(img), contract)
+
+def _crop_box(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop of CROP_SCALE of the area and CROP_RATIO aspect."""
+    area, lo, hi = width * height, np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])
+    for _ in range(10):
+        target, aspect = area * rng.uniform(*CROP_SCALE), float(np.exp(rng.uniform(lo, hi)))
+        w, h = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    side = min(width, height)  # no fit in ten draws (extreme aspect): the centred square
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def augment_image(img, contract: dict, seed: int):
+    """The augmented PIL image (at the model's input size) of `img` for a sample seed."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    rng = np.random.default_rng(seed)
+    top, left, h, w = _crop_box(rng, *img.size)
+    out = F.resized_crop(img, top, left, h, w, list(contract["input_size"]), InterpolationMode.BILINEAR,
+                         antialias=True)
+    if rng.random() < 0.5:
+        out = F.hflip(out)
+    factors = rng.uniform(1 - JITTER, 1 + JITTER, 3).tolist()
+    hue = float(rng.uniform(-HUE, HUE))
+    ops = (lambda im: F.adjust_brightness(im, factors[0]), lambda im: F.adjust_contrast(im, factors[1]),
+           lambda im: F.adjust_saturation(im, factors[2]), lambda im: F.adjust_hue(im, hue))
+    for k in rng.permutation(4).tolist():
+        out = ops[k](out)
+    return out
 
 
 def image_id(sha256: str) -> list[int]:
@@ -46,28 +76,12 @@ def sample_seed(seed: int, domain: int, step: int, sha256: str) -> int:
     return int(words.view(np.uint64)[0] >> 1)
 
 
-def seeded(fn, seed: int):
-    """fn() with torch's global generator seeded (torchvision's transforms draw from it), restored after."""
-    import torch
-
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return fn()
-    finally:
-        torch.random.set_rng_state(state)
-
-
 class _Decoder:
     """Decodes items' files; the last decoded image is kept (consecutive views of an image share it)."""
 
     def __init__(self, items: Sequence, contract: dict):
         self.items, self.contract = items, contract
         self._last: tuple[int, object] | None = None
-
-    @cached_property
-    def augment(self):
-        return augmenter(self.contract)
 
     def image(self, i: int):
         if self._last is None or self._last[0] != i:
@@ -77,8 +91,11 @@ class _Decoder:
     def clean(self, i: int) -> np.ndarray:
         return preprocess(self.image(i), self.contract)
 
+    def augmented_image(self, i: int, domain: int, step: int, seed: int):
+        return augment_image(self.image(i), self.contract, sample_seed(seed, domain, step, self.items[i].sha256))
+
     def augmented(self, i: int, domain: int, step: int, seed: int) -> np.ndarray:
-        return seeded(lambda: self.augment(self.image(i)), sample_seed(seed, domain, step, self.items[i].sha256))
+        return to_tensor(self.augmented_image(i, domain, step, seed), self.contract)
 
 
 class _ViewSamples(_Decoder):
@@ -95,6 +112,24 @@ class _ViewSamples(_Decoder):
         i, view = divmod(int(k), self.per)
         x = self.clean(i) if view == 0 else self.augmented(i, _VIEW, view, self.seed)
         return x, self.items[i].label
+
+
+class EvidenceCrops(_Decoder):
+    """Map-style dataset: row k -> (uint8 HWC crop, label) of val image k // n in its augmented view
+    k % n + 1 (seeded by seed, view and image content): more images for the search's agreement
+    evidence, which needs no labels. What `loader.Split.write` stores."""
+
+    def __init__(self, items: Sequence, contract: dict, n_views: int, seed: int):
+        super().__init__(items, contract)
+        self.n_views, self.seed = n_views, seed
+
+    def __len__(self) -> int:
+        return len(self.items) * self.n_views
+
+    def __getitem__(self, k: int):
+        i, view = divmod(int(k), self.n_views)
+        img = self.augmented_image(i, _EVIDENCE, view + 1, self.seed)
+        return np.asarray(img, dtype=np.uint8), self.items[i].label
 
 
 class EpochSamples(_Decoder):

@@ -123,3 +123,22 @@ def test_predict_and_info_commands(built, tiny_data):
     assert [p["label"] for p in json.loads(res.stdout)["predictions"]] == ["blue", "green"]
     info = runner.invoke(cli, ["info", str(built["bundle"])])
     assert info.exit_code == 0 and "mobilenet_v2" in info.output and "blue, green, red" in info.output
+
+
+def test_info_on_an_edited_manifest_says_so_in_one_line(built, tmp_path):
+    """`models` edited into a list: not a traceback but 'not intact' (exit 1); re-sealed with a
+    recomputed digest (a forger's edit), the shape is refused in one line too."""
+    from edgetl.runtime.integrity import digest
+
+    copy = shutil.copytree(built["bundle"], tmp_path / "b")
+    m = json.loads((copy / "manifest.json").read_text())
+    m["models"] = list(m["models"].values())
+    (copy / "manifest.json").write_text(json.dumps(m))
+    res = CliRunner().invoke(cli, ["info", str(copy)])
+    assert res.exit_code == 1 and "does not match its digest" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["info", str(copy), "--json"])
+    assert res.exit_code == 1 and json.loads(res.stdout)["exit_code"] == 1
+    m["digest"] = digest(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    res = CliRunner().invoke(cli, ["info", str(copy)])
+    assert res.exit_code == 1 and "not shaped as edgetl writes it" in res.output

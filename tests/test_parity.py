@@ -101,8 +101,10 @@ def test_evaluate_lists_changed_predictions_and_bounds():
     rep = parity.evaluate(_logits(ref_pred), _logits(pred), labels, ["a", "b", "c"])
     assert [c["index"] for c in rep.changed] == [3, 10, 11, 50, 99]
     assert rep.changed[0] == {"index": 3, "label": int(labels[3]), "reference": int(ref_pred[3]),
-                              "predicted": int(pred[3])}
-    assert all(isinstance(v, int) for c in rep.changed for v in c.values())  # JSON-ready
+                              "predicted": int(pred[3]), "kind": "right → wrong"}
+    assert [c["kind"] for c in rep.changed] == ["right → wrong", "wrong → right", "wrong → other wrong",
+                                                "right → wrong", "right → wrong"]
+    assert all(isinstance(v, int) for c in rep.changed for k, v in c.items() if k != "kind")  # JSON-ready
     assert rep.discordant == {"reference_only_correct": 3, "target_only_correct": 1}
     assert rep.drop_upper95_pp == pytest.approx(parity.drop_upper_bound_pp(3, 1, 228))
     assert rep.drop_upper95_pp >= rep.accuracy_drop_pp == pytest.approx(2 / 228 * 100, abs=1e-4)
@@ -126,3 +128,83 @@ def test_report_fields_have_defaults_for_old_callers():
                               drop_ci95_pp=(0.0, 30.0), top1_agreement=0.9, logits_cosine_mean=0.99,
                               logits_cosine_min=0.9, sqnr_db=20.0)
     assert rep.drop_upper95_pp == 0.0 and rep.agreement_lower95 == 0.0 and rep.changed == []
+
+
+def _discordant(n: int, reference_only: int, model_only: int, wrong_both: int = 0):
+    """A report on n images: the float model right on all but `wrong_both` + `model_only`; the model
+    differs on `reference_only` (wrong where the float is right), `model_only` (right where it is wrong)
+    and `wrong_both` (both wrong, with different classes)."""
+    labels = np.arange(n) % 4
+    ref_pred, pred = labels.copy(), labels.copy()
+    pred[:reference_only] = (labels[:reference_only] + 1) % 4
+    sl = slice(reference_only, reference_only + model_only)
+    ref_pred[sl] = (labels[sl] + 1) % 4
+    sl = slice(reference_only + model_only, reference_only + model_only + wrong_both)
+    ref_pred[sl], pred[sl] = (labels[sl] + 2) % 4, (labels[sl] + 3) % 4  # both wrong, differently
+    return parity.evaluate(_logits(ref_pred, 4), _logits(pred, 4), labels, list("abcd"))
+
+
+def test_point_gate_on_the_edge_of_its_tolerance():
+    """n = 100: one net image is 1 pp, exactly the tolerance (passes); two are 2 pp (miss)."""
+    tol = dict(max_accuracy_drop_pp=1.0, min_top1_agreement=0.9)
+    assert parity.gate_misses(_discordant(100, 1, 0), **tol, rule="point") == ([], [])
+    found, _ = parity.gate_misses(_discordant(100, 2, 0), **tol, rule="point")
+    assert len(found) == 1 and found[0].startswith("accuracy drop 2.00 pp > 1 pp")
+    # agreement floor on its edge: 90 of 100 agree passes, 89 misses (net drop 0: 5 up, 5 down)
+    assert parity.gate_misses(_discordant(100, 5, 5), **tol, rule="point") == ([], [])
+    found, _ = parity.gate_misses(_discordant(100, 5, 5, wrong_both=1), **tol, rule="point")
+    assert found == ["top-1 agreement 0.8900 < 0.9"]
+
+
+def test_non_finite_logits_miss_the_gate():
+    rep = _discordant(100, 0, 0)
+    rep.logits_cosine_mean = float("nan")
+    found, _ = parity.gate_misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.9)
+    assert found == ["logits are not finite"]
+
+
+def test_evidence_gate_fails_only_what_is_shown_worse_and_says_what_it_cannot_certify():
+    """46 test images (one = 2.17 pp): a one-image net loss is not evidence of a 1 pp drop; it passes,
+    loudly NOT CERTIFIED, naming the images needed. Ten images lost net is shown worse: a miss."""
+    tol = dict(max_accuracy_drop_pp=1.0, min_top1_agreement=0.5)
+    one = _discordant(46, 1, 0)
+    assert parity.gate_misses(one, **tol, rule="point")[0]  # the point rule fails it
+    found, warnings = parity.gate_misses(one, **tol, rule="evidence")
+    assert found == [] and len(warnings) == 1
+    assert warnings[0].startswith("NOT CERTIFIED") and "about 200 test images" in warnings[0]
+    bad = _discordant(46, 10, 0)
+    assert bad.drop_lower95_pp > 1.0
+    found, _ = parity.gate_misses(bad, **tol, rule="evidence")
+    assert found and "lower bound" in found[0] and "'evidence'" in found[0]
+    # a clean model on a small split is certified: no discordant image, no warning
+    assert parity.gate_misses(_discordant(46, 0, 0), **tol, rule="evidence") == ([], [])
+
+
+def test_auto_rule_takes_the_point_estimate_only_where_one_image_is_worth_half_the_tolerance():
+    assert parity.resolve_rule("auto", 200, 1.0) == "point"
+    assert parity.resolve_rule("auto", 199, 1.0) == "evidence"
+    assert parity.resolve_rule("auto", 46, 1.0) == "evidence"
+    assert parity.resolve_rule("auto", 400, 0.5) == "point"
+    assert parity.resolve_rule("point", 10, 1.0) == "point"
+    assert parity.resolve_rule("evidence", 10**6, 1.0) == "evidence"
+
+
+def test_drop_lower_bound_mirrors_the_upper_one():
+    rep = _discordant(228, 3, 1)
+    assert rep.drop_lower95_pp == pytest.approx(-parity.drop_upper_bound_pp(1, 3, 228))
+    assert rep.drop_lower95_pp <= rep.accuracy_drop_pp <= rep.drop_upper95_pp
+
+
+def test_agreement_by_margin_splits_clear_from_borderline():
+    ref = np.array([[5.0, 0.0], [0.1, 0.0], [0.0, 4.0], [0.0, 0.05]])  # clear, borderline, clear, borderline
+    same = np.array([True, False, True, True])
+    got = parity.agreement_by_margin(ref, same)
+    assert got["clear"] == {"n": 2, "agreement": 1.0, "flips": 0}
+    assert got["borderline"] == {"n": 2, "agreement": 0.5, "flips": 1}
+
+
+def test_sign_test_known_values():
+    assert parity.sign_test_p(5, 0) == pytest.approx(1 / 32)
+    assert parity.sign_test_p(4, 0) == pytest.approx(1 / 16)
+    assert parity.sign_test_p(0, 0) == 1.0
+    assert parity.sign_test_p(6, 2) == pytest.approx((28 + 8 + 1) / 256)  # P(X >= 6), X ~ Bin(8, 1/2)

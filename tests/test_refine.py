@@ -161,19 +161,25 @@ class _FakeBackend:
         return [f"conv{i}" for i in range(self.outcomes[art.meta["quantizer"]][1])]
 
 
-def _run_search(tmp_path, outcomes, candidates):
+def _run_search(tmp_path, outcomes, candidates, noise_cut=1.0, views=0, flips=None):
+    """outcomes: name -> (share of val images agreeing on every row, float convolutions); the rest of
+    the images flip on every row (or on the rows `flips(name, image)` says), with a large logit error."""
     n = 100
-    ref = np.tile(np.eye(2), (n // 2, 1))
-    y = ref.argmax(1)
+    ref_val = np.tile(np.eye(2) * 4, (n // 2, 1))
+    ref_views = np.repeat(ref_val, views, axis=0)
+    ref = np.concatenate([ref_val, ref_views])
+    image = np.concatenate([np.arange(n), np.repeat(np.arange(n), views)])
+    y = ref_val.argmax(1)
     backend = _FakeBackend(outcomes)
 
     class Runner:
         def __init__(self, art):
-            frac = outcomes[art.meta["quantizer"]][0]
+            name = art.meta["quantizer"]
+            frac = outcomes[name][0]
             if frac > 1:
                 raise RuntimeError("the runtime refused the model")
-            self.out = ref.copy()
-            self.out[int(frac * n):] = ref[int(frac * n):, ::-1]  # the rest flip
+            flipped = (image >= int(round(frac * n))) if flips is None else flips(name, image)
+            self.out = np.where(flipped[:, None], ref[:, ::-1], ref)
 
         def logits(self, xb):
             i = int(xb[0, 0])
@@ -181,8 +187,11 @@ def _run_search(tmp_path, outcomes, candidates):
 
     fp32 = tmp_path / "m.onnx"
     fp32.write_bytes(b"x")
-    qins = QuantInputs(np.zeros((2, 1)), np.arange(n, dtype=np.float32)[:, None], y, ref, 1.0, 0.97, 0)
-    profile = TargetProfile(name="t", backend="fake", quantization={"quantizers": candidates})
+    rows = np.arange(len(ref), dtype=np.float32)[:, None]
+    qins = QuantInputs(np.zeros((2, 1)), rows[:n], y, ref_val, 1.0, 0.97, 0, rows[n:] if views else None,
+                       ref_views if views else None, views)
+    profile = TargetProfile(name="t", backend="fake", quantization={"quantizers": candidates,
+                                                                    "escalate_noise_cut": noise_cut})
     choice = search.run(backend, profile, Artifact(fp32, "fp32", "0"), qins, None,
                         tolerances={"max_accuracy_drop_pp": 1.0, "min_top1_agreement": 0.9},
                         target_agreement=0.97, candidates=candidates, make_runner=Runner, classes=["a", "b"],
@@ -194,14 +203,70 @@ def test_search_stops_at_the_first_fully_int8_candidate_that_meets(tmp_path):
     choice, backend = _run_search(tmp_path, {"a": (0.9, 0), "b": (0.98, 0), "c": (1.0, 0)}, ["a", "b", "c"])
     assert choice.artifact.meta["candidate"] == "b" and backend.calls == ["a", "b"]
     assert [a["quantizer"] for a in choice.attempts] == ["a", "b"] and not choice.val_missed
+    assert choice.attempts[1]["versus"] == {"candidate": "a", "images_better": 8, "images_worse": 0,
+                                            "p_value": pytest.approx(0.5 ** 8)}
+
+
+def test_a_later_candidate_replaces_an_earlier_one_only_when_significantly_better(tmp_path):
+    """b agrees on 4 more images than a (p = 1/16 > 0.05): the cheaper a stays although both miss."""
+    choice, backend = _run_search(tmp_path, {"a": (0.92, 0), "b": (0.96, 0)}, ["a", "b"])
+    assert backend.calls == ["a", "b"] and choice.artifact.meta["candidate"] == "a"
+    assert choice.attempts[1]["decision"].startswith("kept a: not significantly better")
+    # 5 images better, none worse: p = 1/32 < 0.05
+    choice, _ = _run_search(tmp_path, {"a": (0.92, 0), "b": (0.97, 0)}, ["a", "b"])
+    assert choice.artifact.meta["candidate"] == "b" and choice.attempts[1]["decision"].startswith("replaces a")
+
+
+def test_the_sign_test_counts_images_not_views(tmp_path):
+    """With 9 views an image, b is better on 3 images x 10 rows: 30 rows, but 3 images (p = 1/8): a stays.
+    The evidence (val + views) is what the agreement is judged on."""
+    choice, _ = _run_search(tmp_path, {"a": (0.90, 0), "b": (0.93, 0)}, ["a", "b"], views=9)
+    assert choice.artifact.meta["candidate"] == "a"
+    ev = choice.attempts[0]["evidence"]
+    assert ev["comparisons"] == 1000 and ev["views_per_image"] == 10 and ev["top1_agreement"] == pytest.approx(0.9)
+    lo, hi = ev["agreement_ci95"]
+    assert lo < 0.9 < hi and hi - lo > 0.05  # resampled by image: 100 images, not 1000 independent rows
+    assert choice.attempts[1]["versus"]["images_better"] == 3
+
+
+def test_views_count_in_the_agreement(tmp_path):
+    """Agreeing on every clean val image is not enough when the views of 10 images flip: 0.91 < 0.97."""
+    choice, _ = _run_search(tmp_path, {"a": (1.0, 0)}, ["a"], views=9,
+                            flips=lambda name, image: np.r_[np.zeros(100, bool), np.repeat(np.arange(100) < 10, 9)])
+    ev = choice.attempts[0]["evidence"]
+    assert choice.attempts[0]["val_top1_agreement"] == 1.0 and ev["top1_agreement"] == pytest.approx(0.91)
+    assert choice.attempts[0]["val_misses"] and "1000 val images and views" in choice.attempts[0]["val_misses"][-1]
+
+
+def test_the_search_skips_what_cannot_plausibly_reach_the_target(tmp_path):
+    """Flips with a logit error larger than the margin: halving the error still flips them, so the
+    later candidates are not run, and are recorded as skipped."""
+    choice, backend = _run_search(tmp_path, {"a": (0.9, 0), "b": (1.0, 0), "c": (1.0, 0)}, ["a", "b", "c"],
+                                  noise_cut=0.5)
+    assert backend.calls == ["a"] and choice.artifact.meta["candidate"] == "a"
+    assert [a["quantizer"] for a in choice.attempts] == ["a", "b", "c"]
+    assert all("no later candidate can plausibly reach" in a["skipped"] for a in choice.attempts[1:])
+    # a broken first candidate (under the gate's 0.9 agreement floor) never stops the search
+    choice, backend = _run_search(tmp_path, {"a": (0.5, 0), "b": (1.0, 0)}, ["a", "b"], noise_cut=0.5)
+    assert backend.calls == ["a", "b"] and choice.artifact.meta["candidate"] == "b"
+    # escalate_noise_cut 1 (the next candidate might remove the error entirely): the search goes on
+    choice, backend = _run_search(tmp_path, {"a": (0.9, 0), "b": (1.0, 0)}, ["a", "b"], noise_cut=1.0)
+    assert backend.calls == ["a", "b"] and choice.artifact.meta["candidate"] == "b"
 
 
 def test_search_prefers_fully_int8_over_float_layers(tmp_path):
     """Mixed precision meets the target first, but a later fully-INT8 candidate meets it too: INT8 wins."""
     choice, _ = _run_search(tmp_path, {"mp": (1.0, 3), "q": (0.98, 0)}, ["mp", "q"])
     assert choice.artifact.meta["candidate"] == "q" and choice.float_nodes == []
+    # nothing INT8 met it, and mixed precision is significantly better: it ships
+    choice, _ = _run_search(tmp_path, {"q": (0.90, 0), "mp": (0.99, 3)}, ["q", "mp"])
+    assert choice.artifact.meta["candidate"] == "mp" and len(choice.float_nodes) == 3
+    # mixed precision met the target, but is not significantly better than the fully-INT8 model: INT8 ships
     choice, _ = _run_search(tmp_path, {"q": (0.95, 0), "mp": (0.99, 3)}, ["q", "mp"])
-    assert choice.artifact.meta["candidate"] == "mp" and len(choice.float_nodes) == 3  # nothing INT8 met it
+    assert choice.artifact.meta["candidate"] == "q" and choice.float_nodes == []
+    # every candidate misses: the fully-INT8 one ships even though mixed precision agrees more
+    choice, _ = _run_search(tmp_path, {"q": (0.90, 0), "mp": (0.96, 3)}, ["q", "mp"])
+    assert choice.artifact.meta["candidate"] == "q"
 
 
 def test_search_records_a_crashing_candidate_and_goes_on(tmp_path):
@@ -210,6 +275,14 @@ def test_search_records_a_crashing_candidate_and_goes_on(tmp_path):
     # a model that builds but cannot be run is recorded the same way
     choice, _ = _run_search(tmp_path, {"unloadable": (2.0, 0), "q": (0.99, 0)}, ["unloadable", "q"])
     assert "error" in choice.attempts[0] and choice.artifact.meta["candidate"] == "q"
+
+
+def test_every_candidate_crashing_is_an_internal_error(tmp_path):
+    from edgetl.errors import EdgetlError
+
+    with pytest.raises(EdgetlError, match="every quantization candidate failed") as e:
+        _run_search(tmp_path, {"boom": None, "bang": None}, ["boom", "bang"])
+    assert e.value.exit_code == 3
 
 
 def test_unknown_step_or_refiner_first_is_a_usage_error(tmp_path):
@@ -225,6 +298,14 @@ def test_unknown_step_or_refiner_first_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="qat only first"):  # QAT starts from the float model
         search.check_candidates(["nncf_ptq+qat"], backend, "p.toml")
     search.check_candidates(["qat+head_refit", "nncf_ptq+head_refit"], backend, "p.toml")
+
+
+def test_qat_plan_is_a_function_of_the_data_size_alone():
+    from edgetl.refine.qat import plan
+
+    assert plan(n_views=160, epochs=2, max_steps=96, checkpoints=4) == (20, [5, 10, 15, 20])
+    assert plan(n_views=2040, epochs=2, max_steps=96, checkpoints=4) == (96, [24, 48, 72, 96])
+    assert plan(n_views=10, epochs=1, max_steps=96, checkpoints=4) == (1, [1])
 
 
 def test_refine_inputs_carry_no_test_data():
@@ -293,12 +374,15 @@ def test_qat_exports_onnx_that_onnxruntime_fuses_and_openvino_loads(tiny_data, t
     ds, fp32, x, y, ref, inputs = _fitted(tiny_data, tmp_path, seed=0, epochs=5)
     x_val, ref = x["val"], ref["val"]
     profile = load_profile("cpu").model_copy(deep=True)
-    profile.quantization.qat_epochs = 1
+    profile.quantization.qat_epochs, profile.quantization.qat_max_steps = 1, 3
+    profile.quantization.qat_checkpoints = 2
     rins = inputs()
     backend = OnnxRuntimeBackend()
     art = qat(fp32, rins, backend, profile, tmp_path)
     info = art.meta["qat"]
-    assert [h["epoch"] for h in info["history"]] == [0, 1] and info["history"][1]["steps"] > 0
+    # bounded in steps (3), val-scored at the checkpoints 2 and 3, "no training" (step 0) one of them
+    assert [h["step"] for h in info["history"]] == [0, 2, 3] and info["steps"] == 3
+    assert info["chosen_step"] in (0, 2, 3)
     assert backend.float_nodes(art, convolutions_only=True) == []
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")

@@ -76,6 +76,18 @@ def test_cache_shards_are_written_atomically_and_bad_ones_skipped(tmp_path):
     assert out.tolist() == [[8, 9, 10, 11], [0, 1, 2, 3]]
     data_file.write_bytes(b"not an array")  # a damaged shard is skipped (its rows recomputed), never fatal
     assert cache.find(keys) == {}
+    data_file.write_bytes(b"")  # zero bytes: np.load raises EOFError, skipped the same way
+    assert cache.find(keys) == {}
+
+
+def test_a_cache_of_zero_length_files_is_recomputed_not_fatal(tiny_data, tmp_path):
+    """Every cache file truncated to 0 bytes (np.load raises EOFError): the build recomputes the rows."""
+    cache = tmp_path / "cache"
+    first = _extract(data.scan(tiny_data), train.Fit(cache_dir=cache), augment_views=0)
+    for f in cache.rglob("*.npy"):
+        f.write_bytes(b"")
+    again = _extract(data.scan(tiny_data), train.Fit(cache_dir=cache), augment_views=0)
+    assert again.cache["hits"] == 0 and again.cache["computed"] == again.cache["rows"] == first.cache["rows"]
 
 
 MEMORY_SCRIPT = r"""

@@ -33,6 +33,11 @@ class QuantInputs:
     max_drop_pp: float
     target_agreement: float  # what the quantizer search aims for on val (>= the gate's floor)
     seed: int
+    # Seeded augmented views of the val images (loader.Split, image-major: rows k*i .. k*i + k - 1 are
+    # image i's) and the float model's logits on them: agreement evidence that needs no labels.
+    evidence_x: object = None
+    evidence_reference_logits: np.ndarray | None = None
+    evidence_views: int = 0  # augmented views per val image (0: val alone)
 
 
 Quantizer = Callable[[Artifact, QuantInputs, TargetProfile, Path], Artifact]
@@ -70,6 +75,10 @@ class Backend(Protocol):
     def settings(self, profile: TargetProfile, validating: bool = False) -> dict:
         """Engine settings: what the bundle's runtime.json carries, or (validating=True) what the
         build's parity gate runs with."""
+        ...
+
+    def model_settings(self, profile: TargetProfile, precision: str) -> dict:
+        """Settings one model needs on top of the bundle's (runtime.json "model_settings")."""
         ...
 
     def versions(self) -> dict[str, str]: ...

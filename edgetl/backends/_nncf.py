@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import interrupt
-from ..errors import EdgetlError, require
+from ..errors import BudgetExceeded, require
 from ..export import INPUT
 from ..profiles import TargetProfile
 from . import QuantInputs
@@ -23,12 +23,11 @@ RANKING_SUBSET = 64  # validation images NNCF ranks layer sensitivity on
 MAX_RESTORE_STEPS = 12  # layers accuracy control may revert to float, at most
 
 
-class BudgetExceeded(EdgetlError):
-    """A bounded search step ran out of time."""
-
-
 def import_nncf():
-    """NNCF logs and draws progress bars on stdout; edgetl keeps stdout for results (--json)."""
+    """NNCF logs and draws progress bars on stdout; edgetl keeps stdout for results (--json). Its
+    import loads torch's cpp_extension, which warns about CUDA_HOME on a machine without a CUDA
+    runtime: noise in a release pipeline's log, so that one logger is kept to errors."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     nncf = require("nncf", "nncf")
     nncf_log = logging.getLogger("nncf")
     for handler in nncf_log.handlers:
@@ -113,9 +112,9 @@ def accuracy_control(model, data: QuantInputs, profile: TargetProfile, compile_f
 
     def validate(candidate, items) -> tuple[float, list[float]]:
         interrupt.check()  # NNCF's loop, in a target's thread under --jobs, stops at an interrupt
-        if time.perf_counter() - t0 > budget:
-            raise BudgetExceeded(f"mixed_precision stopped after {budget:g} s "
-                                 "(quantization.mixed_precision_budget_s); candidate dropped")
+        if budget is not None and time.perf_counter() - t0 > budget:
+            raise BudgetExceeded(f"mixed_precision passed its {budget:g} s limit "
+                                 "(quantization.mixed_precision_budget_s); the whole candidate is dropped")
         if cache.get("model") is not candidate:
             cache.update(model=candidate, run=compile_fn(candidate))
         same = [float(cache["run"](x).argmax() == k) for x, k in items]

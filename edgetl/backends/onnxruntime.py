@@ -131,7 +131,8 @@ def ort_static(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdi
         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[q.calibrate_method],
         nodes_to_exclude=_nodes_of_types(prepped, q.float_op_types),
-        extra_options={"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True},
+        extra_options={"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True,
+                       "QuantizeBias": q.quantize_bias},
     )
     prepped.unlink(missing_ok=True)
     return _finish(out, fp32, "ort_static")
@@ -332,6 +333,15 @@ class OnnxRuntimeBackend:
         if rt.provider_options:
             out["provider_options"] = rt.provider_options
         return out
+
+    def model_settings(self, profile: TargetProfile, precision: str) -> dict:
+        """Settings one model of the bundle needs beside the bundle's: TensorRT's INT8 mode only for
+        the INT8 (QDQ) model — on a float model it would ask for a calibration table it has not got."""
+        options = profile.runtime.provider_options
+        trt = options.get("TensorrtExecutionProvider", {})
+        if precision == "int8" or not trt.get("trt_int8_enable"):
+            return {}
+        return {"provider_options": {**options, "TensorrtExecutionProvider": {**trt, "trt_int8_enable": False}}}
 
     def limit_threads(self, settings: dict, threads: int) -> dict:
         return {**settings, "threads": threads}

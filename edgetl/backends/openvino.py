@@ -196,6 +196,9 @@ class OpenVinoBackend:
             out.pop("config", None)
         return out
 
+    def model_settings(self, profile: TargetProfile, precision: str) -> dict:
+        return {}  # every IR of the bundle runs with the bundle's settings
+
     def limit_threads(self, settings: dict, threads: int) -> dict:
         return {**settings, "config": {**settings.get("config", {}), "INFERENCE_NUM_THREADS": threads}}
 

@@ -105,3 +105,6 @@ def head_refit(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path
     new = backend.with_head(art, w.astype(np.float32), b.astype(np.float32), workdir,
                             f"{art.path.stem.split('.')[0]}+head_refit")
     return Artifact(new.path, new.kind, new.sha256, {**art.meta, **new.meta, "refit": info})
+
+
+head_refit.record_key = "refit"

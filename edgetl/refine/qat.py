@@ -1,12 +1,15 @@
-"""Quantization-aware training with distillation (NNCF's torch backend), bounded in epochs and time.
+"""Quantization-aware training with distillation (NNCF's torch backend), bounded in steps.
 
 The float model is the teacher: the student (a copy, BatchNorm folded into the convolutions, so
 its statistics are frozen by construction) is quantized by `nncf.quantize` on the calibration
 images (per-channel symmetric weights, per-tensor activations, as the PTQ path), then trained for
-a few epochs over the training views to reproduce the teacher's logits (MSE, the refit's
-objective) — every weight and every quantizer scale trains. The epoch is chosen on the
-validation split (agreement with the float model, then logit error; "no training" is one of the
-choices). The result is exported as ONNX QDQ and handed to the backend, which makes its own model
+at most `qat_max_steps` steps (`qat_epochs` epochs over the training views when fewer) to
+reproduce the teacher's logits (MSE, the refit's objective; optionally plus a KL term on softened
+logits) — every weight and every quantizer scale trains. The checkpoint is chosen on the
+validation split by its logit error against the float model (a continuous score: agreement on a
+hundred images moves in steps of one image); "no training" is one of the choices. Nothing here
+reads a clock except an optional limit that drops the whole candidate. The result is exported as
+ONNX QDQ and handed to the backend, which makes its own model
 of it (onnxruntime: the same uint8 re-encoding as PTQ so every Conv fuses; OpenVINO: convert_model).
 
 Pitfalls handled here (NNCF 3.4 / torch 2.14): the top-level module must not be nn.Sequential
@@ -105,12 +108,33 @@ def _val_score(qm, inp: RefineInputs) -> tuple[float, float]:
     return float((out.argmax(1) == ref.argmax(1)).mean()), float(((out - ref) ** 2).mean())
 
 
-def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
-    """Distillation epochs; returns the history and leaves the val-best state loaded. The model stays
-    in eval mode while it trains: no BatchNorm is left to update, and dropout would only add noise
-    to a deterministic teacher (gradients flow through the fake quantizers either way)."""
-    import torch
+def plan(n_views: int, epochs: int, max_steps: int, checkpoints: int) -> tuple[int, list[int]]:
+    """(total steps, the steps after which the val score is taken): a function of the data's size
+    and the profile alone."""
+    per_epoch = -(-n_views // BATCH)
+    total = max(1, min(epochs * per_epoch, max_steps))
+    marks = sorted({max(1, round(total * (j + 1) / checkpoints)) for j in range(checkpoints)})
+    return total, marks
+
+
+def _loss(student, teacher, q):
     from torch.nn import functional as F
+
+    loss = F.mse_loss(student, teacher)
+    if q.qat_loss == "mse+kl":
+        t = q.qat_temperature
+        loss = loss + t * t * F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1),
+                                       log_target=True, reduction="batchmean")
+    return loss
+
+
+def _train(qm, inp: RefineInputs, profile, deadline: float | None) -> dict:
+    """Distillation steps; returns the history and leaves the val-best checkpoint loaded. The model
+    stays in eval mode while it trains: no BatchNorm is left to update, and dropout would only add
+    noise to a deterministic teacher (gradients flow through the fake quantizers either way)."""
+    import torch
+
+    from ..errors import BudgetExceeded
 
     q = profile.quantization
     torch.manual_seed(inp.data.seed)
@@ -118,36 +142,38 @@ def _train(qm, inp: RefineInputs, profile, deadline: float) -> dict:
     teacher = torch.from_numpy(inp.teacher_logits())
     opt = torch.optim.AdamW(qm.parameters(), lr=q.qat_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(inp.data.seed)
+    total, marks = plan(len(inp.views), q.qat_epochs, q.qat_max_steps, q.qat_checkpoints)
     agree, mse = _val_score(qm, inp)
-    history = [{"epoch": 0, "val_agreement": agree, "val_mse": round(mse, 6), "steps": 0}]
-    best, best_state, stopped = (agree, -mse, 0), copy.deepcopy(qm.state_dict()), False
-    for epoch in range(1, q.qat_epochs + 1):
-        steps = 0
+    history = [{"step": 0, "val_agreement": agree, "val_mse": round(mse, 6)}]
+    best, best_state = (-mse, 0), copy.deepcopy(qm.state_dict())
+    step = 0
+    while step < total:
         order = torch.randperm(len(inp.views), generator=gen).tolist()
         for s, x in zip(range(0, len(order), BATCH), inp.views.batches(BATCH, order=order), strict=True):
             idx = torch.as_tensor(order[s:s + BATCH])
             if len(idx) < 2:
                 continue
-            x = torch.from_numpy(x)
-            loss = F.mse_loss(qm(x), teacher[idx])
+            loss = _loss(qm(torch.from_numpy(x)), teacher[idx], q)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            steps += 1
+            step += 1
             interrupt.check()  # in a target's thread under --jobs
-            if time.perf_counter() > deadline:
-                stopped = True
+            if deadline is not None and time.perf_counter() > deadline:
+                raise BudgetExceeded(f"qat passed its {q.qat_budget_s:g} s limit at step {step} of {total} "
+                                     "(quantization.qat_budget_s); the whole candidate is dropped")
+            if step in marks:
+                agree, mse = _val_score(qm, inp)
+                history.append({"step": step, "val_agreement": agree, "val_mse": round(mse, 6)})
+                if (-mse, -step) > best:
+                    best, best_state = (-mse, -step), copy.deepcopy(qm.state_dict())
+            if step >= total:
                 break
-        agree, mse = _val_score(qm, inp)
-        history.append({"epoch": epoch, "val_agreement": agree, "val_mse": round(mse, 6), "steps": steps})
-        if (agree, -mse, -epoch) > best:
-            best, best_state = (agree, -mse, -epoch), copy.deepcopy(qm.state_dict())
-        if stopped:
-            break
     qm.load_state_dict(best_state)
     qm.eval()
-    return {"history": history, "chosen_epoch": abs(best[2]), "val_agreement": best[0],
-            "stopped_by_budget": stopped}
+    return {"history": history, "steps": total, "chosen_step": abs(best[1]),
+            "val_agreement": next(h["val_agreement"] for h in history if h["step"] == abs(best[1])),
+            "loss": q.qat_loss}
 
 
 def export_qdq(qm, input_size, path: Path, opset: int = 17) -> Path:
@@ -220,8 +246,8 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
         raise EdgetlError(f"{profile.source}: qat does not support quantization.float_op_types "
                           f"{q.float_op_types}; the candidate is skipped")
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
-    key = ("qat", q.qat_epochs, q.qat_lr, q.qat_budget_s, q.symmetric_activations, preset, q.per_channel,
-           profile.opset)
+    key = ("qat", q.qat_epochs, q.qat_max_steps, q.qat_checkpoints, q.qat_lr, q.qat_loss, q.qat_temperature,
+           q.symmetric_activations, preset, q.per_channel, profile.opset)
     with SHARED:
         if key not in inp._cache:
             t0 = time.perf_counter()
@@ -229,14 +255,16 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
             trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
             student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
             qm = _quantize(student, inp, profile)
-            info = _train(qm, inp, profile, deadline=t0 + q.qat_budget_s)
+            info = _train(qm, inp, profile, deadline=None if q.qat_budget_s is None else t0 + q.qat_budget_s)
             qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx", profile.opset)
             info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
             inp._cache[key] = (qdq, info)
     qdq, info = inp._cache[key]
     out = backend.from_qdq_onnx(qdq, art, profile, workdir, "qat")
-    log.info("qat: epoch %d chosen (val agreement %.4f)", info["chosen_epoch"], info["val_agreement"])
+    log.info("qat: step %d of %d chosen (val agreement %.4f)", info["chosen_step"], info["steps"],
+             info["val_agreement"])
     return Artifact(out.path, out.kind, out.sha256, {**out.meta, "qat": {"refiner": "qat", **info}})
 
 
 qat.from_float = True
+qat.record_key = "qat"

@@ -4,14 +4,17 @@ Settings (runtime.json "settings", overridable with `predict.py --set KEY=VALUE`
   providers          execution providers in order of preference; the missing ones are skipped
   provider_options   {provider: {option: value}}; a relative trt_engine_cache_path is put under
                      ~/.cache/edgetl-trt (a bundle folder stays read-only and verifiable)
-  strict_providers   true: fail instead of falling back when the first provider is missing
+  strict_providers   true: fail instead of falling back when the first provider is missing or does
+                     not load (checked on the session made, not on what the wheel was built with)
   threads            intra-op threads (0: onnxruntime's default)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -30,18 +33,40 @@ class Engine:
         if isinstance(wanted, str):
             wanted = [p.strip() for p in wanted.split(",")]
         available = ort.get_available_providers()
+        strict = _flag(settings.get("strict_providers", False))
         chosen = [p for p in wanted if p in available]
         self.skipped = [p for p in wanted if p not in available]
-        if self.skipped and _flag(settings.get("strict_providers", False)):
+        if self.skipped and strict:
             raise RuntimeError(f"provider(s) {self.skipped} not available in this onnxruntime "
                                f"(available: {available}); install onnxruntime-gpu or drop strict_providers")
         chosen = chosen or ["CPUExecutionProvider"]
-        if self.skipped and wanted[0] != chosen[0]:
-            warnings.warn(f"{', '.join(self.skipped)} not available in this onnxruntime; running on {chosen[0]} "
-                          "(install onnxruntime-gpu for CUDA/TensorRT, or set strict_providers=true to fail instead)",
-                          RuntimeWarning, stacklevel=1)
         options = [_resolve(p, dict(settings.get("provider_options", {}).get(p, {})), model_path) for p in chosen]
-        self.session = ort.InferenceSession(str(model_path), opts, providers=chosen, provider_options=options)
+        # A provider the wheel was built with can still fail to load (CUDA/cuDNN/TensorRT libraries
+        # missing): onnxruntime then falls back to the CPU, printing on stdout. Strict: no fallback.
+        # Either way its prints go to stderr (stdout is the caller's: --json), and what runs is checked.
+        # (Only around a non-CPU provider: redirecting stdout is process-wide; build threads make CPU sessions.)
+        gpu = chosen[0] != "CPUExecutionProvider"
+        quiet = contextlib.redirect_stdout(sys.stderr) if gpu else contextlib.nullcontext()
+        with quiet:
+            try:
+                self.session = ort.InferenceSession(str(model_path), opts, providers=chosen, provider_options=options,
+                                                    enable_fallback=0 if strict else 1)
+            except Exception as e:
+                if not strict:
+                    raise
+                raise RuntimeError(f"{chosen[0]} could not run this model ({type(e).__name__}: {e}); "
+                                   "strict_providers is set, so there is no fallback") from None
+        running = self.session.get_providers()
+        if chosen[0] not in running:
+            if strict:
+                raise RuntimeError(f"{chosen[0]} did not load (running: {running}); strict_providers is set: check "
+                                   "the CUDA/cuDNN/TensorRT libraries, or drop strict_providers")
+            self.skipped.append(chosen[0])
+        if wanted[0] != running[0]:
+            warnings.warn(f"{', '.join(self.skipped) or wanted[0]} not running; running on {running[0]} "
+                          "(install onnxruntime-gpu and its CUDA/TensorRT libraries, or set strict_providers=true to "
+                          "fail instead)", RuntimeWarning, stacklevel=1)
+        self.session.disable_fallback()  # a provider failing a run raises, never silently reruns on the CPU
         self.input_name = self.session.get_inputs()[0].name
 
     @property

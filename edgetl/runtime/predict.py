@@ -110,7 +110,9 @@ class Predictor:
         if name not in runtime["models"]:
             raise BundleError(f"{bundle}: no model '{name}' in this bundle; choose one of "
                               f"{', '.join(runtime['models'])}")
-        merged = {**runtime.get("settings", {}), **(settings or {})}
+        # the bundle's settings, then what this model needs on top (e.g. TensorRT INT8 mode off for a
+        # float model), then the caller's --set overrides
+        merged = {**runtime.get("settings", {}), **runtime.get("model_settings", {}).get(name, {}), **(settings or {})}
         engine = load_engine(runtime["engine"]).Engine(bundle / runtime["models"][name], merged)
         labels = (bundle / "labels.txt").read_text(encoding="utf-8").splitlines()
         return cls(engine, load_contract(bundle / "preprocess.json"), labels)
