@@ -41,7 +41,7 @@ def main() -> None:
     from edgetl.synthetic import ensure_shapes
 
     ensure_shapes()
-    from edgetl.pipeline import machine_info
+    from edgetl.machine import machine_info
 
     m = machine_info()
     print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}")

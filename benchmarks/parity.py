@@ -29,17 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import write_digits, write_hard_digits  # noqa: E402
 
 HEAD_OP = {"onnxruntime": "Gemm", "openvino": "MatMul"}
-# variant -> (candidate list, head kept float)
+# variant -> (candidate list, head kept float, other quantization settings)
 VARIANTS = {
-    "ptq": (["nncf_ptq"], False),
-    "ptq+refit": (["nncf_ptq+head_refit"], False),
-    "ptq-headfloat": (["nncf_ptq"], True),
-    "ptq-headfloat+refit": (["nncf_ptq+head_refit"], True),
-    "ort_static": (["ort_static"], False),
-    "ort_static+refit": (["ort_static+head_refit"], False),
-    "qat": (["qat"], False),
-    "qat+refit": (["qat+head_refit"], False),
-    "mixed_precision": (["mixed_precision"], False),
+    "ptq": (["nncf_ptq"], False, {}),
+    "ptq+refit": (["nncf_ptq+head_refit"], False, {}),
+    "ptq-headfloat": (["nncf_ptq"], True, {}),
+    "ptq-headfloat+refit": (["nncf_ptq+head_refit"], True, {}),
+    "ort_static": (["ort_static"], False, {}),
+    "ort_static+refit": (["ort_static+head_refit"], False, {}),
+    # activation range estimators of onnxruntime's calibration (minmax is the default above)
+    "ort_percentile+refit": (["ort_static+head_refit"], False, {"calibrate_method": "percentile"}),
+    "ort_entropy+refit": (["ort_static+head_refit"], False, {"calibrate_method": "entropy"}),
+    "qat": (["qat"], False, {}),
+    "qat+refit": (["qat+head_refit"], False, {}),
+    "qat-kl+refit": (["qat+head_refit"], False, {"qat_loss": "mse+kl"}),
+    "mixed_precision": (["mixed_precision"], False, {}),
 }
 BASES = ("cpu", "openvino")
 
@@ -48,9 +52,10 @@ def _profile(base: str, variant: str, folder: Path) -> Path:
     from edgetl.profiles import load_profile
 
     p = load_profile(base).model_dump(exclude_none=True)
-    candidates, head_float = VARIANTS[variant]
+    candidates, head_float, settings = VARIANTS[variant]
     if base == "openvino" and candidates[0].startswith("ort_static"):
         return None
+    p["quantization"].update(settings)
     p["name"] = f"{base}-{variant.replace('+', '-')}"
     p["description"] = f"benchmark variant {variant} of {base}"
     p["quantization"]["quantizers"] = candidates
@@ -164,7 +169,7 @@ def main() -> None:
                     help="only: the hard case, cpu alone vs cpu+openvino+gpu: wall, peak RSS, chosen, model sha256")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    from edgetl.pipeline import machine_info
+    from edgetl.machine import machine_info
 
     m = machine_info()
     print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}", flush=True)

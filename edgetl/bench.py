@@ -4,7 +4,6 @@ through their own runtimes, so machine drift hits all of them alike."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,29 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, AttributeError):  # pragma: no cover (not Linux)
-        return float("nan")
-
-
-def interleaved(runners: dict[str, object], x: np.ndarray, *, runs: int, warmup: int, rounds: int) -> dict:
-    """name -> per-call seconds: every runner gets `warmup` calls then runs/rounds timed calls, in turn,
-    for `rounds` rounds."""
-    per_round = max(1, runs // rounds)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, r in runners.items():
-            for _ in range(warmup):
-                r.logits(x)
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                r.logits(x)
-                times[name].append(time.perf_counter() - t0)
-    return {k: np.asarray(v) for k, v in times.items()}
+from .machine import current_rss_mb, machine_info
+from .speed import interleaved
 
 
 def _ms(v: np.ndarray, q: float) -> float:
@@ -56,8 +34,7 @@ def standalone_peak_rss_mb(bundle: Path, batch: int, model: str | None = None) -
 def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, batch: int = 8, runs: int = 100,
                   warmup: int = 10, rounds: int = 3, seed: int = 0, standalone_memory: bool = True,
                   model: str | None = None) -> dict:
-    from .pipeline import machine_info
-
+    """Time bundles in turn in one process (see the module docstring): latency, throughput, cold load, memory."""
     rng = np.random.default_rng(seed)
     runners, out = {}, {}
     for name, load in loaders.items():

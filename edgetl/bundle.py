@@ -11,12 +11,13 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from . import interrupt
-from .errors import UsageError, VerifyError, require
+from .errors import MissingDependencyError, UsageError, VerifyError, require
 from .runtime.integrity import MANIFEST, SIGNATURE, IntegrityError, canonical, describe, load, problems, seal
 
 REQUIRED_KEYS = ("target", "backend", "files", "versions", "seed", "data_sha256", "calibration_sha256", "metrics")
@@ -106,12 +107,14 @@ def publish(stage: Path, final: Path) -> None:
 
 
 def discard(stage: Path | None) -> None:
+    """Remove a staging folder (signals held back until it is gone)."""
     if stage is not None:
         with interrupt.deferred():
             shutil.rmtree(stage, ignore_errors=True)
 
 
 def read_manifest(bundle: Path) -> dict:
+    """The bundle's manifest; UsageError without one, VerifyError when unreadable or incomplete."""
     path = Path(bundle) / MANIFEST
     if not path.is_file():
         raise UsageError(f"{bundle}: no {MANIFEST}; fix: pass a bundle folder written by `edgetl build`")
@@ -231,3 +234,83 @@ def _check_signature(bundle: Path, public_key: Path) -> None:
         raise VerifyError(f"{sig}: unreadable signature ({type(e).__name__}: {e})",
                           [f"unreadable: {SIGNATURE}"]) from None
 
+
+# Loading a bundle as a device would: its own predict.py and engine (for predict, bench, verify --selftest).
+
+
+def load_predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True, public_key: Path | None = None):
+    """The bundle's own predict.py, imported from the bundle (so its own engine file runs); with
+    `verify`, only once every file matches its manifest (exit 1 naming the first that does not) and,
+    with `public_key`, its signature holds."""
+    if verify:
+        verify(bundle_dir, public_key=public_key)
+    manifest = read_manifest(bundle_dir)
+    try:
+        runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"{bundle_dir}: runtime.json unreadable ({e}); fix: run `edgetl verify` or rebuild",
+                          [str(e)]) from None
+    if "engine" not in runtime or "models" not in runtime:
+        raise UsageError(f"{bundle_dir}: made by an older edgetl (no engine/models in runtime.json); "
+                         "fix: rebuild it, or run the bundle's own predict.py")
+    if model is not None and model not in runtime["models"]:
+        raise UsageError(f"--model {model}: {bundle_dir} has no such model; fix: use one of "
+                         f"{', '.join(runtime['models'])}")
+    bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # leave no __pycache__ in the bundle
+    try:
+        return _load_predictor(bundle_dir, model, manifest, runtime)
+    finally:
+        sys.dont_write_bytecode = bytecode
+
+
+def _load_predictor(bundle_dir: Path, model: str | None, manifest: dict, runtime: dict):
+    import inspect
+
+    module = _bundle_module(bundle_dir)
+    checked = {"verify": False} if "verify" in inspect.signature(module.Predictor.from_bundle).parameters else {}
+    try:
+        return module.Predictor.from_bundle(bundle_dir, model=model, **checked)  # checked above, by edgetl
+    except ImportError as e:
+        raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} (target {manifest.get('target')}); "
+                                     f"fix: pip install {' '.join(runtime.get('requires', []))}") from None
+    except Exception as e:  # the runtime could not load the bundle's files: damaged, truncated, missing
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+        raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({type(e).__name__}: "
+                          f"{(lines or [''])[0][:200]}); fix: run `edgetl verify {bundle_dir}`", [str(e)]) from None
+
+
+def _bundle_module(bundle_dir: Path):
+    """Import BUNDLE/predict.py under a private name (its engine_*.py and preprocess.py beside it)."""
+    import importlib.util
+
+    path = Path(bundle_dir) / "predict.py"
+    if not path.is_file():
+        raise VerifyError(f"{bundle_dir}: no predict.py; fix: rebuild the bundle or run `edgetl verify`",
+                          [f"missing {path}"])
+    name = f"_edgetl_bundle_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    sys.path.insert(0, str(path.parent))
+    try:
+        sys.modules.pop("preprocess", None)  # another bundle's copy
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+def input_shape(bundle_dir: Path) -> tuple[int, int, int]:
+    """(channels, height, width) a bundle's model takes."""
+    contract = json.loads((Path(bundle_dir) / "preprocess.json").read_text(encoding="utf-8"))
+    return (3, *contract["input_size"])
+
+def selftest(bundle_dir: Path) -> dict:
+    """Every model of the bundle on its golden inputs, through the bundle's own runtime; VerifyError
+    listing every failure."""
+    runtime = json.loads((Path(bundle_dir) / "runtime.json").read_text(encoding="utf-8"))
+    results = [load_predictor(bundle_dir, m, verify=False).selftest(bundle_dir, m) for m in runtime["models"]]
+    failures = [f"{r['model']}: {f}" for r in results for f in r["failures"]]
+    if failures:
+        raise VerifyError(f"{bundle_dir}: golden self-test failed", failures)
+    return {"ok": True, "n": sum(r["n"] for r in results), "models": results}

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__, interrupt
-from .errors import EdgetlError, UsageError, VerifyError
+from .errors import EdgetlError, Stopped, UsageError, VerifyError
 
 
 class RichProgress:
@@ -77,14 +77,8 @@ def _interrupted(e: interrupt.Interrupted | None, as_json: bool) -> None:
     what = (f"nothing published for {', '.join(pending)}" if pending else
             "nothing published" if not published else "every target was published")
     done = f" (published: {', '.join(published)})" if published and pending else ""
-    _fail(_Stopped(f"interrupted by {e.signal_name}; {what}{done}; temporary and staging folders removed, "
+    _fail(Stopped(f"interrupted by {e.signal_name}; {what}{done}; temporary and staging folders removed, "
                    "bundles already in OUT left as they were", e.exit_code), as_json)
-
-
-class _Stopped(EdgetlError):
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -223,13 +217,7 @@ def verify(bundle_dir: Path, selftest: bool, public_key: Path | None, as_json: b
     def go():
         out = bundle.verify(bundle_dir, public_key=public_key)
         if selftest:
-            runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
-            results = [_predictor(bundle_dir, m, verify=False).selftest(bundle_dir, m) for m in runtime["models"]]
-            out["selftest"] = {"ok": all(r["ok"] for r in results), "n": sum(r["n"] for r in results),
-                               "models": results}
-            failures = [f"{r['model']}: {f}" for r in results for f in r["failures"]]
-            if failures:
-                raise VerifyError(f"{bundle_dir}: golden self-test failed", failures)
+            out["selftest"] = bundle.selftest(bundle_dir)
         return out
 
     out = _run(go, as_json)
@@ -264,72 +252,6 @@ def sign(bundle_dir: Path, key: Path, password_env: str | None, as_json: bool):
     click.echo(json.dumps(out) if as_json else f"signed {bundle_dir}: {out['signature']}")
 
 
-def _predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True, public_key: Path | None = None):
-    """The bundle's own predict.py, imported from the bundle (so its own engine file runs); with
-    `verify`, only once every file matches its manifest (exit 1 naming the first that does not) and,
-    with `public_key`, its signature holds."""
-    from . import bundle
-
-    if verify:
-        bundle.verify(bundle_dir, public_key=public_key)
-    manifest = bundle.read_manifest(bundle_dir)
-    try:
-        runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{bundle_dir}: runtime.json unreadable ({e}); fix: run `edgetl verify` or rebuild",
-                          [str(e)]) from None
-    if "engine" not in runtime or "models" not in runtime:
-        raise UsageError(f"{bundle_dir}: made by an older edgetl (no engine/models in runtime.json); "
-                         "fix: rebuild it, or run the bundle's own predict.py")
-    if model is not None and model not in runtime["models"]:
-        raise UsageError(f"--model {model}: {bundle_dir} has no such model; fix: use one of "
-                         f"{', '.join(runtime['models'])}")
-    bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # leave no __pycache__ in the bundle
-    try:
-        return _load_predictor(bundle_dir, model, manifest, runtime)
-    finally:
-        sys.dont_write_bytecode = bytecode
-
-
-def _load_predictor(bundle_dir: Path, model: str | None, manifest: dict, runtime: dict):
-    import inspect
-
-    from .errors import MissingDependencyError
-
-    module = _bundle_module(bundle_dir)
-    checked = {"verify": False} if "verify" in inspect.signature(module.Predictor.from_bundle).parameters else {}
-    try:
-        return module.Predictor.from_bundle(bundle_dir, model=model, **checked)  # checked above, by edgetl
-    except ImportError as e:
-        raise MissingDependencyError(f"{bundle_dir}: its runtime needs {e.name} (target {manifest.get('target')}); "
-                                     f"fix: pip install {' '.join(runtime.get('requires', []))}") from None
-    except Exception as e:  # the runtime could not load the bundle's files: damaged, truncated, missing
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
-        raise VerifyError(f"{bundle_dir}: bundle is incomplete or damaged ({type(e).__name__}: "
-                          f"{(lines or [''])[0][:200]}); fix: run `edgetl verify {bundle_dir}`", [str(e)]) from None
-
-
-def _bundle_module(bundle_dir: Path):
-    """Import BUNDLE/predict.py under a private name (its engine_*.py and preprocess.py beside it)."""
-    import importlib.util
-
-    path = Path(bundle_dir) / "predict.py"
-    if not path.is_file():
-        raise VerifyError(f"{bundle_dir}: no predict.py; fix: rebuild the bundle or run `edgetl verify`",
-                          [f"missing {path}"])
-    name = f"_edgetl_bundle_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    saved = list(sys.path)
-    sys.path.insert(0, str(path.parent))
-    try:
-        sys.modules.pop("preprocess", None)  # another bundle's copy
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
 @cli.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
@@ -346,13 +268,14 @@ def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str |
           as_json: bool):
     """Latency (p50/p90, batch 1), throughput at --batch, peak memory and cold-load time of BUNDLES,
     each through its own runtime (predict.py + engine), interleaved in one process."""
+    from . import bundle
     from .bench import bench_bundles
 
     def go():
-        for b in bundles:
-            _predictor(b, model, verify=not no_verify)  # fail fast: tampered, missing runtime, damaged bundle
-        return bench_bundles({str(b): (lambda b=b: _predictor(b, model, verify=False)) for b in bundles},
-                             {str(b): _input_shape(b) for b in bundles}, batch=batch, runs=runs, warmup=warmup,
+        for b in bundles:  # fail fast: tampered, missing runtime, damaged bundle
+            bundle.load_predictor(b, model, verify=not no_verify)
+        return bench_bundles({str(b): (lambda b=b: bundle.load_predictor(b, model, verify=False)) for b in bundles},
+                             {str(b): bundle.input_shape(b) for b in bundles}, batch=batch, runs=runs, warmup=warmup,
                              rounds=rounds, model=model)
 
     res = _run(go, as_json)
@@ -369,11 +292,6 @@ def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str |
                "predict.py --bench in a fresh process")
 
 
-def _input_shape(bundle_dir: Path) -> tuple[int, int, int]:
-    contract = json.loads((Path(bundle_dir) / "preprocess.json").read_text(encoding="utf-8"))
-    return (3, *contract["input_size"])
-
-
 @cli.command()
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -384,9 +302,11 @@ def _input_shape(bundle_dir: Path) -> tuple[int, int, int]:
 def predict(bundle_dir: Path, images, no_verify: bool, public_key: Path | None, as_json: bool):
     """Classify IMAGES with a bundle (same code path as the bundle's predict.py). The bundle is
     checked against its manifest first: a tampered one is refused (exit 1) unless --no-verify."""
+    from . import bundle
+
     if no_verify and public_key:
         _fail(UsageError("--no-verify and --public-key: pick one"), as_json)
-    results = _run(lambda: _predictor(bundle_dir, verify=not no_verify, public_key=public_key)
+    results = _run(lambda: bundle.load_predictor(bundle_dir, verify=not no_verify, public_key=public_key)
                    .predict_files(images), as_json)
     if as_json:
         click.echo(json.dumps({"predictions": results}))
@@ -464,6 +384,7 @@ def list_targets():
 
 
 def main() -> None:
+    """The `edgetl` console script."""
     cli(prog_name="edgetl")
 
 

@@ -76,6 +76,7 @@ def balance_warnings(ds: Dataset, *, ratio: float, min_judged: int) -> list[str]
 
 
 def items_sha256(items: list[Item], root: Path) -> str:
+    """One hash of a list of items (relative path, label, content): the calibration set's identity."""
     h = hashlib.sha256()
     for it in items:
         h.update(f"{it.rel(root)}\t{it.sha256}\n".encode())

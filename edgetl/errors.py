@@ -41,6 +41,18 @@ class BudgetExceeded(EdgetlError):
     (never shortened), and the build warns that what shipped depends on the machine's speed."""
 
 
+class DiskFullError(EdgetlError):
+    """A write found no space left (exit 3: the build could not finish; nothing was published)."""
+
+
+class Stopped(EdgetlError):
+    """The build was stopped by a signal: the exit code is 128 + the signal's number (130, 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ParityError(EdgetlError):
     """A target missed its parity gate; `misses` lists every tolerance it missed."""
 

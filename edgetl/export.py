@@ -19,10 +19,11 @@ INPUT, OUTPUT = "input", "logits"
 
 def to_onnx(model, path: Path, *, contract: dict, labels: list[str], opset: int = 17,
             extra_metadata: dict | None = None) -> Artifact:
+    """The model as FP32 ONNX with the contract and labels in its metadata, onnx.checker-checked."""
     import onnx
 
     path = Path(path)
-    _export(model, path, contract["input_size"], opset)
+    export_module(model, path, contract["input_size"], opset)
     proto = onnx.load(str(path))
     meta = {"edgetl.labels": json.dumps(labels), "edgetl.preprocess": json.dumps(contract)}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (extra_metadata or {}).items()})
@@ -35,7 +36,7 @@ def to_onnx(model, path: Path, *, contract: dict, labels: list[str], opset: int 
     return Artifact.of(path, "onnx-fp32", opset=opset)
 
 
-def _export(module, path: Path, input_size, opset: int) -> None:
+def export_module(module, path: Path, input_size, opset: int) -> None:
     """NCHW float input with a dynamic batch axis. The TorchScript exporter: exact opset control and
     sub-second exports for these convnets (the dynamo exporter takes ~7 s and picks its own opset)."""
     import torch
@@ -109,6 +110,7 @@ def fold_pads_into_convs(path: Path) -> int:
 
 
 def set_metadata(proto, meta: dict) -> None:
+    """Set (or replace) string metadata_props on an ONNX model."""
     existing = {p.key: p for p in proto.metadata_props}
     for k, v in meta.items():
         if k in existing:
@@ -146,7 +148,7 @@ def onnxruntime_twin(module, input_size, workdir: Path, *, check: np.ndarray | N
     import torch
 
     path = Path(workdir) / "twin.onnx"
-    _export(module, path, input_size, 17)
+    export_module(module, path, input_size, 17)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads  # 0: onnxruntime's default (the cores)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -121,6 +121,7 @@ def agreement_lower_bound(agree: int, n: int, *, confidence: float = 0.95) -> fl
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> list[list[int]]:
+    """Confusion matrix, [true class][predicted class]."""
     m = np.zeros((n_classes, n_classes), dtype=np.int64)
     np.add.at(m, (np.asarray(labels), np.asarray(predicted)), 1)
     return m.tolist()
@@ -188,6 +189,7 @@ def gate(report: ParityReport, *, target: str, max_accuracy_drop_pp: float, min_
 
 
 def logits_of(runner, x: np.ndarray, batch: int = 32, progress=None, description: str = "") -> np.ndarray:
+    """runner.logits over x (an array or a loader.Split) in batches."""
     starts = range(0, len(x), batch)
     it = progress.track(starts, total=len(starts), description=description) if progress else starts
     return np.concatenate([runner.logits(x[s:s + batch]) for s in it])

@@ -115,6 +115,7 @@ class TargetProfile(_Strict):
 
 
 def builtin_names() -> list[str]:
+    """Names of the profiles shipped in edgetl/targets/."""
     return sorted(p.name[:-5] for p in files("edgetl").joinpath("targets").iterdir() if p.name.endswith(".toml"))
 
 

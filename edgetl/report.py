@@ -101,6 +101,7 @@ def notes(result) -> list[str]:
 
 
 def legend(result) -> list[str]:
+    """The lines under the parity table: bounds, rules, speed, per-model evidence, training."""
     m = result.machine
     return [*(f"Data warning: {w}" for w in result.data.get("warnings", [])),
         "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (exact, "
@@ -206,6 +207,7 @@ def _more(shown: int, total: int) -> str:
 
 
 def markdown_changed(result) -> str:
+    """report.md's changed predictions, per model, grouped by how they moved."""
     classes = (result.data or {}).get("classes") or []
     text = ""
     for r in _changed_rows(result):
@@ -243,6 +245,7 @@ def grouped(changed: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def markdown(result) -> str:
+    """report.md: the parity table, failed targets, the legend, the changed predictions."""
     table = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     table += ["| " + " | ".join(_md(c) for c in row) + " |" for row in cells(result)]
     failed = [t for t in result.targets if not t.published]
@@ -404,6 +407,7 @@ def _figure(c: dict, r: dict, classes, root, cache: dict) -> str:
 
 
 def html_page(result, images: dict[str, str]) -> str:
+    """report.html: the table, notes, plots and changed images, self-contained."""
     esc = html.escape
     thead = "".join(f"<th>{esc(c)}</th>" for c in HEADER)
     tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells(result))

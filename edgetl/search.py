@@ -15,8 +15,10 @@ The rule (deterministic: nothing here reads a clock):
   advantage is significant on paired evidence: over the val images on whose views exactly one of
   the two agrees with the float model more often, an exact one-sided sign (McNemar) test at
   ALPHA. Otherwise the cheaper, earlier one stays. An image counts once, whatever its views.
-- The search stops at the first fully-INT8 choice that meets the search target, and before a
-  candidate that cannot plausibly reach it: when even the current choice with its logit error cut
+- The search stops at the first fully-INT8 choice that meets the search target; before a candidate
+  that could not replace the choice even if it agreed everywhere (the choice misses on so few val
+  images that no sign test over them reaches ALPHA: the evidence cannot pay for more work); and
+  before a candidate that cannot plausibly reach the target: when even the current choice with its logit error cut
   by `quantization.escalate_noise_cut` (0.5: half the quantization noise) stays under the target,
   the remaining candidates are skipped and recorded as such. (Only for a working choice: one under
   the gate's agreement floor is broken, not noisy, and the next quantizer is always tried.)
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 
 
 def steps_of(candidate: str) -> list[str]:
+    """"nncf_ptq+head_refit" -> ["nncf_ptq", "head_refit"]."""
     return [s.strip() for s in candidate.split("+")]
 
 
@@ -162,6 +165,15 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
         current = int8 or mixed
         if int8 is not None and not int8.missed:
             break  # the first fully-INT8 choice that meets the search target
+        if int8 is not None:  # every later candidate must beat the fully-INT8 choice significantly to ship
+            imperfect = int((~int8.agree).any(1).sum())  # val images where the choice misses a row
+            if parity.sign_test_p(imperfect, 0) >= ALPHA:
+                for rest in candidates[k:]:
+                    attempts.append({"quantizer": rest, "skipped": (
+                        f"{int8.name} disagrees with the float model on {imperfect} of {len(int8.agree)} val "
+                        f"images: a later candidate agreeing everywhere would reach p = "
+                        f"{parity.sign_test_p(imperfect, 0):.3g} >= {ALPHA:g}, so none could replace it")})
+                break
         if current is not None and not current.broken:  # a broken model (under the agreement floor) says nothing
             reach = projected_agreement(current.logits, reference, noise_cut)
             if reach < target_agreement:

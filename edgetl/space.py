@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgetlError
+from .errors import DiskFullError
 
 log = logging.getLogger(__name__)
 MB = 1e6
@@ -18,10 +18,6 @@ MB = 1e6
 _SHARE = {"int8": 0.3, "fp16": 0.55, "fp32": 1.05}
 _BUNDLE_EXTRA = 2 * MB  # runtime files, golden images, manifest
 _WORK_EXTRA = 64 * MB  # quantizer scratch (NNCF statistics, ORT pre-processed models)
-
-
-class DiskFullError(EdgetlError):
-    """A write found no space left (exit 3: the build could not finish; nothing was published)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Speed evidence: a model against the FP32 model through the same runtime, measured interleaved.
+"""Every timing loop of the build and of `edgetl bench` (one: `interleaved`), and the build's speed
+evidence: a model against the FP32 model through the same runtime, measured interleaved.
 
 Each round times one call of the model and one of the baseline, in turn, so that the machine's
 drift (frequency, other processes) falls on both alike; the ratio of the medians is reported. A
@@ -7,6 +8,8 @@ benchmarks/speed.py measure carefully.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -22,10 +25,31 @@ def _batch(x, n: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([first] * reps)[:n])
 
 
+def interleaved(runners: dict[str, object], x: np.ndarray, *, runs: int, warmup: int, rounds: int) -> dict:
+    """name -> per-call seconds: every runner gets `warmup` calls then runs/rounds timed calls, in turn,
+    for `rounds` rounds."""
+    per_round = max(1, runs // rounds)
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, r in runners.items():
+            for _ in range(warmup):
+                r.logits(x)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                r.logits(x)
+                times[name].append(time.perf_counter() - t0)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def latency_ms(runner, x, warmup: int = 5, runs: int = 30) -> float:
+    """Median batch-1 latency through the runner, as built (a quick figure for the report;
+    `edgetl bench` measures carefully)."""
+    times = interleaved({"model": runner}, _batch(x, 1), runs=runs, warmup=warmup, rounds=1)["model"]
+    return round(float(np.median(times)) * 1e3, 3)
+
+
 def versus(runner, baseline, x, batches=(1, 8)) -> dict:
     """{"batch_<n>": {"ms": median, "fp32_ms": baseline median, "ratio": fp32_ms / ms}, "baseline": what ran}."""
-    from .bench import interleaved
-
     pair = {"model": runner, "fp32": baseline}
     out: dict = {"baseline": f"fp32 via {baseline.executed_by}", "method": "interleaved medians"}
     for n in dict.fromkeys(batches):

@@ -51,6 +51,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, name: str, cx, cy, r, rot, fill):
 
 
 def render(label: int, index: int, seed: int = 0) -> Image.Image:
+    """One built-in image of class `label`, a function of (label, index, seed) alone."""
     rng = np.random.default_rng([seed, label, index, VERSION])
     big = SIZE * _SS
     # textured background: two-colour gradient + low-frequency blobs + pixel noise
@@ -89,6 +90,7 @@ def render(label: int, index: int, seed: int = 0) -> Image.Image:
 
 
 def default_cache_dir() -> Path:
+    """Where the built-in data is kept ($EDGETL_CACHE, else ~/.cache/edgetl)."""
     base = os.environ.get("EDGETL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "edgetl")
     return Path(base).expanduser()
 

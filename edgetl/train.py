@@ -62,6 +62,7 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (and deterministic torch ops) for a reproducible fit."""
     import random
 
     import torch

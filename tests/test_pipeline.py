@@ -206,4 +206,8 @@ def test_a_two_process_build_publishes_the_same_bundle_from_rank_0(built, build_
         assert got[k] == first[k], k
     for k in ("logits_cosine_mean", "sqnr_db"):  # float sums in processes with other thread counts
         assert got[k] == pytest.approx(first[k], rel=1e-5), k
+    # the same bundle files: every file's sha256 in the manifests
+    a = json.loads((out / "cpu" / "manifest.json").read_text())["files"]
+    b = json.loads((built["bundle"] / "manifest.json").read_text())["files"]
+    assert a == b, sorted(f for f in b if a.get(f) != b[f])
     assert sorted(p.name for p in out.iterdir()) == ["cpu", "report.html", "report.json", "report.md"]

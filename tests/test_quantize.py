@@ -89,7 +89,7 @@ def test_efficientnet_lite_same_padding_folds_so_every_int8_conv_fuses(tmp_path)
 def test_mixed_precision_stops_at_its_time_budget(tiny_data, tmp_path):
     """Accuracy control is the last resort and bounded: past `mixed_precision_budget_s` it stops with
     a typed error (the search records it and the candidate is dropped), instead of running minutes."""
-    from edgetl.backends._nncf import BudgetExceeded
+    from edgetl.errors import BudgetExceeded
 
     ds, contract, fp32, qi, val_x, ref, labels = _setup(tiny_data, tmp_path)
     profile = load_profile("cpu").model_copy(deep=True)

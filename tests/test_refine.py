@@ -238,6 +238,14 @@ def test_views_count_in_the_agreement(tmp_path):
     assert choice.attempts[0]["val_misses"] and "1000 val images and views" in choice.attempts[0]["val_misses"][-1]
 
 
+def test_the_search_skips_what_could_never_be_chosen(tmp_path):
+    """The choice misses on 4 of 100 val images: even a perfect later candidate would win only 4
+    images (p = 1/16 >= 0.05) and could not replace it, so nothing more is built."""
+    choice, backend = _run_search(tmp_path, {"a": (0.96, 0), "b": (1.0, 0), "c": (1.0, 0)}, ["a", "b", "c"])
+    assert backend.calls == ["a"] and choice.artifact.meta["candidate"] == "a"
+    assert all("none could replace it" in a["skipped"] for a in choice.attempts[1:])
+
+
 def test_the_search_skips_what_cannot_plausibly_reach_the_target(tmp_path):
     """Flips with a logit error larger than the margin: halving the error still flips them, so the
     later candidates are not run, and are recorded as skipped."""
@@ -332,30 +340,51 @@ def test_poison_fails_on_use():
             use(_Poison())
 
 
+def test_the_search_takes_no_test_data_by_construction():
+    """What the search and the refiners are handed has no field for the test split."""
+    import inspect
+
+    from edgetl import target
+    from edgetl.evidence import GateEvidence, SearchEvidence
+
+    assert not [f.name for f in dataclasses.fields(SearchEvidence) if "test" in f.name]
+    params = inspect.signature(target.search_int8).parameters
+    assert "ctx" not in params and not [p for p in params.values() if "Gate" in str(p.annotation)]
+    assert {f.name for f in dataclasses.fields(GateEvidence)} == {"x", "y", "reference", "files"}
+
+
 @pytest.mark.integration
 def test_the_search_and_refit_never_read_the_test_split(build_data, tmp_path, monkeypatch):
-    """A whole build in which the test split is poisoned while each target's search (quantizers +
-    head refit) runs: any read fails the build. The gate afterwards reads it as usual."""
-    real = pipeline._search
+    """A whole build in which the gate's evidence (test images, labels, float logits, files) is
+    poisoned while each target's search (quantizers + head refit) runs: any read fails the build,
+    whatever path it takes. The gate afterwards reads it as usual."""
+    from edgetl import target
 
-    def guarded(backend, profile, fp32, p, ev, tol, work, progress, *rest):
-        saved = {k: getattr(ev, k)["test"] for k in ("x", "y", "reference")}
-        saved_files = ev.test_files
+    made = []
+    real_evidence = pipeline.GateEvidence
+
+    def record(*args, **kwargs):
+        made.append(real_evidence(*args, **kwargs))
+        return made[-1]
+
+    real = target.search_int8
+
+    def guarded(*args, **kwargs):
+        saved = dict(vars(made[0]))
+        for k in saved:
+            setattr(made[0], k, _Poison())
         try:
-            for k in saved:
-                getattr(ev, k)["test"] = _Poison()
-            ev.test_files = _Poison()
-            return real(backend, profile, fp32, p, ev, tol, work, progress, *rest)
+            return real(*args, **kwargs)
         finally:
-            for k, v in saved.items():
-                getattr(ev, k)["test"] = v
-            ev.test_files = saved_files
+            vars(made[0]).update(saved)
 
-    monkeypatch.setattr(pipeline, "_search", guarded)
+    monkeypatch.setattr(pipeline, "GateEvidence", record)
+    monkeypatch.setattr(target, "search_int8", guarded)
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", "--target", "cpu",
                                    "--target", "openvino", *FAST_FLAGS])
     assert res.exit_code == 0, res.output
+    assert len(made) == 1
     r = json.loads(res.stdout)
     for t in r["targets"]:
         assert t["quantization"]["chosen"].endswith("+head_refit")

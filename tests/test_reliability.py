@@ -286,13 +286,19 @@ def test_class_imbalance_is_warned_recorded_and_not_judged(tmp_path, fast_recipe
 # 4. a bundle is a function of its inputs ----------------------------------------------------------
 
 def test_a_rebuild_in_another_process_folder_and_time_writes_the_same_bytes(built, build_data, tmp_path):
-    """The shared build's recipe again, as a one-target build in a process of its own, later, into
-    another OUT with another TMPDIR: every file of the cpu bundle is byte for byte the same."""
+    """The shared build's recipe again in a process of its own, later, into another OUT with another
+    TMPDIR and an empty feature cache of its own (every row recomputed): every file of the cpu,
+    openvino and gpu-int8 bundles is byte for byte the same (OpenVINO names nodes from a process-wide
+    counter: the IR must not depend on what ran before it in the process)."""
     out = tmp_path / "elsewhere" / "out"
-    code, stdout, err = _run("none", "build", "--data", build_data, "--out", out, "--target", "cpu", *FAST_FLAGS,
-                             tmpdir=tmp_path / "tmp")
+    code, stdout, err = _run("none", "build", "--data", build_data, "--out", out, "--target", "cpu", "--target",
+                             "openvino", "--target", "gpu-int8", *FAST_FLAGS, tmpdir=tmp_path / "tmp",
+                             env={"EDGETL_CACHE": str(tmp_path / "empty-cache")})
     assert code == 0, err
-    assert _tree_bytes(out / "cpu") == _tree_bytes(built["bundle"])
+    assert list((tmp_path / "empty-cache" / "features").iterdir())  # the rows were computed here, not read
+    for name, first in (("cpu", built["bundle"]), ("openvino", built["openvino"]), ("gpu-int8", built["gpu"])):
+        again, before = _tree_bytes(out / name), _tree_bytes(first)
+        assert again == before, (name, sorted(f for f in before if again.get(f) != before[f]))
 
 
 def test_no_absolute_path_or_measurement_inside_bundles(built, build_data):

@@ -242,11 +242,11 @@ def test_a_crashing_target_is_reported_and_the_others_published(tiny_data, tmp_p
 
 
 def test_bundles_in_one_process_run_their_own_engine_files(built, tmp_path):
-    from edgetl.cli import _predictor
+    from edgetl.bundle import load_predictor
 
     other = tmp_path / "other"
     shutil.copytree(built["bundle"], other)
-    first, second, again = (_predictor(b) for b in (built["bundle"], other, built["bundle"]))
+    first, second, again = (load_predictor(b) for b in (built["bundle"], other, built["bundle"]))
     files = [sys.modules[type(p.engine).__module__].__file__ for p in (first, second, again)]
     assert files == [str(built["bundle"] / "engine_ort.py"), str(other / "engine_ort.py"),
                      str(built["bundle"] / "engine_ort.py")]
@@ -273,7 +273,7 @@ def test_bench_and_predict_refuse_bad_requests(built, tmp_path):
 def test_report_survives_odd_class_names(built, tmp_path):
     """Class names are folder names: `$...$` must not reach TeX, `|` and `<` must not break tables."""
     from edgetl import report
-    from edgetl.pipeline import BuildResult, TargetResult
+    from edgetl.results import BuildResult, TargetResult
 
     r = json.loads(json.dumps(built["result"]))
     odd = ["$\\frac$", "a|b", "<x>"]

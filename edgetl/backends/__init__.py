@@ -109,6 +109,7 @@ _BACKENDS: dict[str, Callable[[], Backend]] = {}
 
 
 def register(name: str):
+    """Decorator: registers a backend factory under `name` (a profile's `backend`)."""
     def deco(factory):
         _BACKENDS[name] = factory
         return factory
@@ -122,21 +123,18 @@ def _load_builtin() -> None:
 
 
 def names() -> list[str]:
+    """Registered backend names, sorted."""
     _load_builtin()
     return sorted(_BACKENDS)
 
 
 def get(profile: TargetProfile) -> Backend:
+    """The profile's backend; UsageError naming the registered ones otherwise."""
     _load_builtin()
     if profile.backend not in _BACKENDS:
         raise UsageError(f"{profile.source}: backend '{profile.backend}' is unknown; "
                          f"fix: use one of {', '.join(sorted(_BACKENDS))}")
-    backend = _BACKENDS[profile.backend]()
-    if profile.quantization:
-        from ..search import check_candidates
-
-        check_candidates(profile.quantization.quantizers, backend, profile.source)
-    return backend
+    return _BACKENDS[profile.backend]()
 
 
 def runner(backend: Backend, artifact: Artifact, contract: dict, labels: list[str], profile: TargetProfile,

@@ -11,7 +11,7 @@ from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError
 from ..export import INPUT
 from ..profiles import TargetProfile
-from . import QuantInputs, _nncf, register, symmetric_int8_rows
+from . import QuantInputs, nncf_common, register, symmetric_int8_rows
 
 log = logging.getLogger(__name__)
 # onnxruntime's calibrator exposes every tensor as a model output, so its memory grows with the
@@ -150,14 +150,14 @@ def nncf_ptq(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir:
     """NNCF post-training quantization (bias correction from the profile; per-channel weights)."""
     import onnx
 
-    model = _nncf.ptq(onnx.load(str(fp32.path)), data, profile)
+    model = nncf_common.ptq(onnx.load(str(fp32.path)), data, profile)
     out = workdir / "nncf_ptq.int8.onnx"
     onnx.save(model, str(out))
     return _finish(out, fp32, "nncf_ptq", profile)
 
 
 def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
-    """NNCF accuracy control on the validation split (see _nncf.accuracy_control)."""
+    """NNCF accuracy control on the validation split (see nncf_common.accuracy_control)."""
     import onnx
     import onnxruntime as ort
 
@@ -168,7 +168,7 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {INPUT: x})[0]
 
-    model = _nncf.accuracy_control(onnx.load(str(fp32.path)), data, profile, compile_fn)
+    model = nncf_common.accuracy_control(onnx.load(str(fp32.path)), data, profile, compile_fn)
     out = workdir / "mixed_precision.int8.onnx"
     onnx.save(model, str(out))
     return _finish(out, fp32, "mixed_precision", profile)
@@ -300,8 +300,7 @@ class OnnxRuntimeBackend:
     engine = "ort"
     quantizers = {"ort_static": ort_static, "nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
     # optional module (and the extra that installs it) each quantizer needs, checked before a build starts
-    requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf"),
-                "qat": ("nncf", "nncf")}
+    requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "onnxruntime"]
 
     def check(self, profile: TargetProfile) -> None:

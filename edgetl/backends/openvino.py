@@ -12,7 +12,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError, require
 from ..profiles import TargetProfile
-from . import QuantInputs, _nncf, register, symmetric_int8_rows
+from . import QuantInputs, nncf_common, register, symmetric_int8_rows
 
 WEIGHT_PATH_OPS = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
 CONV_OPS = {"Convolution", "GroupConvolution"}
@@ -57,7 +57,7 @@ def _save(model, path: Path, kind: str, compress_to_fp16: bool = False, **meta) 
 
 def nncf_ptq(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdir: Path) -> Artifact:
     """NNCF post-training quantization of the OpenVINO model (preset/bias correction from the profile)."""
-    model = _nncf.ptq(_read_onnx(fp32), data, profile)
+    model = nncf_common.ptq(_read_onnx(fp32), data, profile)
     model.set_rt_info("nncf_ptq", ["edgetl", "quantizer"])
     return _save(model, workdir / "nncf_ptq.int8.xml", "ir-int8", quantizer="nncf_ptq", precision="int8")
 
@@ -72,7 +72,7 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
         compiled = model if isinstance(model, ov.CompiledModel) else core.compile_model(model, "CPU")
         return lambda x: compiled(x)[0]
 
-    model = _nncf.accuracy_control(_read_onnx(fp32), data, profile, compile_fn)
+    model = nncf_common.accuracy_control(_read_onnx(fp32), data, profile, compile_fn)
     model.set_rt_info("mixed_precision", ["edgetl", "quantizer"])
     return _save(model, workdir / "mixed_precision.int8.xml", "ir-int8", quantizer="mixed_precision",
                  precision="int8")
@@ -162,8 +162,7 @@ class OpenVinoBackend:
     name = "openvino"
     engine = "openvino"
     quantizers = {"nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
-    requires = {"*": ("openvino", "openvino"), "nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf"),
-                "qat": ("nncf", "nncf")}
+    requires = {"*": ("openvino", "openvino"), "nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "openvino"]
 
     def check(self, profile: TargetProfile) -> None:

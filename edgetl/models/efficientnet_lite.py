@@ -95,6 +95,7 @@ class EfficientNetLite(nn.Module):
 
 
 def efficientnet_lite0(image_size: int = 224) -> EfficientNetLite:
+    """EfficientNet-Lite0 at `image_size` (weights loaded separately)."""
     return EfficientNetLite(1000, image_size)
 
 

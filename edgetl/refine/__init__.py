@@ -33,15 +33,15 @@ class RefineInputs:
     views: TrainViews  # the clean + augmented training views the head was trained on
     head: tuple[np.ndarray, np.ndarray]  # the float model's head: weight (classes x features), bias
     model: object = None  # the float torch model (refiners that train: QAT)
-    _teacher: Callable[[], np.ndarray] | None = None
-    _cache: dict = field(default_factory=dict)
+    teacher: Callable[[], np.ndarray] | None = None  # computes the float logits on the training views
+    shared: dict = field(default_factory=dict)  # work every target of the build shares (under SHARED)
 
     def teacher_logits(self) -> np.ndarray:
         """The float model's logits on every training view (computed once, shared by all targets)."""
         with SHARED:
-            if "teacher" not in self._cache:
-                self._cache["teacher"] = np.asarray(self._teacher(), dtype=np.float32)
-            return self._cache["teacher"]
+            if "teacher" not in self.shared:
+                self.shared["teacher"] = np.asarray(self.teacher(), dtype=np.float32)
+            return self.shared["teacher"]
 
 
 Refiner = Callable[[Artifact, RefineInputs, object, object, Path], Artifact]

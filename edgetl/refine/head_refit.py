@@ -56,6 +56,7 @@ def _theta(w0: np.ndarray, b0: np.ndarray) -> np.ndarray:
 
 
 def ridge_solve(gram: np.ndarray, rhs: np.ndarray, theta0: np.ndarray, alphas=ALPHAS):
+    """(alpha, W, b) for every alpha from the normal equations, shrunk towards theta0."""
     d = gram.shape[0] - 1
     scale = float(np.trace(gram[:d, :d])) / d or 1.0
     reg = np.eye(d + 1)
@@ -87,6 +88,7 @@ def choose(candidates, f_val: np.ndarray, current_val_logits: np.ndarray, ref_va
 
 
 def head_refit(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
+    """The model with its head refitted on its own INT8 trunk (see the module docstring)."""
     features_fn = backend.head_features(art, profile)
     z = inp.teacher_logits()
     theta0 = _theta(*(np.asarray(a, dtype=np.float64) for a in inp.head))

@@ -74,7 +74,7 @@ def fold_batchnorm(model):
 def _quantize(student, inp: RefineInputs, profile):
     import torch
 
-    from ..backends._nncf import import_nncf
+    from ..backends.nncf_common import import_nncf
 
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # first JIT build of NNCF's CPU op: ~70 s
     nncf = import_nncf()
@@ -249,7 +249,7 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
     key = ("qat", q.qat_epochs, q.qat_max_steps, q.qat_checkpoints, q.qat_lr, q.qat_loss, q.qat_temperature,
            q.symmetric_activations, preset, q.per_channel, profile.opset)
     with SHARED:
-        if key not in inp._cache:
+        if key not in inp.shared:
             t0 = time.perf_counter()
             Student = _torch_modules()  # noqa: N806
             trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
@@ -258,8 +258,8 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
             info = _train(qm, inp, profile, deadline=None if q.qat_budget_s is None else t0 + q.qat_budget_s)
             qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx", profile.opset)
             info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
-            inp._cache[key] = (qdq, info)
-    qdq, info = inp._cache[key]
+            inp.shared[key] = (qdq, info)
+    qdq, info = inp.shared[key]
     out = backend.from_qdq_onnx(qdq, art, profile, workdir, "qat")
     log.info("qat: step %d of %d chosen (val agreement %.4f)", info["chosen_step"], info["steps"],
              info["val_agreement"])
@@ -268,3 +268,4 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
 
 qat.from_float = True
 qat.record_key = "qat"
+qat.requires = ("nncf", "nncf")  # (module, pip extra), checked before a build starts

@@ -1,0 +1,187 @@
+"""What a bundle contains: the runtime files, each model's files, the contract, labels, the resolved
+recipe, a README, golden inputs with the outputs the bundle's own runtime gives on them, and the
+manifest that lists them all. bundle.py stages, publishes, verifies and signs; this module decides
+the content."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, bundle, data, parity
+from .profiles import TargetProfile
+from .recipe import BuildRecipe
+from .runtime.preprocess import load_rgb, preprocess
+
+N_GOLDEN = 8
+GOLDEN_MARGIN = 0.5  # float top-1 minus top-2 probability a golden image should have
+
+
+def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepared, golden: list, common: dict,
+          quantization: dict, warnings: list[str]) -> dict[str, list[str]]:
+    """Write every file of a target's bundle into `stage`, then its sealed manifest. `models`: the
+    target's gated models (precision, stem, artifact, runner, metrics, sizes, summary()), default
+    first; `golden`: (label, image) pairs; `common`: manifest fields every target shares. Returns
+    precision -> the model's bundle files."""
+    p = prepared
+    ds, contract, default = p.dataset, p.contract, models[0]
+    files: dict = {}
+    runtime_dir = Path(str(resources.files("edgetl").joinpath("runtime")))
+    for name in ("predict.py", "preprocess.py", "integrity.py", f"engine_{backend.engine}.py"):
+        files[name] = runtime_dir / name
+    model_files = {m.precision: backend.model_files(m.artifact, m.stem) for m in models}
+    for mf in model_files.values():
+        files.update(mf)
+    files["labels.txt"] = "\n".join(ds.classes) + "\n"
+    files["preprocess.json"] = json.dumps(contract, indent=2) + "\n"
+    files["runtime.json"] = json.dumps({
+        "backend": backend.name, "engine": backend.engine, "requires": backend.runtime_requires,
+        "models": {prec: next(iter(mf)) for prec, mf in model_files.items()},
+        "default_model": default.precision, "settings": backend.settings(profile),
+        "model_settings": {m.precision: ms for m in models if (ms := backend.model_settings(profile, m.precision))},
+    }, indent=2) + "\n"
+    files["recipe.toml"] = recipe_toml(p.recipe, profile)
+    files["README.md"] = readme(profile, p, models, backend)
+    shipped = []
+    for k, (label, img) in enumerate(golden):
+        rel = f"golden/{k:02d}_{label}.png"
+        files[rel] = png_bytes(img)
+        shipped.append((rel, label))
+    bundle.write_files(stage, files)
+    expected_out = {"models": {m.precision: expected(m, stage, shipped, contract) for m in models}}
+    bundle.write_files(stage, {"golden/expected.json": json.dumps(expected_out, indent=1) + "\n"})
+    created = bundle.created()  # SOURCE_DATE_EPOCH's; a bundle is a function of its inputs
+    manifest = {
+        "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
+        **({"created": created} if created else {}),
+        **common, "versions": versions(backend), "metrics": default.metrics, "quantization": quantization,
+        "sizes": default.sizes, "validated_with": default.runner.executed_by,
+        "models": {m.precision: m.summary(list(model_files[m.precision])) for m in models},
+        "preprocess": contract, "warnings": warnings,
+    }
+    bundle.write_manifest(stage, manifest)
+    return {prec: list(mf) for prec, mf in model_files.items()}
+
+
+def golden_items(ds: data.Dataset, test_labels, reference_logits) -> list[tuple[str, object]]:
+    """Up to N_GOLDEN test images, round-robin over classes, saved decoded (PNG) for device self-tests.
+    Per class, the images whose float top-1 is clear (margin >= GOLDEN_MARGIN) come first, in file
+    order, then the rest by margin: another CPU, runtime version or TensorRT's FP16/INT8 kernels must
+    not flip a golden image's top-1 by rounding alone."""
+    margin = parity.float_margin(reference_logits)
+    per_class = [sorted(np.flatnonzero(test_labels == c).tolist(),
+                        key=lambda i: (margin[i] < GOLDEN_MARGIN, 0.0 if margin[i] >= GOLDEN_MARGIN else -margin[i]))
+                 for c in range(len(ds.classes))]
+    order = [i for rnd in itertools.zip_longest(*per_class) for i in rnd if i is not None][:N_GOLDEN]
+    return [(ds.classes[test_labels[i]], load_rgb(ds.split("test")[i].path)) for i in order]
+
+
+def expected(m, stage: Path, golden: list[tuple[str, str]], contract: dict) -> dict:
+    """Expected outputs of the bundle's own golden files through its own runtime."""
+    items = []
+    for rel, label in golden:
+        logits = m.runner.logits(preprocess(load_rgb(stage / rel), contract)[None])[0]
+        items.append({"file": rel, "label": label, "index": int(logits.argmax()),
+                      "logits": [round(float(v), 6) for v in logits]})
+    scale = max((abs(v) for it in items for v in it["logits"]), default=1.0)
+    return {"logit_atol": round(max(1e-3, 0.05 * scale), 6), "executed_by": m.runner.executed_by, "items": items}
+
+
+def png_bytes(img) -> bytes:
+    """A PIL image as PNG bytes (lossless: a golden input stays the pixels the gate saw)."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def recipe_toml(recipe: BuildRecipe, profile: TargetProfile) -> str:
+    """The resolved recipe as far as this bundle goes: without what describes the build machine
+    (OUT, the data and weights paths: manifest.json has their sha256; [compute]: it changes no
+    result) and with this bundle's target alone, by name (manifest.json has the profile)."""
+    import tomli_w
+
+    d = recipe.to_toml_dict()
+    for key in ("out", "compute"):
+        d.pop(key, None)
+    d["data"].pop("path", None)
+    d["model"].pop("weights", None)
+    d["targets"] = [profile.name]
+    return ("# The resolved recipe this bundle was built with (defaults + file + flags), less the\n"
+            "# build machine's paths and [compute]: data_sha256 and backbone.weights_sha256 in\n"
+            "# manifest.json name the data and the weights.\n" + tomli_w.dumps(d))
+
+
+def versions(backend) -> dict:
+    """Versions of everything that made the bundle's model (the manifest's `versions`)."""
+    import onnx
+    import PIL
+    import torch
+    import torchvision
+
+    v = {"edgetl": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "torchvision": torchvision.__version__, "onnx": onnx.__version__, "numpy": np.__version__,
+         "pillow": PIL.__version__}
+    v.update(backend.versions())
+    try:
+        import nncf
+
+        v["nncf"] = nncf.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def readme(profile: TargetProfile, p, models: list, backend) -> str:
+    """The bundle's README: how to run it, its input contract and its parity table."""
+    c = p.contract
+    rows = "\n".join(
+        f"| `{m.stem}` ({m.precision}) | {m.metrics['accuracy']:.4f} | {m.metrics['accuracy_drop_pp']:+.2f} | "
+        f"{m.metrics['top1_agreement']:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.runner.executed_by} |"
+        for m in models)
+    quant = next((m.quantization for m in models if m.quantization), None)
+    qline = (f"INT8 quantizer: `{quant.chosen}`; layers kept in float: {len(quant.float_nodes)}.\n"
+             if quant else "")
+    return f"""# edgetl bundle: {profile.name}
+
+{profile.description}
+
+Backbone `{p.spec.name}` fine-tuned on {len(p.dataset.classes)} classes ({", ".join(p.dataset.classes)}).
+
+## Run
+
+    pip install {" ".join(backend.runtime_requires)}
+    python predict.py IMAGE...           # label and probability per image
+    python predict.py --json IMAGE...
+    python predict.py --selftest         # golden inputs in golden/ must give the recorded outputs
+    python predict.py --bench            # latency, throughput, cold-load time on this device
+    python predict.py --model {models[-1].precision} IMAGE...   # another model of this bundle
+    python predict.py --set KEY=VALUE    # override a setting of runtime.json "settings"
+
+`runtime.json` holds the models, the default one and the runtime settings
+(providers / device, performance hint); `--set` overrides them on the device.
+
+## Input contract (preprocess.json)
+
+RGB, resize shorter side to {c["resize_size"]} ({c["interpolation"]}),
+centre-crop {c["input_size"][0]}x{c["input_size"][1]}, x/255, subtract mean {c["mean"]},
+divide by std {c["std"]}, NCHW float32. `preprocess.py` implements it.
+
+## Parity (test split, n={models[0].metrics["n_test"]}; float PyTorch {models[0].metrics["reference_accuracy"]:.4f})
+
+| model | top-1 accuracy | drop (pp) | agreement | size | validated with |
+|---|---|---|---|---|---|
+{rows}
+
+{qline}Validation ran on the build machine through the runtime named in the last column; where that
+is not the provider/device this bundle prefers, the numbers are numerical checks of the same
+model file, not measurements on the target hardware.
+
+`manifest.json` lists every file's sha256; `edgetl verify DIR` checks them.
+"""
