@@ -237,13 +237,15 @@ def _check_signature(bundle: Path, public_key: Path) -> None:
 
 # Loading a bundle as a device would: its own predict.py and engine (for predict, bench, verify --selftest).
 
+_verify = verify  # load_predictor's `verify` flag shadows the function
+
 
 def load_predictor(bundle_dir: Path, model: str | None = None, *, verify: bool = True, public_key: Path | None = None):
     """The bundle's own predict.py, imported from the bundle (so its own engine file runs); with
     `verify`, only once every file matches its manifest (exit 1 naming the first that does not) and,
     with `public_key`, its signature holds."""
     if verify:
-        verify(bundle_dir, public_key=public_key)
+        _verify(bundle_dir, public_key=public_key)
     manifest = read_manifest(bundle_dir)
     try:
         runtime = json.loads((bundle_dir / "runtime.json").read_text(encoding="utf-8"))

@@ -8,22 +8,26 @@ a step does: every one is "model in, model out".
 
 Evidence. Agreement with the float model needs no labels, so a candidate is judged on the val
 images *and* seeded augmented views of them (`QuantInputs.evidence_x`, thousands of comparisons
-where val alone has ~100); the accuracy drop, which needs labels, is judged on val.
+where val alone has ~100). Views have lower float margins than clean images and flip more often,
+so the agreement is estimated per margin stratum over every row and weighted by the clean val
+images' strata (post-stratification). The accuracy drop, which needs labels, is judged on val.
 
 The rule (deterministic: nothing here reads a clock):
 - The first candidate that builds is the current choice. A later one replaces it only when its
   advantage is significant on paired evidence: over the val images on whose views exactly one of
-  the two agrees with the float model more often, an exact one-sided sign (McNemar) test at
-  ALPHA. Otherwise the cheaper, earlier one stays. An image counts once, whatever its views.
+  the two agrees with the float model more often, an exact one-sided sign (McNemar) test at ALPHA
+  (an image counts once, whatever its views). Otherwise the cheaper, earlier one stays. A broken
+  choice (under the gate's agreement floor: the gate would refuse it anyway) is replaced by any
+  later one that is not broken.
 - The search stops at the first fully-INT8 choice that meets the search target; before a candidate
   that could not replace the choice even if it agreed everywhere (the choice misses on so few val
-  images that no sign test over them reaches ALPHA: the evidence cannot pay for more work); and
-  before a candidate that cannot plausibly reach the target: when even the current choice with its logit error cut
-  by `quantization.escalate_noise_cut` (0.5: half the quantization noise) stays under the target,
-  the remaining candidates are skipped and recorded as such. (Only for a working choice: one under
-  the gate's agreement floor is broken, not noisy, and the next quantizer is always tried.)
-- A candidate that keeps convolutions in float (mixed precision) ships only when it meets the target,
-  no fully-INT8 choice does, and it is significantly better than the fully-INT8 choice.
+  images that no sign test over them reaches ALPHA: more work cannot change what ships); and
+  before a candidate that cannot plausibly reach the target: when even the current choice with
+  its logit error cut by `quantization.escalate_noise_cut` (0.5: half the quantization noise)
+  stays under the target. Skipped candidates are recorded as such. (Neither skip follows a broken
+  choice: it is broken, not noisy, and the next quantizer is always tried.)
+- A candidate that keeps convolutions in float (mixed precision) ships only when it meets the
+  target, no fully-INT8 choice does, and it is significantly better than the fully-INT8 choice.
 The search never receives the test split.
 """
 
@@ -106,17 +110,45 @@ def evidence_reference(qins: QuantInputs) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _agreement(logits: np.ndarray, qins: QuantInputs) -> np.ndarray:
+def _by_image(rows: np.ndarray, qins: QuantInputs) -> np.ndarray:
+    """Evidence rows (val, then the views image-major) as (val images, 1 + views)."""
     n, k = len(qins.val_y), qins.evidence_views
-    same = logits.argmax(1) == evidence_reference(qins).argmax(1)
-    return np.column_stack([same[:n], same[n:].reshape(n, k)]) if k else same[:, None]
+    return np.column_stack([rows[:n], rows[n:].reshape(n, k)]) if k else rows[:n, None]
 
 
-def _interval(agree: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:
-    """95 % interval of the agreement, resampling val images (rows of one image are not independent)."""
-    per_image = agree.mean(1)
-    idx = np.random.default_rng(seed).integers(0, len(per_image), size=(n_boot, len(per_image)))
-    boot = per_image[idx].mean(1)
+def _agreement(logits: np.ndarray, qins: QuantInputs) -> np.ndarray:
+    return _by_image(logits.argmax(1) == evidence_reference(qins).argmax(1), qins)
+
+
+# Strata of the float model's margin (top-1 minus top-2 probability). Augmented views have lower
+# margins than the clean images a device sees, so they flip more often: the agreement is estimated
+# per stratum on every row, then weighted by the clean val images' strata (post-stratification), so
+# that the views sharpen the estimate without biasing it towards harder images.
+MARGIN_EDGES = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
+
+
+def _strata(qins: QuantInputs) -> np.ndarray:
+    margin = parity.float_margin(evidence_reference(qins))
+    return _by_image(np.searchsorted(MARGIN_EDGES, margin, side="right") - 1, qins)
+
+
+def stratified(agree: np.ndarray, strata: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+    """Agreement estimated for clean images: per margin stratum over all rows, weighted by the clean
+    (column 0) images' strata. `idx` (resamples x images) gives one estimate per resample of images."""
+    b = len(MARGIN_EDGES)
+    hits = np.stack([(agree & (strata == s)).sum(1) for s in range(b)], 1).astype(np.float64)  # (images, strata)
+    rows = np.stack([(strata == s).sum(1) for s in range(b)], 1).astype(np.float64)
+    clean = np.eye(b)[strata[:, 0]]
+    idx = np.arange(len(agree))[None] if idx is None else idx
+    h, r, w = hits[idx].sum(1), rows[idx].sum(1), clean[idx].sum(1)
+    rate = np.divide(h, r, out=np.zeros_like(h), where=r > 0)
+    return (w * rate).sum(1) / w.sum(1)
+
+
+def _interval(agree: np.ndarray, strata: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:
+    """95 % interval of the estimate, resampling val images (rows of one image are not independent)."""
+    idx = np.random.default_rng(seed).integers(0, len(agree), size=(n_boot, len(agree)))
+    boot = stratified(agree, strata, idx)
     return [round(float(np.percentile(boot, 2.5)), 5), round(float(np.percentile(boot, 97.5)), 5)]
 
 
@@ -128,11 +160,12 @@ def compare(new: np.ndarray, old: np.ndarray) -> dict:
     return {"images_better": better, "images_worse": worse, "p_value": parity.sign_test_p(better, worse)}
 
 
-def projected_agreement(logits: np.ndarray, reference: np.ndarray, noise_cut: float) -> float:
-    """Agreement if the model's logit error were cut by `noise_cut` (0.5: halved): an optimistic
-    reach for the next candidate, read from this one's evidence."""
+def projected_agreement(logits: np.ndarray, qins: QuantInputs, noise_cut: float) -> float:
+    """Agreement (estimated as for a candidate) if the model's logit error were cut by `noise_cut`
+    (0.5: halved): an optimistic reach for the next candidate, read from this one's evidence."""
+    reference = evidence_reference(qins)
     shrunk = reference + (1.0 - noise_cut) * (logits - reference)
-    return float((shrunk.argmax(1) == reference.argmax(1)).mean())
+    return float(stratified(_by_image(shrunk.argmax(1) == reference.argmax(1), qins), _strata(qins))[0])
 
 
 def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, tolerances: dict,
@@ -146,7 +179,6 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
     attempts: list[dict] = []
     int8: _Scored | None = None  # the current fully-INT8 choice
     mixed: _Scored | None = None  # the current choice among those that keep convolutions in float
-    reference = evidence_reference(qins)
     noise_cut = profile.quantization.escalate_noise_cut
 
     def build(steps: tuple[str, ...]) -> Artifact:
@@ -165,7 +197,7 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
         current = int8 or mixed
         if int8 is not None and not int8.missed:
             break  # the first fully-INT8 choice that meets the search target
-        if int8 is not None:  # every later candidate must beat the fully-INT8 choice significantly to ship
+        if int8 is not None and not int8.broken:  # a later candidate must beat it significantly to ship
             imperfect = int((~int8.agree).any(1).sum())  # val images where the choice misses a row
             if parity.sign_test_p(imperfect, 0) >= ALPHA:
                 for rest in candidates[k:]:
@@ -175,7 +207,7 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
                         f"{parity.sign_test_p(imperfect, 0):.3g} >= {ALPHA:g}, so none could replace it")})
                 break
         if current is not None and not current.broken:  # a broken model (under the agreement floor) says nothing
-            reach = projected_agreement(current.logits, reference, noise_cut)
+            reach = projected_agreement(current.logits, qins, noise_cut)
             if reach < target_agreement:
                 for rest in candidates[k:]:
                     attempts.append({"quantizer": rest, "skipped": (
@@ -191,6 +223,8 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
         old = int8 if scored.int8 else mixed
         if old is None:
             scored.attempt["decision"] = "chosen (first that built)" if current is None else "chosen"
+        elif old.broken and not scored.broken:  # the gate would refuse the old one anyway
+            scored.attempt["decision"] = f"replaces {old.name} (under the agreement floor: broken, not noisy)"
         else:
             test = compare(scored.agree, old.agree)
             scored.attempt["versus"] = {"candidate": old.name, **test}
@@ -243,8 +277,8 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make
         return None
     n = len(qins.val_y)
     rep = parity.evaluate(qins.val_reference_logits, logits[:n], qins.val_y, classes, seed=seed, split="val")
-    agree = _agreement(logits, qins)
-    rate = float(agree.mean())
+    agree, strata = _agreement(logits, qins), _strata(qins)
+    rate = float(stratified(agree, strata)[0])
     drop_only = dict(max_accuracy_drop_pp=tolerances["max_accuracy_drop_pp"], min_top1_agreement=0.0,
                      drop_by_ci=True)
     gate_missed = parity.misses(rep, **drop_only)
@@ -259,7 +293,8 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make
                "val_top1_agreement": rep.top1_agreement,
                "evidence": {"images": int(agree.shape[0]), "views_per_image": int(agree.shape[1]),
                             "comparisons": int(agree.size), "top1_agreement": round(rate, 5),
-                            "agreement_ci95": _interval(agree, seed),
+                            "agreement_ci95": _interval(agree, strata, seed),
+                            "raw_agreement": round(float(agree.mean()), 5),
                             "by_margin": parity.agreement_by_margin(evidence_reference(qins), _rows(agree))},
                "val_misses": missed, "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),
                "seconds": round(time.perf_counter() - t0, 2)}

@@ -426,3 +426,18 @@ def test_qat_exports_onnx_that_onnxruntime_fuses_and_openvino_loads(tiny_data, t
     assert ir.path.suffix == ".xml" and ov_backend.float_nodes(ir, convolutions_only=True) == []
     _, ov_logits = ov_backend.head_features(ir, load_profile("openvino"))(x_val)
     assert (ov_logits.argmax(1) == ref.argmax(1)).mean() >= 0.8
+
+
+def test_agreement_is_estimated_for_clean_images_not_for_the_harder_views():
+    """Views have lower float margins and flip more: the estimate weights each margin stratum by the
+    clean val images, so hard views sharpen it without dragging it down."""
+    # 4 images x (clean + 3 views); strata: clean rows in stratum 7 (clear), views in 0 (borderline)
+    strata = np.array([[7, 0, 0, 0]] * 4)
+    agree = np.array([[True, False, False, True]] * 4)
+    assert search.stratified(agree, strata)[0] == 1.0  # every clean image is clear, and clear rows agree
+    assert agree.mean() == 0.5
+    # half the clean images borderline: their stratum's rate (1 of 7 borderline rows agree) counts half
+    strata2 = np.array([[7, 0, 0, 0], [7, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    agree2 = np.array([[True, False, False, True], [True, False, False, False],
+                       [False, False, False, False], [False, False, False, False]])
+    assert search.stratified(agree2, strata2)[0] == pytest.approx(0.5 * 1.0 + 0.5 * (1 / 14))
