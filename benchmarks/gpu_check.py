@@ -7,9 +7,10 @@ and TensorRT execution providers. Records, each step on its own (a failing step 
 others still run):
 1. fine-tune on CUDA with 1 process and, when the machine has 2+ GPUs, 2 NCCL processes: the parity
    numbers of the two (they must match); on a 1-GPU machine `--nproc 2` must be refused (exit 2);
-2. a gpu-int8 build; its FP16 and INT8 models through TensorRT -> CUDA -> CPU and CUDA -> CPU:
-   which provider ran each node type (onnxruntime's profiler), batch-1 latency vs the FP32 model,
-   and the bundle's golden self-test with each provider list (strict_providers on);
+2. a gpu-int8 build; its FP16 and INT8 models (each with its runtime.json model_settings) through
+   TensorRT -> CUDA -> CPU and CUDA -> CPU: which provider ran each node type (onnxruntime's
+   profiler), batch-1 latency, and the bundle's golden self-test with each provider list
+   (strict_providers on). The JSON is rewritten after each step, so a timeout keeps what ran;
 3. feature extraction (the frozen trunk over the training views) on CUDA vs the CPU: rows per second.
 """
 
@@ -84,13 +85,11 @@ def providers(tmp: Path) -> dict:
     runtime = json.loads((bundle / "runtime.json").read_text())
     size = json.loads((bundle / "preprocess.json").read_text())["input_size"]
     x = np.random.default_rng(0).normal(size=(1, 3, *size)).astype(np.float32)
-    fp32 = next(Path(tempfile.gettempdir()).glob("edgetl-*/model.fp32*.onnx"), None)
     out: dict = {"available": ort.get_available_providers(), "models": {}}
     for precision, file in runtime["models"].items():
+        settings = {**runtime["settings"], **runtime.get("model_settings", {}).get(precision, {})}
         for name, provs in PROVIDER_SETS.items():
-            out["models"][f"{precision}/{name}"] = _session_report(bundle / file, provs, runtime, x)
-        if fp32 is not None:
-            out["models"][f"fp32/{name}"] = _session_report(fp32, PROVIDER_SETS["cuda"], runtime, x)
+            out["models"][f"{precision}/{name}"] = _session_report(bundle / file, provs, settings, x)
         for name, provs in PROVIDER_SETS.items():
             st = subprocess.run([PY, str(bundle / "predict.py"), "--selftest", "--json", "--model", precision,
                                  "--set", f"providers={','.join(provs)}", "--set", "strict_providers=true"],
@@ -100,13 +99,13 @@ def providers(tmp: Path) -> dict:
     return out
 
 
-def _session_report(path: Path, provs: list[str], runtime: dict, x: np.ndarray) -> dict:
+def _session_report(path: Path, provs: list[str], settings: dict, x: np.ndarray) -> dict:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(path.with_suffix("")) + "-profile"
-    options = [dict(runtime["settings"].get("provider_options", {}).get(p, {})) for p in provs]
+    options = [dict(settings.get("provider_options", {}).get(p, {})) for p in provs]
     for o in options:
         if "trt_engine_cache_path" in o:
             o["trt_engine_cache_path"] = str(path.parent.parent / "trt-cache")
@@ -162,11 +161,10 @@ def main() -> None:
                     "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        step(record, "ranks", lambda: ranks(tmp))
-        step(record, "providers", lambda: providers(tmp))
-        step(record, "feature_extraction", lambda: features(tmp))
-    (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=1))
-    (out_dir / "gpu_check.md").write_text(markdown(record))
+        for name, fn in (("providers", providers), ("ranks", ranks), ("feature_extraction", features)):
+            step(record, name, lambda fn=fn: fn(tmp))
+            (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=1))  # each step kept as it ends
+            (out_dir / "gpu_check.md").write_text(markdown(record))
     print(markdown(record))
 
 

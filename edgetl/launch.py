@@ -47,15 +47,24 @@ class Ranks:
         """This rank's part of `keys` (every world-th, from its rank)."""
         return list(keys)[self.rank::self.world]
 
-    def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
+    def broadcast(self, obj, *, waiting: bool = False):
+        """Rank 0's `obj` on every rank. `waiting`: the others may wait long for it (rank 0's scan),
+        bounded by compute.prepare_timeout_s instead of compute.timeout_s."""
         if self.world == 1:
             return obj
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.wait_group)
+        dist.broadcast_object_list(box, src=0, group=self.wait_group if waiting else None)
         return box[0]
+
+    def wait_for_main(self) -> None:
+        """Every rank waits here until rank 0 is done with its solitary work (scan, decoding),
+        bounded by compute.prepare_timeout_s; the training collectives after it keep timeout_s."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.wait_group)
 
     def total(self, value: float) -> float:
         """The sum of `value` over the ranks, on every rank."""

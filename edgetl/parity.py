@@ -152,6 +152,8 @@ def resolve_rule(rule: str, n: int, tolerance_pp: float) -> str:
     """"auto" -> "point" when one image is worth at most half the tolerance, else "evidence"."""
     if rule != "auto":
         return rule
+    if tolerance_pp <= 0:  # no drop allowed: only the point estimate can say so
+        return "point"
     return "point" if n and 100.0 / n <= tolerance_pp / 2 + 1e-12 else "evidence"
 
 

@@ -76,6 +76,7 @@ def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, w
             x["evidence"] = loader.Split.write(
                 ds.split("val"), contract, work / "evidence.crops", workers, progress, "decode (val views)",
                 samples=EvidenceCrops(ds.split("val"), contract, p.evidence_views, recipe.seed))
+    ranks.wait_for_main()  # the other ranks wait for the decoding here, not inside a training collective
     clock.lap("decode")
 
     progress.stage(f"train ({cfg.strategy}) on {device}" + (f", {ranks.world} processes" if ranks.world > 1 else ""))

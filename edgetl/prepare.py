@@ -87,7 +87,7 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
         dataset = data.scan(folder, val_fraction=recipe.data.val_fraction, test_fraction=recipe.data.test_fraction,
                             seed=recipe.seed, workers=workers + 1)  # + this process's core
         check_out(Path(recipe.out), Path(folder))
-    dataset = ranks.broadcast(dataset)
+    dataset = ranks.broadcast(dataset, waiting=True)
     contract = spec.contract(recipe.model.image_size)
     d = recipe.data
     warnings = data.balance_warnings(dataset, ratio=d.imbalance_ratio, min_judged=d.min_judged_images)

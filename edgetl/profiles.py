@@ -39,9 +39,10 @@ class QuantizationProfile(_Strict):
     quantize_bias: bool = True
     # Work is bounded in steps and evaluations, never in seconds, so that a slow or loaded machine
     # ships the same bytes. `qat`: AdamW steps over the training views (batch 16): qat_epochs epochs,
-    # at most qat_max_steps; the checkpoint (one of qat_checkpoints, "no training" included) is the
-    # one with the lowest val logit error. qat_loss "mse+kl" adds a KL term on logits softened by
-    # qat_temperature. `mixed_precision`: at most 12 layers reverted, sensitivity ranked on 64 val images.
+    # at most qat_max_steps; the checkpoint (step 0, i.e. "no training", or one of qat_checkpoints
+    # marks spread over the steps) is the one with the lowest val logit error. qat_loss "mse+kl" adds
+    # a KL term on logits softened by qat_temperature. `mixed_precision`: at most 6 restore steps,
+    # layer sensitivity ranked on 32 val images.
     qat_epochs: int = Field(2, ge=1, le=50)
     qat_max_steps: int = Field(96, ge=1, le=100_000)
     qat_checkpoints: int = Field(4, ge=1, le=64)

@@ -1,5 +1,5 @@
 """The build report: OUT/report.json (everything), OUT/report.md (the parity table, the changed
-predictions) and OUT/report.html (table, the float reference's confusion matrix, each model's
+predictions by how they moved) and OUT/report.html (table, the float reference's confusion matrix, each model's
 confusion difference from it, the accuracy/latency/size plot and a thumbnail of every test image
 whose prediction changed; PNGs embedded)."""
 
@@ -106,9 +106,10 @@ def legend(result) -> list[str]:
     return [*(f"Data warning: {w}" for w in result.data.get("warnings", [])),
         "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (exact, "
         "paired: McNemar's discordant images with a Clopper-Pearson bound), the agreement at least (≥) its bound "
-        "(Clopper-Pearson). The gate's drop rule (recipe gate.rule) is 'point' (the drop itself within the "
-        "tolerance) when one test image is worth at most half the tolerance, else 'evidence' (fail only when the "
-        "lower bound is above the tolerance, and say loudly that the split cannot certify it).",
+        "(Clopper-Pearson). The gate's drop rule (recipe gate.rule, per model below): 'point' (the drop itself "
+        "within the tolerance) or 'evidence' (fail only when the lower bound is above the tolerance, and say loudly "
+        "when the split cannot certify it); 'auto' takes 'point' when one test image is worth at most half the "
+        "tolerance.",
         "The INT8 search judges agreement on the val images and seeded augmented views of them (never test); a "
         "later candidate replaces an earlier one only when a one-sided exact sign test over the val images "
         "favours it at p < 0.05, otherwise the cheaper one stays.",
@@ -202,10 +203,6 @@ def _changed_title(r: dict) -> str:
     return f"{r['name']}: {len(r['changed'])}{n} test images predicted differently from the float reference"
 
 
-def _more(shown: int, total: int) -> str:
-    return f"and {total - shown} more (report.json lists all)"
-
-
 def markdown_changed(result) -> str:
     """report.md's changed predictions, per model, grouped by how they moved."""
     classes = (result.data or {}).get("classes") or []
@@ -220,7 +217,7 @@ def markdown_changed(result) -> str:
                          f"float {_md(_class(classes, c.get('reference')))} → "
                          f"{_md(r['precision'])} {_md(_class(classes, c.get('predicted')))}\n")
             if len(items) > MD_CHANGED_CAP:
-                text += f"- {_more(MD_CHANGED_CAP, len(items))}\n"
+                text += f"- and {len(items) - MD_CHANGED_CAP} more (report.json lists all)\n"
     return text
 
 
@@ -228,20 +225,16 @@ def grouped(changed: list[dict]) -> list[tuple[str, list[dict]]]:
     """Changed predictions by how they moved: right → wrong, wrong → right, wrong → other wrong."""
     from .parity import FLIP_KINDS, flip_kind
 
-    def kind(c):
-        k = c.get("kind")
-        if k in FLIP_KINDS:
-            return k
+    def kind(c):  # older reports have no "kind": derive it; a damaged entry is just "changed"
         try:
-            return flip_kind(int(c["label"]), int(c["reference"]), int(c["predicted"]))
-        except (KeyError, TypeError, ValueError):
+            return c["kind"] if c.get("kind") in FLIP_KINDS else flip_kind(c["label"], c["reference"], c["predicted"])
+        except (KeyError, TypeError):
             return "changed"
 
-    groups: dict[str, list[dict]] = {}
+    groups: dict[str, list[dict]] = {k: [] for k in (*FLIP_KINDS, "changed")}
     for c in changed:
-        groups.setdefault(kind(c), []).append(c)
-    order = [*FLIP_KINDS, "changed"]
-    return sorted(groups.items(), key=lambda kv: order.index(kv[0]))
+        groups[kind(c)].append(c)
+    return [(k, items) for k, items in groups.items() if items]
 
 
 def markdown(result) -> str:
@@ -378,7 +371,8 @@ def changed_html(result) -> str:
         groups = []
         for kind, items in grouped(r["changed"]):
             figs = [_figure(c, r, classes, root, cache) for c in items[:HTML_CHANGED_CAP]]
-            more = f"<p>{esc(_more(HTML_CHANGED_CAP, len(items)))}</p>" if len(items) > HTML_CHANGED_CAP else ""
+            more = (f"<p>and {len(items) - HTML_CHANGED_CAP} more (report.json lists all)</p>"
+                    if len(items) > HTML_CHANGED_CAP else "")
             groups.append(f"<h4>{esc(kind)} ({len(items)})</h4><div>{''.join(figs)}</div>{more}")
         sections.append(f"<h3>{esc(_changed_title(r))}</h3>{''.join(groups)}")
     if not sections:

@@ -17,8 +17,9 @@ The rule (deterministic: nothing here reads a clock):
   advantage is significant on paired evidence: over the val images on whose views exactly one of
   the two agrees with the float model more often, an exact one-sided sign (McNemar) test at ALPHA
   (an image counts once, whatever its views). Otherwise the cheaper, earlier one stays. A broken
-  choice (under the gate's agreement floor: the gate would refuse it anyway) is replaced by any
-  later one that is not broken.
+  choice (one that misses the gate's tolerances on val — agreement floor, or a drop shown above the
+  tolerance — so the gate would refuse it anyway) is replaced by any later one that is not broken,
+  mixed precision included.
 - The search stops at the first fully-INT8 choice that meets the search target; before a candidate
   that could not replace the choice even if it agreed everywhere (the choice misses on so few val
   images that no sign test over them reaches ALPHA: more work cannot change what ships); and
@@ -99,7 +100,7 @@ class _Scored:
     float_nodes: list[str]
     int8: bool  # no convolution left in float
     attempt: dict
-    broken: bool = False  # agreement under the gate's floor (min_top1_agreement): broken, not noisy
+    broken: bool = False  # misses the gate's tolerances on val (agreement floor, drop): broken, not noisy
 
 
 def evidence_reference(qins: QuantInputs) -> np.ndarray:
@@ -140,9 +141,13 @@ def stratified(agree: np.ndarray, strata: np.ndarray, idx: np.ndarray | None = N
     rows = np.stack([(strata == s).sum(1) for s in range(b)], 1).astype(np.float64)
     clean = np.eye(b)[strata[:, 0]]
     idx = np.arange(len(agree))[None] if idx is None else idx
-    h, r, w = hits[idx].sum(1), rows[idx].sum(1), clean[idx].sum(1)
-    rate = np.divide(h, r, out=np.zeros_like(h), where=r > 0)
-    return (w * rate).sum(1) / w.sum(1)
+    out = []
+    for c in range(0, len(idx), 64):  # resamples in chunks: memory stays (64 x images x strata)
+        part = idx[c:c + 64]
+        h, r, w = hits[part].sum(1), rows[part].sum(1), clean[part].sum(1)
+        rate = np.divide(h, r, out=np.zeros_like(h), where=r > 0)
+        out.append((w * rate).sum(1) / w.sum(1))
+    return np.concatenate(out)
 
 
 def _interval(agree: np.ndarray, strata: np.ndarray, seed: int, n_boot: int = 2000) -> list[float]:
@@ -211,7 +216,8 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
             if reach < target_agreement:
                 for rest in candidates[k:]:
                     attempts.append({"quantizer": rest, "skipped": (
-                        f"{current.name} agrees {current.agree.mean():.4f} on the evidence; with its logit error cut "
+                        f"{current.name} agrees {stratified(current.agree, _strata(qins))[0]:.4f} on the evidence; "
+                        f"with its logit error cut "
                         f"by {noise_cut:g} it would agree {reach:.4f} < {target_agreement:g}: no later candidate "
                         "can plausibly reach the search target (quantization.escalate_noise_cut)")})
                 break
@@ -240,7 +246,9 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
         raise EdgetlError(f"target '{profile.name}': every quantization candidate failed: "
                           + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts if "error" in a))
     chosen = int8 or mixed
-    if int8 is not None and int8.missed and mixed is not None and not mixed.missed:
+    if int8 is not None and int8.broken and mixed is not None and not mixed.broken:
+        chosen = mixed  # the gate would refuse the fully-INT8 choice anyway
+    elif int8 is not None and int8.missed and mixed is not None and not mixed.missed:
         test = compare(mixed.agree, int8.agree)
         if test["p_value"] < ALPHA:  # mixed precision: met, nothing fully INT8 did, and clearly better
             chosen = mixed
@@ -283,8 +291,7 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make
                      drop_by_ci=True)
     gate_missed = parity.misses(rep, **drop_only)
     missed = list(gate_missed)
-    broken = rate < tolerances["min_top1_agreement"] - 1e-9
-    if broken:
+    if rate < tolerances["min_top1_agreement"] - 1e-9:
         gate_missed.append(f"top-1 agreement {rate:.4f} < {tolerances['min_top1_agreement']:g} "
                            f"({agree.size} val images and views)")
     if rate < target_agreement - 1e-9:
@@ -304,7 +311,9 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make
         key = getattr(refiner, "record_key", None)
         if key and key in art.meta:
             attempt[key] = {k: v for k, v in art.meta[key].items() if k != "path"}
-    return _Scored(cand, art, agree, logits, gate_missed, missed, float_nodes, not compute_float, attempt, broken)
+    # broken: the gate would refuse it on val already (agreement floor, or a drop shown above tolerance)
+    return _Scored(cand, art, agree, logits, gate_missed, missed, float_nodes, not compute_float, attempt,
+                   bool(gate_missed))
 
 
 def _rows(agree: np.ndarray) -> np.ndarray:

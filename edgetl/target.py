@@ -87,17 +87,18 @@ def gate(profile: TargetProfile, fp32: Artifact, ctx: Context, work: Path) -> Ga
     return Gated(profile, backend, fp32, work, models)
 
 
-def search_int8(backend, profile: TargetProfile, fp32: Artifact, tol: dict, evidence: SearchEvidence, p: Prepared,
-                work: Path, progress: Progress, threads: int = 0) -> search.Choice:
-    """The INT8 search (edgetl/search.py) on the search's evidence: the test split is not among its inputs."""
-    recipe = p.recipe
+def search_int8(backend, profile: TargetProfile, fp32: Artifact, tol: dict, evidence: SearchEvidence,
+                recipe: BuildRecipe, classes: list[str], contract: dict, work: Path, progress: Progress,
+                threads: int = 0) -> search.Choice:
+    """The INT8 search (edgetl/search.py) on the search's evidence: the test split is not among its
+    inputs (neither the gate's evidence nor the dataset, whose items include the test files)."""
     target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
     qins = evidence.quant_inputs(tol["max_accuracy_drop_pp"], target_agreement, recipe.seed)
     rins = evidence.refine_inputs(qins, fp32)
     names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
     return search.run(backend, profile, fp32, qins, rins, tolerances=tol, target_agreement=target_agreement,
-                      candidates=names, classes=p.dataset.classes, seed=recipe.seed, work=work, progress=progress,
-                      make_runner=lambda art: backends.runner(backend, art, p.contract, p.dataset.classes, profile,
+                      candidates=names, classes=classes, seed=recipe.seed, work=work, progress=progress,
+                      make_runner=lambda art: backends.runner(backend, art, contract, classes, profile,
                                                              threads=threads))
 
 
@@ -108,7 +109,8 @@ def make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32:
     recipe, ds, contract = p.recipe, p.dataset, p.contract
     quant, val_missed = None, []
     if precision == "int8":
-        choice = search_int8(backend, profile, fp32, tol, ctx.search, p, work, progress, ctx.threads)
+        choice = search_int8(backend, profile, fp32, tol, ctx.search, recipe, ds.classes, contract, work, progress,
+                             ctx.threads)
         art, val_missed = choice.artifact, choice.val_missed
         records = {key: art.meta[key] for r in refiners().values()
                    if (key := getattr(r, "record_key", None)) and key in art.meta}

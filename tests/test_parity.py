@@ -185,6 +185,7 @@ def test_auto_rule_takes_the_point_estimate_only_where_one_image_is_worth_half_t
     assert parity.resolve_rule("auto", 199, 1.0) == "evidence"
     assert parity.resolve_rule("auto", 46, 1.0) == "evidence"
     assert parity.resolve_rule("auto", 400, 0.5) == "point"
+    assert parity.resolve_rule("auto", 10**6, 0.0) == "point"  # no drop allowed: the point estimate judges
     assert parity.resolve_rule("point", 10, 1.0) == "point"
     assert parity.resolve_rule("evidence", 10**6, 1.0) == "evidence"
 

@@ -169,7 +169,7 @@ def _run_search(tmp_path, outcomes, candidates, noise_cut=1.0, views=0, flips=No
     ref_views = np.repeat(ref_val, views, axis=0)
     ref = np.concatenate([ref_val, ref_views])
     image = np.concatenate([np.arange(n), np.repeat(np.arange(n), views)])
-    y = ref_val.argmax(1)
+    y = ref_val.argmax(1) ^ (np.arange(n) % 2)  # the float model right on every other image: flips cost no accuracy
     backend = _FakeBackend(outcomes)
 
     class Runner:
@@ -275,6 +275,20 @@ def test_search_prefers_fully_int8_over_float_layers(tmp_path):
     # every candidate misses: the fully-INT8 one ships even though mixed precision agrees more
     choice, _ = _run_search(tmp_path, {"q": (0.90, 0), "mp": (0.96, 3)}, ["q", "mp"])
     assert choice.artifact.meta["candidate"] == "q"
+
+
+def test_a_broken_choice_gives_way_without_significance(tmp_path):
+    """Under the gate's agreement floor (0.9) the choice is broken: the gate would refuse it, so a later
+    candidate that is not broken replaces it even on 2 images (p = 1/4), mixed precision included."""
+    flips = {"bad": 0.89, "ok": 0.91}
+    choice, _ = _run_search(tmp_path, {"bad": (0.0, 0), "ok": (0.0, 0)}, ["bad", "ok"],
+                            flips=lambda name, image: image >= int(flips[name] * 100))
+    assert choice.artifact.meta["candidate"] == "ok"
+    assert choice.attempts[1]["decision"].startswith("replaces bad (under the agreement floor")
+    flips = {"q": 0.89, "mp": 0.91}
+    choice, _ = _run_search(tmp_path, {"q": (0.0, 0), "mp": (0.0, 3)}, ["q", "mp"],
+                            flips=lambda name, image: image >= int(flips[name] * 100))
+    assert choice.artifact.meta["candidate"] == "mp"
 
 
 def test_search_records_a_crashing_candidate_and_goes_on(tmp_path):

@@ -19,8 +19,8 @@ from ..profiles import TargetProfile
 from . import QuantInputs
 
 log = logging.getLogger(__name__)
-RANKING_SUBSET = 64  # validation images NNCF ranks layer sensitivity on
-MAX_RESTORE_STEPS = 12  # layers accuracy control may revert to float, at most
+RANKING_SUBSET = 32  # validation images NNCF ranks layer sensitivity on (bounds the work, not the clock)
+MAX_RESTORE_STEPS = 6  # accuracy control's restore iterations, at most
 
 
 def import_nncf():

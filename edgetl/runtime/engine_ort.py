@@ -15,10 +15,13 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+_REDIRECT = threading.Lock()
 
 
 class Engine:
@@ -47,7 +50,7 @@ class Engine:
         # (Only around a non-CPU provider: redirecting stdout is process-wide; build threads make CPU sessions.)
         gpu = chosen[0] != "CPUExecutionProvider"
         quiet = contextlib.redirect_stdout(sys.stderr) if gpu else contextlib.nullcontext()
-        with quiet:
+        with _REDIRECT if gpu else contextlib.nullcontext(), quiet:  # one swap of sys.stdout at a time
             try:
                 self.session = ort.InferenceSession(str(model_path), opts, providers=chosen, provider_options=options,
                                                     enable_fallback=0 if strict else 1)
