@@ -228,7 +228,10 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
         attempts.append(scored.attempt)
         old = int8 if scored.int8 else mixed
         if old is None:
-            scored.attempt["decision"] = "chosen (first that built)" if current is None else "chosen"
+            scored.attempt["decision"] = ("chosen (first that built)" if current is None else
+                                          "chosen" if scored.int8 else
+                                          "the mixed-precision candidate (ships only if it meets the target and "
+                                          "beats the fully-INT8 choice, or that one is broken)")
         elif old.broken and not scored.broken:  # the gate would refuse the old one anyway
             scored.attempt["decision"] = f"replaces {old.name} (under the agreement floor: broken, not noisy)"
         else:

@@ -83,6 +83,7 @@ class _Pairs:
 
 
 def calibration(nncf, data: QuantInputs):
+    """The calibration images (train split) as an nncf.Dataset of single images."""
     return nncf.Dataset(_singles(data.calibration), lambda b: {INPUT: b})
 
 
