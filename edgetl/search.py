@@ -165,12 +165,12 @@ def compare(new: np.ndarray, old: np.ndarray) -> dict:
     return {"images_better": better, "images_worse": worse, "p_value": parity.sign_test_p(better, worse)}
 
 
-def projected_agreement(logits: np.ndarray, qins: QuantInputs, noise_cut: float) -> float:
+def projected_agreement(logits: np.ndarray, qins: QuantInputs, strata: np.ndarray, noise_cut: float) -> float:
     """Agreement (estimated as for a candidate) if the model's logit error were cut by `noise_cut`
     (0.5: halved): an optimistic reach for the next candidate, read from this one's evidence."""
     reference = evidence_reference(qins)
     shrunk = reference + (1.0 - noise_cut) * (logits - reference)
-    return float(stratified(_by_image(shrunk.argmax(1) == reference.argmax(1), qins), _strata(qins))[0])
+    return float(stratified(_by_image(shrunk.argmax(1) == reference.argmax(1), qins), strata)[0])
 
 
 def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, tolerances: dict,
@@ -185,6 +185,7 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
     int8: _Scored | None = None  # the current fully-INT8 choice
     mixed: _Scored | None = None  # the current choice among those that keep convolutions in float
     noise_cut = profile.quantization.escalate_noise_cut
+    strata = _strata(qins)  # the float model's margins: the same for every candidate
 
     def build(steps: tuple[str, ...]) -> Artifact:
         if steps in built:
@@ -212,16 +213,16 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
                         f"{parity.sign_test_p(imperfect, 0):.3g} >= {ALPHA:g}, so none could replace it")})
                 break
         if current is not None and not current.broken:  # a broken model (under the agreement floor) says nothing
-            reach = projected_agreement(current.logits, qins, noise_cut)
+            reach = projected_agreement(current.logits, qins, strata, noise_cut)
             if reach < target_agreement:
                 for rest in candidates[k:]:
                     attempts.append({"quantizer": rest, "skipped": (
-                        f"{current.name} agrees {stratified(current.agree, _strata(qins))[0]:.4f} on the evidence; "
+                        f"{current.name} agrees {stratified(current.agree, strata)[0]:.4f} on the evidence; "
                         f"with its logit error cut "
                         f"by {noise_cut:g} it would agree {reach:.4f} < {target_agreement:g}: no later candidate "
                         "can plausibly reach the search target (quantization.escalate_noise_cut)")})
                 break
-        scored = _score(cand, build, backend, profile, qins, make_runner, classes, seed, tolerances,
+        scored = _score(cand, build, backend, profile, qins, strata, make_runner, classes, seed, tolerances,
                         target_agreement, progress, attempts)
         if scored is None:
             continue
@@ -259,7 +260,7 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
                   chosen.gate_missed, chosen.float_nodes, attempts)
 
 
-def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make_runner: Callable,
+def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, strata: np.ndarray, make_runner: Callable,
            classes: list[str], seed: int, tolerances: dict, target_agreement: float, progress: Progress,
            attempts: list[dict]) -> _Scored | None:
     """Build and run one candidate on the evidence; a failure is recorded in `attempts` (None)."""
@@ -288,7 +289,7 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make
         return None
     n = len(qins.val_y)
     rep = parity.evaluate(qins.val_reference_logits, logits[:n], qins.val_y, classes, seed=seed, split="val")
-    agree, strata = _agreement(logits, qins), _strata(qins)
+    agree = _agreement(logits, qins)
     rate = float(stratified(agree, strata)[0])
     drop_only = dict(max_accuracy_drop_pp=tolerances["max_accuracy_drop_pp"], min_top1_agreement=0.0,
                      drop_by_ci=True)

@@ -95,18 +95,30 @@ def test_augmented_views_do_not_depend_on_other_threads(tiny_data):
     items = data.scan(tiny_data, seed=0).split("train")[:12]
     contract = {"input_size": [40, 40], "resize_size": 44, "interpolation": "bilinear", "mean": [0.5] * 3,
                 "std": [0.25] * 3, "channel_order": "RGB", "layout": "NCHW"}
+    import torch
+
     views = TrainViews(items, contract, 4, seed=3)
     alone = np.stack([views.make(k) for k in range(len(views))])
     got: dict[int, np.ndarray] = {}
+    done = threading.Event()
 
     def work(t: int):
         got[t] = np.stack([views.make(k) for k in range(len(views))])
 
+    def meddle():  # another thread reseeding and drawing from torch's global generator all along
+        while not done.is_set():
+            torch.manual_seed(12345)
+            torch.rand(8)
+
     threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    other = threading.Thread(target=meddle)
+    other.start()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    done.set()
+    other.join()
     assert np.array_equal(got[0], alone) and np.array_equal(got[1], alone)
     assert not np.array_equal(alone[1], alone[2])  # views of one image differ from each other
 
