@@ -252,12 +252,12 @@ def load_predictor(bundle_dir: Path, model: str | None = None, *, verify: bool =
     except (OSError, ValueError) as e:
         raise VerifyError(f"{bundle_dir}: runtime.json unreadable ({e}); fix: run `edgetl verify` or rebuild",
                           [str(e)]) from None
-    if "engine" not in runtime or "models" not in runtime:
-        raise UsageError(f"{bundle_dir}: made by an older edgetl (no engine/models in runtime.json); "
-                         "fix: rebuild it, or run the bundle's own predict.py")
-    if model is not None and model not in runtime["models"]:
-        raise UsageError(f"--model {model}: {bundle_dir} has no such model; fix: use one of "
-                         f"{', '.join(runtime['models'])}")
+    from .runtime.predict import BundleError, model_name
+
+    try:
+        model_name(bundle_dir, runtime, model)  # checked before the bundle's own (perhaps older) code runs
+    except BundleError as e:
+        raise UsageError(str(e)) from None
     bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # leave no __pycache__ in the bundle
     try:
         return _load_predictor(bundle_dir, model, manifest, runtime)

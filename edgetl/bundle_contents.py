@@ -59,9 +59,9 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
     manifest = {
         "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
         **({"created": created} if created else {}),
-        **common, "versions": versions(backend), "metrics": default.metrics, "quantization": quantization,
+        **common, "versions": versions(backend), "metrics": default.metrics.to_dict(), "quantization": quantization,
         "sizes": default.sizes, "validated_with": default.runner.executed_by,
-        "models": {m.precision: m.summary(list(model_files[m.precision])) for m in models},
+        "models": {m.precision: m.result(list(model_files[m.precision])).to_dict() for m in models},
         "preprocess": contract, "warnings": warnings,
     }
     bundle.write_manifest(stage, manifest)
@@ -142,8 +142,8 @@ def readme(profile: TargetProfile, p, models: list, backend) -> str:
     """The bundle's README: how to run it, its input contract and its parity table."""
     c = p.contract
     rows = "\n".join(
-        f"| `{m.stem}` ({m.precision}) | {m.metrics['accuracy']:.4f} | {m.metrics['accuracy_drop_pp']:+.2f} | "
-        f"{m.metrics['top1_agreement']:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.runner.executed_by} |"
+        f"| `{m.stem}` ({m.precision}) | {m.metrics.accuracy:.4f} | {m.metrics.accuracy_drop_pp:+.2f} | "
+        f"{m.metrics.top1_agreement:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.runner.executed_by} |"
         for m in models)
     quant = next((m.quantization for m in models if m.quantization), None)
     qline = (f"INT8 quantizer: `{quant.chosen}`; layers kept in float: {len(quant.float_nodes)}.\n"
@@ -173,7 +173,7 @@ RGB, resize shorter side to {c["resize_size"]} ({c["interpolation"]}),
 centre-crop {c["input_size"][0]}x{c["input_size"][1]}, x/255, subtract mean {c["mean"]},
 divide by std {c["std"]}, NCHW float32. `preprocess.py` implements it.
 
-## Parity (test split, n={models[0].metrics["n_test"]}; float PyTorch {models[0].metrics["reference_accuracy"]:.4f})
+## Parity (test split, n={models[0].metrics.n_test}; float PyTorch {models[0].metrics.reference_accuracy:.4f})
 
 | model | top-1 accuracy | drop (pp) | agreement | size | validated with |
 |---|---|---|---|---|---|

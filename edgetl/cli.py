@@ -162,19 +162,16 @@ def _print_summary(result) -> None:
                  "COULD NOT BE BUILT, nothing published" if t.error else "GATE FAILED, nothing published")
         click.echo(f"{t.target}: {state}")
         for m in t.models:
-            met = m["metrics"]
-            q = m["quantization"]
-            q = f", {q['chosen']} ({len(q['float_nodes'])} float layers)" if q else ""
+            met, q = m.metrics, m.quantization
+            lo, hi = met.accuracy_drop_ci95_pp
             pace = ", ".join(f"{v['ratio']:.2f}x at batch {k.removeprefix('batch_')}"
-                             for k, v in (m.get("speed") or {}).items() if k.startswith("batch_"))
+                             for k, v in m.speed.items() if k.startswith("batch_"))
             click.echo(
-                f"  {m['precision']}: accuracy {met['accuracy']:.4f} (drop {met['accuracy_drop_pp']:+.2f} pp, "
-                f"95% CI {met['accuracy_drop_ci95_pp'][0]:+.2f}..{met['accuracy_drop_ci95_pp'][1]:+.2f}), "
-                f"agreement {met['top1_agreement']:.4f}, {len(met.get('changed', []))} predictions changed, "
-                f"{m['sizes']['ratio']:.2f}x fp32 size, {m['latency_ms']:.2f} ms{q}; speed vs FP32 {pace or '-'}; "
-                f"validated with {m['validated_with']}")
-            margin = margin_line(met.get("agreement_by_margin"))
-            rule = met.get("gate_rule") or {}
+                f"  {m.summary()}, drop 95% CI {lo:+.2f}..{hi:+.2f} pp, {len(met.changed)} predictions changed, "
+                f"{m.sizes['ratio']:.2f}x fp32 size, {m.latency_ms:.2f} ms"
+                + (f", {q.chosen} ({len(q.float_nodes)} float layers)" if q else "")
+                + f"; speed vs FP32 {pace or '-'}; validated with {m.validated_with}")
+            margin, rule = margin_line(met.agreement_by_margin), met.gate_rule
             if margin or rule:
                 click.echo(f"    {margin}{'; ' if margin and rule else ''}"
                            + (f"gate rule {rule['applied']}" + ("" if rule.get("certified", True)
@@ -347,8 +344,10 @@ def _print_info(m: dict) -> None:
     click.echo(f"classes     {', '.join(m['classes'])}")
     click.echo(f"input       {m['preprocess']['input_size']} {m['preprocess']['channel_order']} "
                f"{m['preprocess']['layout']}")
-    click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, default model {met['accuracy']:.4f} "
-               f"(drop {met['accuracy_drop_pp']:+.2f} pp), agreement {met['top1_agreement']:.4f}, "
+    from .results import ModelResult
+
+    default = ModelResult.from_dict(next(iter(m["models"].values())))
+    click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, default model {default.summary()}, "
                f"n_test {met['n_test']}")
     q = m["quantization"]
     click.echo(f"quantizer   {q['chosen']} ({len(q['float_nodes'])} float layers)" if q.get("chosen")

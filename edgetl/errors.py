@@ -53,15 +53,6 @@ class Stopped(EdgetlError):
         self.exit_code = exit_code
 
 
-class ParityError(EdgetlError):
-    """A target missed its parity gate; `misses` lists every tolerance it missed."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, misses: list[str] | None = None):
-        super().__init__(message)
-        self.misses = misses or []
-
 
 class VerifyError(EdgetlError):
     """A bundle's files do not match its manifest."""

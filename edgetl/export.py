@@ -102,11 +102,16 @@ def fold_pads_into_convs(path: Path) -> int:
         conv.input[0] = pad.input[0]
         g.node.remove(pad)
         folded += 1
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
+    drop_unused_initializers(g)
     onnx.save(model, str(path))
     return folded
+
+
+def drop_unused_initializers(graph, among=None) -> None:
+    """Remove the graph's initializers that no node reads (only those named in `among`, if given)."""
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used and (among is None or i.name in among)]:
+        graph.initializer.remove(init)
 
 
 def set_metadata(proto, meta: dict) -> None:

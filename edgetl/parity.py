@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
-
-from .errors import ParityError
 
 
 @dataclass
@@ -16,7 +14,7 @@ class ParityReport:
     reference_accuracy: float
     accuracy: float
     accuracy_drop_pp: float
-    drop_ci95_pp: tuple[float, float]  # paired bootstrap over test images
+    accuracy_drop_ci95_pp: tuple[float, float]  # paired bootstrap over test images
     top1_agreement: float
     logits_cosine_mean: float
     logits_cosine_min: float
@@ -30,10 +28,21 @@ class ParityReport:
     drop_upper95_pp: float = 0.0  # exact paired one-sided 95 % upper bound of the drop
     drop_lower95_pp: float = 0.0  # exact paired one-sided 95 % lower bound of the drop
     agreement_lower95: float = 0.0  # one-sided 95 % Clopper-Pearson lower bound of top1_agreement
-    changed: list[dict] = field(default_factory=list)  # {index, label, reference, predicted, kind}: top-1 differs
+    changed: list[dict] = field(default_factory=list)  # {index, label, reference, predicted, kind, file}: top-1 differs
+    gate_rule: dict = field(default_factory=dict)  # {asked, applied, certified}: set by the gate
+    agreement_by_margin: dict = field(default_factory=dict)  # agreement_by_margin(): set by the gate
+    export_max_abs_diff: float | None = None  # the FP32 ONNX vs torch on val images: set by the gate
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ParityReport:
+        """The record report.json / manifest.json carry, read back (unknown keys ignored)."""
+        known = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in d.items() if k in known})
+        out.accuracy_drop_ci95_pp = tuple(out.accuracy_drop_ci95_pp)
+        return out
 
 
 def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray, classes: list[str],
@@ -74,7 +83,8 @@ def evaluate(reference_logits: np.ndarray, logits: np.ndarray, labels: np.ndarra
         warnings.append(f"one {split} image is worth {one:.2f} pp, more than the {tolerance_pp:g} pp tolerance: "
                         f"with {n} images the gate cannot resolve a drop that small; add {split} images")
     return ParityReport(
-        n_test=n, reference_accuracy=ref_acc, accuracy=acc, accuracy_drop_pp=round(drop, 4), drop_ci95_pp=ci,
+        n_test=n, reference_accuracy=ref_acc, accuracy=acc, accuracy_drop_pp=round(drop, 4),
+        accuracy_drop_ci95_pp=ci,
         top1_agreement=float(same.mean()), logits_cosine_mean=float(cos.mean()),
         logits_cosine_min=float(cos.min()), sqnr_db=sqnr, per_class=per_class,
         discordant={"reference_only_correct": only_ref, "target_only_correct": only_model},
@@ -133,7 +143,7 @@ def misses(report: ParityReport, *, max_accuracy_drop_pp: float, min_top1_agreem
     drop only misses when even the lower end of its 95 % interval is above the tolerance (used
     for the quantizer search on the small validation split, where one image can be worth > 1 pp)."""
     out = []
-    drop = report.drop_ci95_pp[0] if drop_by_ci else report.accuracy_drop_pp
+    drop = report.accuracy_drop_ci95_pp[0] if drop_by_ci else report.accuracy_drop_pp
     if drop > max_accuracy_drop_pp + 1e-9:
         what = "95 % CI lower bound of the accuracy drop" if drop_by_ci else "accuracy drop"
         out.append(f"{what} {drop:.2f} pp > {max_accuracy_drop_pp:g} pp "
@@ -180,14 +190,6 @@ def gate_misses(report: ParityReport, *, max_accuracy_drop_pp: float, min_top1_a
                             f"about {images_to_resolve(max_accuracy_drop_pp)} test images would let the point "
                             "rule judge it")
     return found, warnings
-
-
-def gate(report: ParityReport, *, target: str, max_accuracy_drop_pp: float, min_top1_agreement: float) -> None:
-    """Raise ParityError listing every missed tolerance."""
-    found = misses(report, max_accuracy_drop_pp=max_accuracy_drop_pp, min_top1_agreement=min_top1_agreement)
-    if found:
-        raise ParityError(f"target '{target}' missed its parity gate on the {report.split} split: "
-                          + "; ".join(found), found)
 
 
 def logits_of(runner, x: np.ndarray, batch: int = 32, progress=None, description: str = "") -> np.ndarray:

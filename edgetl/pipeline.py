@@ -83,8 +83,9 @@ def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, w
     trunk = backbones.trunk_of(p.model)
     fit = train.Fit(device, workers, ranks, _cache_dir(recipe.compute), progress)
     namespace = train.feature_namespace(p.spec.name, p.weights.sha256, contract)
-    trained = train.STRATEGIES[cfg.strategy](trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract,
-                                             cfg, recipe.seed, fit, val_x=x.get("val"), cache_namespace=namespace)
+    job = train.Job(trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract, cfg, recipe.seed,
+                    val_x=x.get("val"), cache_namespace=namespace)
+    trained = train.run(job, fit)
     clock.lap("train")
     if not ranks.main:  # only rank 0 goes on: reference, quantization, gate, publish
         return None

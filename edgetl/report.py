@@ -18,31 +18,27 @@ log = logging.getLogger(__name__)
 
 
 def rows(result) -> list[dict]:
-    """The parity table: the float reference, then every model of every target. Tolerant of older or
-    partial results: a key a row lacks shows as "-"."""
+    """The parity table: the float reference, then every model of every target (typed `ModelResult`s)."""
     ref = result.reference
     out = [{"name": "float reference (FP32)", "target": "-", "precision": "fp32", "accuracy": ref.get("accuracy"),
-            "drop_pp": 0.0, "drop_upper95_pp": None, "agreement": 1.0, "agreement_lower95": None,
+            "accuracy_drop_pp": 0.0, "drop_upper95_pp": None, "top1_agreement": 1.0, "agreement_lower95": None,
             "speed": "1.00x", "float_layers": None, "size_mb": _mb(ref.get("fp32_onnx_bytes")),
             "latency_ms": ref.get("latency_ms"), "validated_with": ref.get("latency_measured_with", ""),
             "status": "reference", "per_class": [], "confusion": ref.get("confusion", []), "changed": [],
             "n_test": ref.get("n_test")}]
     for t in result.targets:
         for m in t.models:
-            met = m.get("metrics") or {}
-            q = m.get("quantization") or {}
-            nodes = q.get("float_nodes") if m.get("precision") == "int8" else None
-            out.append({"name": f"{t.target} {m.get('precision', '?')}", "target": t.target,
-                        "precision": m.get("precision", "?"), "accuracy": met.get("accuracy"),
-                        "drop_pp": met.get("accuracy_drop_pp"), "drop_upper95_pp": met.get("drop_upper95_pp"),
-                        "agreement": met.get("top1_agreement"), "agreement_lower95": met.get("agreement_lower95"),
-                        "speed": _speed(m.get("speed")),
-                        "float_layers": len(nodes) if isinstance(nodes, list | tuple) else None,
-                        "size_mb": _mb((m.get("sizes") or {}).get("model_bytes")),
-                        "latency_ms": m.get("latency_ms"), "validated_with": m.get("validated_with") or "",
-                        "status": "FAILED" if m.get("misses") else ("published" if t.published else "not published"),
-                        "per_class": met.get("per_class") or [], "confusion": met.get("confusion") or [],
-                        "changed": met.get("changed") or [], "n_test": met.get("n_test")})
+            met, q = m.metrics, m.quantization
+            out.append({"name": f"{t.target} {m.precision}", "target": t.target, "precision": m.precision,
+                        "accuracy": met.accuracy, "accuracy_drop_pp": met.accuracy_drop_pp,
+                        "drop_upper95_pp": met.drop_upper95_pp, "top1_agreement": met.top1_agreement,
+                        "agreement_lower95": met.agreement_lower95, "speed": _speed(m.speed),
+                        "float_layers": len(q.float_nodes) if q and m.precision == "int8" else None,
+                        "size_mb": _mb(m.sizes.get("model_bytes")), "latency_ms": m.latency_ms,
+                        "validated_with": m.validated_with,
+                        "status": "FAILED" if m.misses else ("published" if t.published else "not published"),
+                        "per_class": met.per_class, "confusion": met.confusion, "changed": met.changed,
+                        "n_test": met.n_test})
     return out
 
 
@@ -84,8 +80,9 @@ def cells(result) -> list[list[str]]:
         judged = [c for c in r["per_class"] if c.get("judged", True)]
         worst = min(judged or r["per_class"], key=lambda c: c["change_pp"], default=None)  # judged ones first
         unjudged = len(r["per_class"]) - len(judged)
-        out.append([r["name"], _fmt(r["accuracy"], ".4f"), _with_bound(r["drop_pp"], "+.2f", r["drop_upper95_pp"], "≤"),
-                    _with_bound(r["agreement"], ".4f", r["agreement_lower95"], "≥"),
+        out.append([r["name"], _fmt(r["accuracy"], ".4f"),
+                    _with_bound(r["accuracy_drop_pp"], "+.2f", r["drop_upper95_pp"], "≤"),
+                    _with_bound(r["top1_agreement"], ".4f", r["agreement_lower95"], "≥"),
                     (f"{worst['change_pp']:+.1f} ({worst['class']})" if worst else "-")
                     + (f"; {unjudged} class(es) too small to judge" if unjudged else ""), r["speed"],
                     _fmt(r["float_layers"], "d"), _fmt(r["size_mb"], ".2f"), _fmt(r["latency_ms"], ".2f"),
@@ -138,21 +135,20 @@ def model_lines(result) -> list[str]:
     lines = []
     for t in result.targets:
         for m in t.models:
-            met, q = m.get("metrics") or {}, m.get("quantization") or {}
-            parts = [p for p in (margin_line(met.get("agreement_by_margin")),) if p]
-            rule = met.get("gate_rule") or {}
-            if rule:
-                parts.append(f"gate rule {rule.get('applied')}" + ("" if rule.get("certified", True)
-                                                                   else " (NOT CERTIFIED: see the warnings)"))
-            chosen = next((a for a in q.get("attempts", []) if a.get("quantizer") == q.get("chosen")), None)
-            ev = (chosen or {}).get("evidence")
-            if ev:
-                lo, hi = ev.get("agreement_ci95") or (None, None)
-                parts.append(f"search chose {q.get('chosen')}: agreement {ev['top1_agreement']:.4f} "
+            met, q = m.metrics, m.quantization
+            parts = [p for p in (margin_line(met.agreement_by_margin),) if p]
+            if met.gate_rule:
+                parts.append(f"gate rule {met.gate_rule['applied']}" + (
+                    "" if met.gate_rule["certified"] else " (NOT CERTIFIED: see the warnings)"))
+            chosen = next((a for a in q.attempts if a["quantizer"] == q.chosen), None) if q else None
+            if chosen and chosen.get("evidence"):
+                ev = chosen["evidence"]
+                lo, hi = ev["agreement_ci95"]
+                parts.append(f"search chose {q.chosen}: agreement {ev['top1_agreement']:.4f} "
                              f"[{lo}, {hi}] on {ev['comparisons']} val comparisons ({ev['images']} images x "
                              f"{ev['views_per_image']} views)")
             if parts:
-                lines.append(f"{t.target} {m.get('precision', '?')}: " + "; ".join(parts) + ".")
+                lines.append(f"{t.target} {m.precision}: " + "; ".join(parts) + ".")
     return lines
 
 

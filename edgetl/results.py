@@ -8,7 +8,9 @@ target: its models, published or not, its error) and `BuildResult` (the whole bu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from .parity import ParityReport
 
 
 @dataclass
@@ -28,13 +30,18 @@ class QuantizationRecord:
             d.update(tolerances=self.tolerances, judged_on=self.judged_on)
         return {**d, **self.refiners}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantizationRecord:
+        own = {"chosen", "attempts", "float_nodes", "tolerances", "judged_on"}
+        return cls(**{k: v for k, v in d.items() if k in own}, refiners={k: v for k, v in d.items() if k not in own})
+
 
 @dataclass
 class ModelResult:
     """One model of a target (one precision), gated on the test split."""
 
     precision: str
-    metrics: dict
+    metrics: ParityReport
     misses: list[str]
     quantization: QuantizationRecord | None
     sizes: dict
@@ -44,33 +51,60 @@ class ModelResult:
     speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
 
     def to_dict(self) -> dict:
-        return {"precision": self.precision, "files": self.files, "metrics": self.metrics, "misses": self.misses,
-                "quantization": self.quantization.to_dict() if self.quantization else None, "sizes": self.sizes,
-                "latency_ms": self.latency_ms, "speed": self.speed, "validated_with": self.validated_with}
+        return {"precision": self.precision, "files": self.files, "metrics": self.metrics.to_dict(),
+                "misses": self.misses, "quantization": self.quantization.to_dict() if self.quantization else None,
+                "sizes": self.sizes, "latency_ms": self.latency_ms, "speed": self.speed,
+                "validated_with": self.validated_with}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelResult:
+        q = d.get("quantization")
+        return cls(d["precision"], ParityReport.from_dict(d["metrics"]), d["misses"],
+                   QuantizationRecord.from_dict(q) if q is not None else None, d["sizes"], d["validated_with"],
+                   d.get("files", []), d.get("latency_ms", 0.0), d.get("speed", {}))
+
+    def summary(self) -> str:
+        """"int8: accuracy 0.9561 (drop +0.88 pp), agreement 0.9693": the one-line form everywhere."""
+        m = self.metrics
+        return (f"{self.precision}: accuracy {m.accuracy:.4f} (drop {m.accuracy_drop_pp:+.2f} pp), "
+                f"agreement {m.top1_agreement:.4f}")
 
 
 @dataclass
 class TargetResult:
+    """One target: its models (the default first), published or not, or the error that stopped it."""
+
     target: str
-    published: bool
-    bundle: str | None
-    metrics: dict
-    misses: list[str]
-    quantization: dict
-    sizes: dict
+    published: bool = False
+    bundle: str | None = None
+    models: list[ModelResult] = field(default_factory=list)
+    misses: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    models: list[dict] = field(default_factory=list)  # ModelResult.to_dict() of each precision
-    validated_with: str | None = None
     error: dict | None = None  # the target could not be built (not a gate miss): message, exit code
 
+    @property
+    def quantization(self) -> QuantizationRecord:
+        """The INT8 model's search (an empty record when the target has none)."""
+        return next((m.quantization for m in self.models if m.quantization), QuantizationRecord())
+
     def to_dict(self) -> dict:
-        return self.__dict__.copy()
+        """report.json's target entry; metrics, sizes and validated_with are the default model's."""
+        default = self.models[0] if self.models else None
+        return {"target": self.target, "published": self.published, "bundle": self.bundle,
+                "metrics": default.metrics.to_dict() if default else {}, "misses": self.misses,
+                "quantization": self.quantization.to_dict(), "sizes": default.sizes if default else {},
+                "warnings": self.warnings, "models": [m.to_dict() for m in self.models],
+                "validated_with": default.validated_with if default else None, "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TargetResult:
+        return cls(d["target"], d["published"], d.get("bundle"), [ModelResult.from_dict(m) for m in d["models"]],
+                   d.get("misses", []), d.get("warnings", []), d.get("error"))
 
 
 def failed_target(name: str, message: str, exit_code: int) -> TargetResult:
     """A target that could not be built (an error, not a gate miss)."""
-    return TargetResult(name, False, None, {}, [message], QuantizationRecord().to_dict(), {},
-                        error={"message": message, "exit_code": exit_code})
+    return TargetResult(name, misses=[message], error={"message": message, "exit_code": exit_code})
 
 
 @dataclass
@@ -90,6 +124,13 @@ class BuildResult:
         d = self.__dict__.copy()
         d["targets"] = [t.to_dict() for t in self.targets]
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildResult:
+        """report.json (or `edgetl build --json`) read back."""
+        known = {f.name for f in fields(cls)}
+        rest = {k: v for k, v in d.items() if k in known and k != "targets"}
+        return cls(targets=[TargetResult.from_dict(t) for t in d["targets"]], **rest)
 
     @property
     def exit_code(self) -> int:

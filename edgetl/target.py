@@ -42,7 +42,7 @@ class Model:
     stem: str  # bundle file stem: "model" for the default model, "model.<precision>" for the others
     artifact: Artifact
     runner: object
-    metrics: dict
+    metrics: parity.ParityReport
     misses: list[str]
     quantization: QuantizationRecord | None
     sizes: dict
@@ -53,9 +53,6 @@ class Model:
     def result(self, files: list[str]) -> ModelResult:
         return ModelResult(self.precision, self.metrics, self.misses, self.quantization, self.sizes,
                            self.runner.executed_by, files, self.latency_ms, self.speed)
-
-    def summary(self, files: list[str]) -> dict:
-        return self.result(files).to_dict()
 
 
 @dataclass
@@ -136,27 +133,14 @@ def make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32:
         missed = [f"quantization budget spent: every candidate missed on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
     sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
-    metrics = parity_metrics(report, fp32)
-    metrics["gate_rule"] = {"asked": recipe.gate.rule, "applied": rule, "certified": not gate_warnings}
-    metrics["agreement_by_margin"] = parity.agreement_by_margin(g.reference,
-                                                                g.reference.argmax(1) == test_logits.argmax(1))
-    for item in metrics["changed"]:
+    report.gate_rule = {"asked": recipe.gate.rule, "applied": rule, "certified": not gate_warnings}
+    report.agreement_by_margin = parity.agreement_by_margin(g.reference,
+                                                            g.reference.argmax(1) == test_logits.argmax(1))
+    report.export_max_abs_diff = fp32.meta.get("max_abs_diff")
+    for item in report.changed:
         item["file"] = g.files[item["index"]]
-    return Model(precision, stem, art, runner, metrics, [f"{precision}: {m}" for m in missed], quant,
+    return Model(precision, stem, art, runner, report, [f"{precision}: {m}" for m in missed], quant,
                  sizes, [*report.warnings, *gate_warnings])
-
-
-def parity_metrics(report: parity.ParityReport, fp32: Artifact) -> dict:
-    """The gate's figures as the report and the manifest carry them."""
-    return {"reference_accuracy": report.reference_accuracy, "accuracy": report.accuracy,
-            "accuracy_drop_pp": report.accuracy_drop_pp, "accuracy_drop_ci95_pp": report.drop_ci95_pp,
-            "top1_agreement": report.top1_agreement, "n_test": report.n_test,
-            "logits_cosine_mean": report.logits_cosine_mean, "sqnr_db": report.sqnr_db,
-            "per_class": report.per_class, "discordant": report.discordant, "confusion": report.confusion,
-            "drop_upper95_pp": report.drop_upper95_pp, "drop_lower95_pp": report.drop_lower95_pp,
-            "agreement_lower95": report.agreement_lower95, "one_image_pp": report.one_image_pp,
-            "changed": [dict(c) for c in report.changed],
-            "export_max_abs_diff": fp32.meta.get("max_abs_diff")}
 
 
 def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> TargetResult:
@@ -171,13 +155,10 @@ def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> Tar
         runner = backends.runner(backend, m.artifact, contract, ds.classes, profile)  # all the cores again
         m.speed = speed.versus(runner, baseline, ctx.gate.x, batches=(1, profile.speed_batch))
         m.latency_ms = m.speed["batch_1"]["ms"]
-    default = models[0]
-    int8 = next((m for m in models if m.quantization), None)
-    quant = (int8.quantization if int8 else QuantizationRecord()).to_dict()
     missed = [miss for m in models for miss in m.misses]
-    warnings = sorted({w for m in models for w in m.warnings}) + budget_warnings(quant)
-    result = TargetResult(profile.name, False, None, default.metrics, missed, quant, default.sizes, warnings,
-                          [m.summary([]) for m in models], default.runner.executed_by)
+    result = TargetResult(profile.name, models=[m.result([]) for m in models], misses=missed)
+    quant = result.quantization
+    result.warnings = sorted({w for m in models for w in m.warnings}) + budget_warnings(quant)
     if missed:
         log.warning("target %s missed its gate: %s", profile.name, missed)
         return result
@@ -185,19 +166,20 @@ def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> Tar
     stage = bundle.staging_dir(out, profile.name)
     try:
         files = bundle_contents.write(stage, profile=profile, backend=backend, models=models, prepared=p,
-                                      golden=golden, common=common, quantization=quant, warnings=warnings)
+                                      golden=golden, common=common, quantization=quant.to_dict(),
+                                      warnings=result.warnings)
         bundle.publish(stage, final)
     except BaseException:
         bundle.discard(stage)
         raise
     result.published, result.bundle = True, str(final)
-    result.models = [m.summary(files[m.precision]) for m in models]
+    result.models = [m.result(files[m.precision]) for m in models]
     return result
 
 
-def budget_warnings(quant: dict) -> list[str]:
+def budget_warnings(quant: QuantizationRecord) -> list[str]:
     """A wall-clock limit that dropped a candidate makes the bundle depend on the machine's speed."""
-    hit = [a["quantizer"] for a in quant.get("attempts", []) if a.get("dropped_by_time_limit")]
+    hit = [a["quantizer"] for a in quant.attempts if a.get("dropped_by_time_limit")]
     if not hit:
         return []
     return [f"a time limit dropped {', '.join(hit)} on this machine (quantization.qat_budget_s / "

@@ -50,6 +50,21 @@ class Fit:
 
 
 @dataclass
+class Job:
+    """What one training run fits: the trunk, the splits, the input contract, the recipe's [train], the seed."""
+
+    trunk: object  # torch module: the pretrained backbone with its classifier replaced by the new head
+    num_classes: int
+    train_items: list
+    val_items: list
+    contract: dict
+    cfg: TrainSection
+    seed: int
+    val_x: object = None  # the val split preprocessed (loader.Split): fine-tune's early stopping, on rank 0
+    cache_namespace: dict | None = None  # feature-extract: what the cached feature rows depend on
+
+
+@dataclass
 class TrainResult:
     model: object  # torch nn.Sequential(trunk, head), eval mode, on the CPU; None on ranks other than 0
     history: list[dict] = field(default_factory=list)
@@ -150,10 +165,11 @@ def _view_rows(views: TrainViews, run, fit: Fit, cache, stats, description: str)
     return features.rows(views.view_keys(), compute, cache, fit.ranks, stats)
 
 
-def fit_feature_extract(trunk, num_classes: int, train_items, val_items, contract: dict, cfg: TrainSection,
-                        seed: int, fit: Fit | None = None, *, cache_namespace: dict | None = None, **_):
+def fit_feature_extract(job: Job, fit: Fit | None = None) -> TrainResult:
     """Frozen trunk: feature rows of the clean + augmented training views and of the val split (cached
     on disk, float16), then the linear head trained on them."""
+    trunk, num_classes, train_items, val_items = job.trunk, job.num_classes, job.train_items, job.val_items
+    contract, cfg, seed, cache_namespace = job.contract, job.cfg, job.seed, job.cache_namespace
     import torch
     from torch import nn
 
@@ -289,11 +305,11 @@ def _unfreeze_top(trunk, n_blocks: int) -> list:
     return [p for p in trunk.parameters() if p.requires_grad]
 
 
-def fit_fine_tune(trunk, num_classes: int, train_items, val_items, contract: dict, cfg: TrainSection, seed: int,
-                  fit: Fit | None = None, *, val_x=None, **_):
-    """Unfreeze the top `cfg.unfreeze_blocks` blocks; backbone LR = lr * backbone_lr_scale.
-
-    val_x: the val split preprocessed (loader.Split), read by rank 0 for early stopping."""
+def fit_fine_tune(job: Job, fit: Fit | None = None) -> TrainResult:
+    """Unfreeze the top `cfg.unfreeze_blocks` blocks; backbone LR = lr * backbone_lr_scale; rank 0 stops
+    early on the val split (`job.val_x`)."""
+    trunk, num_classes, train_items, val_items = job.trunk, job.num_classes, job.train_items, job.val_items
+    contract, cfg, seed, val_x = job.contract, job.cfg, job.seed, job.val_x
     import torch
     from torch import nn
     from torch.utils.data import DistributedSampler
@@ -390,3 +406,8 @@ def _feature_dim(trunk, contract: dict) -> int:
 
 
 STRATEGIES = {"feature-extract": fit_feature_extract, "fine-tune": fit_fine_tune}
+
+
+def run(job: Job, fit: Fit | None = None) -> TrainResult:
+    """Train with the strategy the recipe's [train] names."""
+    return STRATEGIES[job.cfg.strategy](job, fit)

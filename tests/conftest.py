@@ -58,15 +58,17 @@ def build_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, build_data) -> dict:
-    """One real build of every built-in target: real MobileNetV2 ImageNet weights, real NNCF/ORT/OpenVINO."""
+    """One real build of every built-in target (tests parametrize over them): real MobileNetV2 ImageNet weights, real NNCF/ORT/OpenVINO."""
     from click.testing import CliRunner
 
     from edgetl.cli import cli
 
+    from edgetl.profiles import builtin_names
+
     out = tmp_path_factory.mktemp("out") / "build"
-    targets = ["--target", "cpu", "--target", "openvino", "--target", "gpu-int8"]
+    targets = [arg for name in builtin_names() for arg in ("--target", name)]
     res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", *targets,
                                    *FAST_FLAGS])
     assert res.exit_code == 0, res.output
     return {"out": out, "bundle": out / "cpu", "openvino": out / "openvino", "gpu": out / "gpu-int8",
-            "result": json.loads(res.stdout)}
+            "bundles": {name: out / name for name in builtin_names()}, "result": json.loads(res.stdout)}

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl.cli import cli
+from edgetl.profiles import builtin_names, load_profile
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +143,22 @@ def test_info_on_an_edited_manifest_says_so_in_one_line(built, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(m))
     res = CliRunner().invoke(cli, ["info", str(copy)])
     assert res.exit_code == 1 and "not shaped as edgetl writes it" in res.output
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_every_builtin_target_publishes_a_bundle_that_checks_itself(built, name):
+    """Every built-in profile (as timm's tests run every registered model): its bundle is published with
+    one model per precision the profile names, each within the gate, and `edgetl verify --selftest`
+    runs the golden inputs through the bundle's own runtime."""
+    profile = load_profile(name)
+    b = built["bundles"][name]
+    m = json.loads((b / "manifest.json").read_text())
+    runtime = json.loads((b / "runtime.json").read_text())
+    assert m["target"] == name and list(runtime["models"]) == profile.precisions
+    entry = next(t for t in built["result"]["targets"] if t["target"] == name)
+    assert entry["published"] and [x["precision"] for x in entry["models"]] == profile.precisions
+    for model in entry["models"]:
+        assert model["misses"] == [] and model["files"] and all((b / f).is_file() for f in model["files"])
+    res = CliRunner().invoke(cli, ["verify", str(b), "--selftest", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["selftest"]["n"] >= 1

@@ -21,8 +21,8 @@ def _setup(tiny_data, tmp_path):
     contract = spec.contract(64)
     trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
     labels = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
-    net = train.fit_feature_extract(trunk, 3, ds.split("train"), ds.split("val"), contract,
-                                    TrainSection(epochs=10, augment_views=0), seed=0).model
+    net = train.fit_feature_extract(train.Job(trunk, 3, ds.split("train"), ds.split("val"), contract,
+                                              TrainSection(epochs=10, augment_views=0), seed=0)).model
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
     val_x = preprocessed(ds.split("val"), contract)
     ref = train.forward_batches(net, val_x, 8, train.NullProgress(), "").numpy()

@@ -68,8 +68,8 @@ def _fitted(folder, tmp_path, *, seed: int, epochs: int):
     contract = spec.contract(64)
     trunk = backbones.trunk_of(backbones.load_pretrained(spec, backbones.resolve_weights(spec), 64))
     y = {s: np.array([it.label for it in ds.split(s)]) for s in data.SPLITS}
-    fit = train.fit_feature_extract(trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract,
-                                    TrainSection(epochs=epochs, augment_views=1), seed=0)
+    fit = train.fit_feature_extract(train.Job(trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract,
+                                              TrainSection(epochs=epochs, augment_views=1), seed=0))
     net = fit.model
     fp32 = export.to_onnx(net, tmp_path / "m.onnx", contract=contract, labels=ds.classes)
     x = {s: preprocessed(ds.split(s), contract) for s in ("val", "test")}

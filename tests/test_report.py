@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,34 +13,30 @@ import pytest
 from PIL import Image
 
 from edgetl import report
+from edgetl.results import BuildResult, ModelResult, TargetResult
 
 CLASSES = ["cat", "dog", "fox"]
 REF_CONFUSION = [[70, 4, 2], [3, 71, 2], [1, 2, 71]]
 
 
-@dataclass
-class FakeTarget:
-    target: str
-    published: bool
-    models: list[dict]
-    misses: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+def FakeTarget(target: str, published: bool, models: list[dict], misses=(), warnings=()) -> TargetResult:  # noqa: N802
+    """A target as the pipeline records it, from report.json-shaped model entries."""
+    return TargetResult(target, published, models=[ModelResult.from_dict(m) for m in models], misses=list(misses),
+                        warnings=list(warnings))
 
 
-@dataclass
-class FakeResult:
-    """The attributes report.py reads from a pipeline BuildResult."""
+def FakeResult(targets: list[TargetResult], reference: dict, ok: bool = True) -> BuildResult:  # noqa: N802
+    """A build result with what report.py reads (no model built)."""
+    return BuildResult(ok=ok, out="/tmp/out", targets=targets, data={"classes": CLASSES}, training={},
+                       timings={"total": 12.5}, recipe={}, reference=reference,
+                       machine={"cpu": "test cpu", "cores": 4})
 
-    targets: list[FakeTarget]
-    reference: dict
-    data: dict = field(default_factory=lambda: {"classes": CLASSES})
-    machine: dict = field(default_factory=lambda: {"cpu": "test cpu", "cores": 4})
-    ok: bool = True
-    out: str = "/tmp/out"
-    timings: dict = field(default_factory=lambda: {"total": 12.5})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+def _metrics(**given) -> dict:
+    """Gate metrics as report.json carries them: the given figures over neutral defaults."""
+    return {"n_test": 228, "reference_accuracy": 0.9649, "accuracy": 0.9561, "accuracy_drop_pp": 0.8772,
+            "accuracy_drop_ci95_pp": [0.0, 1.8], "top1_agreement": 0.9693, "logits_cosine_mean": 0.99,
+            "logits_cosine_min": 0.9, "sqnr_db": 20.0, **given}
 
 
 def _image(path: Path, size=(200, 150), colour=(200, 30, 30)) -> str:
@@ -52,12 +47,11 @@ def _image(path: Path, size=(200, 150), colour=(200, 30, 30)) -> str:
 def _model(precision: str, changed: list[dict], *, speed=None, quantization=None, confusion=None) -> dict:
     return {
         "precision": precision, "files": [], "misses": [], "latency_ms": 1.25, "validated_with": "ORT CPU",
-        "sizes": {"model_bytes": 3_500_000}, "quantization": quantization, "speed": speed,
-        "metrics": {"accuracy": 0.9561, "accuracy_drop_pp": 0.8772, "drop_upper95_pp": 1.7097,
-                    "top1_agreement": 0.9693, "agreement_lower95": 0.94501, "n_test": 228,
-                    "per_class": [{"class": "dog", "n": 76, "reference_recall": 0.93, "recall": 0.91,
-                                   "change_pp": -2.0}],
-                    "confusion": confusion or [[69, 5, 2], [3, 70, 3], [1, 2, 71]], "changed": changed},
+        "sizes": {"model_bytes": 3_500_000}, "quantization": quantization, "speed": speed or {},
+        "metrics": _metrics(drop_upper95_pp=1.7097, agreement_lower95=0.94501,
+                            per_class=[{"class": "dog", "n": 76, "reference_recall": 0.93, "recall": 0.91,
+                                        "change_pp": -2.0}],
+                            confusion=confusion or [[69, 5, 2], [3, 70, 3], [1, 2, 71]], changed=changed),
     }
 
 
@@ -66,7 +60,7 @@ SPEED = {"baseline": "fp32 via ORT CPU", "method": "interleaved medians",
 
 
 @pytest.fixture
-def result(tmp_path) -> FakeResult:
+def result(tmp_path) -> BuildResult:
     good = _image(tmp_path / "cat_01.png")
     other = _image(tmp_path / "dog 02.jpg", (40, 300), (30, 30, 200))
     corrupt = tmp_path / "broken.png"
@@ -76,7 +70,7 @@ def result(tmp_path) -> FakeResult:
         {"index": 7, "label": 1, "reference": 1, "predicted": 2, "file": other},
         {"index": 9, "label": 2, "reference": 2, "predicted": 0, "file": str(tmp_path / "gone" / "moved.png")},
         {"index": 12, "label": 2, "reference": 1, "predicted": 0, "file": str(corrupt)},
-    ], speed=SPEED, quantization={"chosen": "ptq", "float_nodes": ["/head/Gemm", "/stem/Conv"]})
+    ], speed=SPEED, quantization={"chosen": "ptq", "attempts": [], "float_nodes": ["/head/Gemm", "/stem/Conv"]})
     fp16 = _model("fp16", [{"index": 7, "label": 1, "reference": 1, "predicted": 0, "file": other}])
     reference = {"accuracy": 0.9649, "n_test": 228, "fp32_onnx_bytes": 9_000_000, "latency_ms": 2.0,
                  "latency_measured_with": "ORT CPU", "confusion": REF_CONFUSION}
@@ -105,9 +99,9 @@ def test_markdown_table_and_changed_files(result):
     assert "| cpu int8 | 0.9561 | +0.88 (≤ +1.71) | 0.9693 (≥ 0.9450) |" in md
     assert "1.57x b1, 2.01x b8" in md and "1.00x" in md
     assert "### Changed predictions: cpu int8: 4 of 228 test images" in md
-    assert f"- `{result.targets[0].models[0]['metrics']['changed'][0]['file']}` true cat: float cat → int8 dog" in md
+    assert f"- `{result.targets[0].models[0].metrics.changed[0]['file']}` true cat: float cat → int8 dog" in md
     assert "true dog: float dog → fp16 cat" in md
-    for c in result.targets[0].models[0]["metrics"]["changed"]:
+    for c in result.targets[0].models[0].metrics.changed:
         assert f"`{c['file']}`" in md
     for line in md.splitlines():
         if line.startswith("| "):
@@ -140,7 +134,7 @@ def test_html_thumbnails_captions_and_difference_plots(result, tmp_path):
 def test_changed_images_are_capped(result, tmp_path):
     img = _image(tmp_path / "same.png", (20, 20))
     changed = [{"index": i, "label": 0, "reference": 0, "predicted": 1, "file": img} for i in range(75)]
-    result.targets[0].models[0]["metrics"]["changed"] = changed
+    result.targets[0].models[0].metrics.changed = changed
     page = report.html_page(result, {})
     assert len(_thumbs(page)) == 61  # 60 for cpu int8 + 1 for gpu fp16
     assert "and 15 more (report.json lists all)" in page
@@ -148,17 +142,19 @@ def test_changed_images_are_capped(result, tmp_path):
     assert md.count("`" + img + "`") == 20 and "and 55 more (report.json lists all)" in md
 
 
-def test_old_results_without_the_new_keys(tmp_path):
-    """A row from an older build: no bounds, no speed, no changed list, no quantization, no reference matrix."""
+def test_failed_and_crashed_targets_without_speed_or_reference_matrix(tmp_path):
+    """A model that missed its gate (no speed measured, no quantization record, no changed list), a target
+    that crashed (no model), and a reference row without a confusion matrix."""
     old = {"precision": "int8", "misses": ["int8: accuracy drop 3.00 pp > 1 pp"], "latency_ms": 1.0,
            "validated_with": "ORT CPU", "sizes": {"model_bytes": 1_000_000}, "quantization": None,
-           "metrics": {"accuracy": 0.9, "accuracy_drop_pp": 3.0, "top1_agreement": 0.95, "n_test": 100,
-                       "per_class": [], "confusion": [[30, 3, 0], [0, 33, 0], [0, 0, 34]]}}
+           "metrics": _metrics(accuracy=0.9, accuracy_drop_pp=3.0, drop_upper95_pp=3.5, top1_agreement=0.95,
+                               n_test=100, confusion=[[30, 3, 0], [0, 33, 0], [0, 0, 34]])}
     failed = FakeTarget("cpu", False, [old], misses=old["misses"])
     crashed = FakeTarget("openvino", False, [], misses=["internal error: boom"])
     result = FakeResult([failed, crashed], {"accuracy": 0.93, "n_test": 100}, ok=False)
     ref, row = report.cells(result)
-    assert row[2] == "+3.00" and row[3] == "0.9500" and row[5] == "-" and row[6] == "-" and row[-1] == "FAILED"
+    assert row[2] == "+3.00 (≤ +3.50)" and row[3] == "0.9500 (≥ 0.0000)"
+    assert row[5] == "-" and row[6] == "-" and row[-1] == "FAILED"
     report.write(tmp_path, result)
     page = (tmp_path / "report.html").read_text()
     assert "Changed predictions" not in page and "SOME TARGETS FAILED" in page
@@ -168,7 +164,7 @@ def test_old_results_without_the_new_keys(tmp_path):
 
 def test_changed_entry_without_a_file(result):
     entry = {"index": 5, "label": np.int64(0), "reference": 0, "predicted": 2}  # numpy ints name classes too
-    result.targets[1].models[0]["metrics"]["changed"] = [entry]
+    result.targets[1].models[0].metrics.changed = [entry]
     page = report.html_page(result, {})
     assert "test image #5" in page and "true: cat · float: cat → fp16: fox" in page
     assert "test image #5 true cat: float cat → fp16 fox" in report.markdown(result)

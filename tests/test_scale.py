@@ -29,9 +29,9 @@ def _trunk(size: int = 64):
 def _extract(ds, fit, augment_views=1):
     trunk, contract = _trunk()
     ns = train.feature_namespace("mobilenet_v2", "test-weights", contract)
-    return train.fit_feature_extract(trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract,
-                                     TrainSection(epochs=5, augment_views=augment_views), 0, fit,
-                                     cache_namespace=ns)
+    return train.fit_feature_extract(train.Job(trunk, len(ds.classes), ds.split("train"), ds.split("val"), contract,
+                                               TrainSection(epochs=5, augment_views=augment_views), 0,
+                                               cache_namespace=ns), fit)
 
 
 def test_a_warm_cache_skips_the_trunk_and_changes_nothing(tiny_data, tmp_path, monkeypatch):
@@ -112,8 +112,8 @@ ds = data.scan(root)
 splits = {s: loader.Split.write(ds.split(s), contract, root.parent / f"{s}.crops", 1) for s in ("val", "test")}
 # A stub trunk (per-channel means -> 64 features): everything but the network itself is real.
 train.trunk_rows = lambda *a, **k: (lambda x: np.repeat(x.mean(axis=(2, 3)), 22, axis=1)[:, :64])
-res = train.fit_feature_extract(__import__("torch").nn.Identity(), 4, ds.split("train"), ds.split("val"), contract,
-                                TrainSection(epochs=2, augment_views=2), 0, train.Fit(workers=1))
+res = train.fit_feature_extract(train.Job(__import__("torch").nn.Identity(), 4, ds.split("train"), ds.split("val"),
+                                          contract, TrainSection(epochs=2, augment_views=2), 0), train.Fit(workers=1))
 ref = np.concatenate([res.model[1](__import__("torch").from_numpy(
     np.repeat(b.mean(axis=(2, 3)), 22, axis=1)[:, :64])).detach().numpy() for b in splits["test"].batches(64)])
 print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -143,8 +143,8 @@ def _fit_in_ranks(folder: str, strategy: str, tmp: str):
     trunk, contract = _trunk()
     cfg = TrainSection(strategy=strategy, epochs=3, augment_views=1, batch_size=8, unfreeze_blocks=1)
     val_x = Split.write(ds.split("val"), contract, f"{tmp}/val", 0) if ranks.main else None
-    res = train.STRATEGIES[strategy](trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, 0,
-                                     train.Fit(device, 0, ranks), val_x=val_x)
+    res = train.STRATEGIES[strategy](train.Job(trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, 0,
+                                               val_x=val_x), train.Fit(device, 0, ranks))
     launch.leave()
     return None if res.model is None else {k: v.numpy() for k, v in res.model.state_dict().items()}
 
@@ -156,8 +156,8 @@ def _fit_here(folder, strategy: str, tmp_path):
     trunk, contract = _trunk()
     cfg = TrainSection(strategy=strategy, epochs=3, augment_views=1, batch_size=8, unfreeze_blocks=1)
     val_x = Split.write(ds.split("val"), contract, tmp_path / "val", 0)
-    res = train.STRATEGIES[strategy](trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, 0, train.Fit(),
-                                     val_x=val_x)
+    res = train.STRATEGIES[strategy](train.Job(trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, 0,
+                                               val_x=val_x), train.Fit())
     return {k: v.numpy() for k, v in res.model.state_dict().items()}
 
 

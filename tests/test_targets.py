@@ -273,18 +273,16 @@ def test_bench_and_predict_refuse_bad_requests(built, tmp_path):
 def test_report_survives_odd_class_names(built, tmp_path):
     """Class names are folder names: `$...$` must not reach TeX, `|` and `<` must not break tables."""
     from edgetl import report
-    from edgetl.results import BuildResult, TargetResult
+    from edgetl.results import BuildResult
 
     r = json.loads(json.dumps(built["result"]))
     odd = ["$\\frac$", "a|b", "<x>"]
     r["data"]["classes"] = odd
-    targets = []
-    for t in r.pop("targets"):
+    for t in r["targets"]:
         for m in t["models"]:
             for pc in m["metrics"]["per_class"]:
                 pc["class"] = "$\\frac$ a|b <x>"  # whichever class is worst, its name is odd
-        targets.append(TargetResult(**t))
-    result = BuildResult(targets=targets, **r)
+    result = BuildResult.from_dict(r)
     report.write(tmp_path, result)
     md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
     assert "$\\\\frac$ a\\|b &lt;x>" in md and "$\\frac$ a|b &lt;x&gt;" in page and "<x>" not in page

@@ -23,8 +23,8 @@ def test_feature_extract_learns_and_is_seeded(ds, tmp_path):
     runs = []
     for workers in (0, 2):  # and the worker count changes nothing
         trunk, contract = _trunk()
-        runs.append(train.fit_feature_extract(trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, seed=3,
-                                              fit=train.Fit(workers=workers)))
+        runs.append(train.fit_feature_extract(train.Job(trunk, 3, ds.split("train"), ds.split("val"), contract, cfg,
+                                                        seed=3), fit=train.Fit(workers=workers)))
     assert runs[0].best_val_accuracy >= 0.8
     assert runs[0].history == runs[1].history  # fully seeded
     head0, head1 = runs[0].model[1].weight, runs[1].model[1].weight
@@ -40,8 +40,8 @@ def test_fine_tune_updates_only_the_top_blocks_bit_identically_for_any_worker_co
         before = {k: v.clone() for k, v in trunk.state_dict().items()}
         val_x = Split.write(ds.split("val"), contract, tmp_path / f"val{workers}", workers)
         cfg = TrainSection(strategy="fine-tune", epochs=2, unfreeze_blocks=2, batch_size=8, patience=5)
-        runs.append(train.fit_fine_tune(trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, seed=0,
-                                        fit=train.Fit(workers=workers), val_x=val_x))
+        runs.append(train.fit_fine_tune(train.Job(trunk, 3, ds.split("train"), ds.split("val"), contract, cfg, seed=0,
+                                                  val_x=val_x), fit=train.Fit(workers=workers)))
     after = runs[0].model[0].state_dict()
     n_blocks = len(trunk.features)
     changed = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k]) and k.startswith("features.")}

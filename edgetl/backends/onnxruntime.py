@@ -9,7 +9,7 @@ import numpy as np
 
 from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError
-from ..export import INPUT
+from ..export import INPUT, drop_unused_initializers
 from ..profiles import TargetProfile
 from . import QuantInputs, nncf_common, register, symmetric_int8_rows
 
@@ -210,9 +210,7 @@ def _unquantized_output(graph, gemm) -> None:
     graph.node.remove(dq)
     graph.node.remove(q)
     gemm.output[0] = out
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name in {*q.input[1:], *dq.input[1:]} and i.name not in used]:
-        graph.initializer.remove(init)
+    drop_unused_initializers(graph, among={*q.input[1:], *dq.input[1:]})
 
 
 def head_features(path: Path):

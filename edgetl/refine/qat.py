@@ -33,6 +33,7 @@ import numpy as np
 from .. import interrupt
 from ..artifact import Artifact
 from ..errors import EdgetlError
+from ..export import drop_unused_initializers
 from . import SHARED, RefineInputs
 
 log = logging.getLogger(__name__)
@@ -231,9 +232,7 @@ def _fold_weight_quantizers(g) -> int:
         g.initializer.append(nh.from_array(np.clip(q, info.min, info.max).astype(zp.dtype), n.output[0]))
         g.node.remove(n)
         folded += 1
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
+    drop_unused_initializers(g)
     return folded
 
 

@@ -86,6 +86,19 @@ def read_runtime(bundle: Path) -> dict:
     return json.loads((Path(bundle) / "runtime.json").read_text(encoding="utf-8"))
 
 
+def model_name(bundle: Path, runtime: dict, model: str | None) -> str:
+    """The model to run (the default one unless named), or BundleError when runtime.json has no
+    such model or was written by an older edgetl."""
+    if "engine" not in runtime or "models" not in runtime:
+        raise BundleError(f"{bundle}: runtime.json has no engine/models: the bundle was made by an older edgetl; "
+                          "fix: rebuild it, or run that bundle's own predict.py")
+    name = model or runtime["default_model"]
+    if name not in runtime["models"]:
+        raise BundleError(f"{bundle}: no model '{name}' in this bundle; fix: choose one of "
+                          f"{', '.join(runtime['models'])}")
+    return name
+
+
 class Predictor:
     """One model + its preprocessing contract + labels. edgetl's parity gate runs models through
     this same class, so what was validated is what the device runs."""
@@ -103,13 +116,7 @@ class Predictor:
         if verify:
             verify_bundle(bundle)
         runtime = read_runtime(bundle)
-        if "engine" not in runtime or "models" not in runtime:
-            raise BundleError(f"{bundle}: runtime.json has no engine/models: the bundle was made by an older edgetl; "
-                              "rebuild it (or run that bundle's own predict.py)")
-        name = model or runtime["default_model"]
-        if name not in runtime["models"]:
-            raise BundleError(f"{bundle}: no model '{name}' in this bundle; choose one of "
-                              f"{', '.join(runtime['models'])}")
+        name = model_name(bundle, runtime, model)
         # the bundle's settings, then what this model needs on top (e.g. TensorRT INT8 mode off for a
         # float model), then the caller's --set overrides
         merged = {**runtime.get("settings", {}), **runtime.get("model_settings", {}).get(name, {}), **(settings or {})}
