@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .machine import current_rss_mb, machine_info
-from .speed import interleaved
+from .speed import inputs, interleaved
 
 
 def _ms(v: np.ndarray, q: float) -> float:
@@ -31,30 +31,31 @@ def standalone_peak_rss_mb(bundle: Path, batch: int, model: str | None = None) -
         return None
 
 
-def bench_bundles(loaders: dict[str, Callable], shapes: dict[str, tuple], *, batch: int = 8, runs: int = 100,
-                  warmup: int = 10, rounds: int = 3, seed: int = 0, standalone_memory: bool = True,
-                  model: str | None = None) -> dict:
-    """Time bundles in turn in one process (see the module docstring): latency, throughput, cold load, memory."""
-    rng = np.random.default_rng(seed)
+def bench_bundles(loaders: dict[str, Callable], *, batch: int = 8, runs: int = 100, warmup: int = 10,
+                  rounds: int = 3, seed: int = 0, standalone_memory: bool = True, model: str | None = None) -> dict:
+    """Time bundles in turn in one process (see the module docstring): latency, throughput, cold load,
+    memory. Bundles of one input size get the same random pixels, each through its own contract."""
+    from .runtime.preprocess import sample_crops, to_tensor
+
     runners, out = {}, {}
     for name, load in loaders.items():
         before = current_rss_mb()
         t0 = time.perf_counter()
         runner = load()
-        runner.logits(rng.standard_normal((1, *shapes[name])).astype(np.float32))
+        runner.logits(to_tensor(sample_crops(1, runner.contract, seed), runner.contract))
         cold = time.perf_counter() - t0
         runners[name] = runner
         out[name] = {"executed_by": runner.executed_by, "cold_load_ms": round(cold * 1e3, 1),
                      "rss_delta_mb": round(current_rss_mb() - before, 1)}
-    by_shape: dict[tuple, list[str]] = {}
-    for name in runners:
-        by_shape.setdefault(tuple(shapes[name]), []).append(name)
-    for shape, names in by_shape.items():
+    by_size: dict[tuple, list[str]] = {}
+    for name, r in runners.items():
+        by_size.setdefault(tuple(r.contract["input_size"]), []).append(name)
+    for names in by_size.values():
         group = {n: runners[n] for n in names}
-        lat = interleaved(group, rng.standard_normal((1, *shape)).astype(np.float32), runs=runs, warmup=warmup,
-                          rounds=rounds)
-        lat_b = interleaved(group, rng.standard_normal((batch, *shape)).astype(np.float32),
-                            runs=max(rounds, runs // 4), warmup=max(1, warmup // 4), rounds=rounds)
+        crops = sample_crops(batch, group[names[0]].contract, seed)
+        lat = interleaved(group, inputs(group, crops, 1), runs=runs, warmup=warmup, rounds=rounds)
+        lat_b = interleaved(group, inputs(group, crops, batch), runs=max(rounds, runs // 4),
+                            warmup=max(1, warmup // 4), rounds=rounds)
         for n in names:
             out[n].update(batch1_p50_ms=_ms(lat[n], 50), batch1_p90_ms=_ms(lat[n], 90), batch=batch,
                           batch_p50_ms=_ms(lat_b[n], 50), throughput_ips=round(batch / np.median(lat_b[n]), 1))

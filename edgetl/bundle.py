@@ -302,11 +302,6 @@ def _bundle_module(bundle_dir: Path):
     return module
 
 
-def input_shape(bundle_dir: Path) -> tuple[int, int, int]:
-    """(channels, height, width) a bundle's model takes."""
-    contract = json.loads((Path(bundle_dir) / "preprocess.json").read_text(encoding="utf-8"))
-    return (3, *contract["input_size"])
-
 def selftest(bundle_dir: Path) -> dict:
     """Every model of the bundle on its golden inputs, through the bundle's own runtime; VerifyError
     listing every failure."""

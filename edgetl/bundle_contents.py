@@ -13,23 +13,24 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, bundle, data, parity
+from . import __version__, bundle, data, model_input, parity
 from .profiles import TargetProfile
 from .recipe import BuildRecipe
-from .runtime.preprocess import load_rgb, preprocess
+from .runtime.preprocess import load_rgb, preprocess, resize_crop
 
 N_GOLDEN = 8
 GOLDEN_MARGIN = 0.5  # float top-1 minus top-2 probability a golden image should have
 
 
-def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepared, golden: list, common: dict,
-          quantization: dict, warnings: list[str]) -> dict[str, list[str]]:
+def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepared, contract: dict, golden: list,
+          common: dict, quantization: dict, warnings: list[str]) -> dict[str, list[str]]:
     """Write every file of a target's bundle into `stage`, then its sealed manifest. `models`: the
-    target's gated models (precision, stem, artifact, runner, metrics, sizes, summary()), default
-    first; `golden`: (label, image) pairs; `common`: manifest fields every target shares. Returns
-    precision -> the model's bundle files."""
+    target's gated models (precision, stem, artifact, runner, metrics, sizes, result()), default
+    first; `contract`: what they take (model_input.py); `golden`: (label, image) pairs; `common`:
+    manifest fields every target shares. Returns precision -> the model's bundle files."""
     p = prepared
-    ds, contract, default = p.dataset, p.contract, models[0]
+    ds, default = p.dataset, models[0]
+    raw = model_input.is_raw(contract)
     files: dict = {}
     runtime_dir = Path(str(resources.files("edgetl").joinpath("runtime")))
     for name in ("predict.py", "preprocess.py", "integrity.py", f"engine_{backend.engine}.py"):
@@ -46,21 +47,31 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
         "model_settings": {m.precision: ms for m in models if (ms := backend.model_settings(profile, m.precision))},
     }, indent=2) + "\n"
     files["recipe.toml"] = recipe_toml(p.recipe, profile)
-    files["README.md"] = readme(profile, p, models, backend)
+    files["README.md"] = readme(profile, p, models, backend, contract)
+    if raw and backend.cpp:  # a C++ consumer (source only) for a model that takes pixels
+        for name, source in cpp_sources(backend.cpp).items():
+            files[f"cpp/{name}"] = source
     shipped = []
     for k, (label, img) in enumerate(golden):
         rel = f"golden/{k:02d}_{label}.png"
         files[rel] = png_bytes(img)
         shipped.append((rel, label))
+        if raw:  # the pixels the model takes, for consumers without an image library (PPM, P6)
+            files[rel.replace(".png", ".ppm")] = ppm_bytes(resize_crop(img, contract))
     bundle.write_files(stage, files)
     expected_out = {"models": {m.precision: expected(m, stage, shipped, contract) for m in models}}
-    bundle.write_files(stage, {"golden/expected.json": json.dumps(expected_out, indent=1) + "\n"})
+    golden_files = {"golden/expected.json": json.dumps(expected_out, indent=1) + "\n"}
+    if raw:  # "<ppm> <top-1 index>" per line: what the C++ consumer's --golden checks
+        golden_files["golden/golden.txt"] = "".join(
+            f"{item['file'].replace('.png', '.ppm')} {item['index']}\n"
+            for item in expected_out["models"][default.precision]["items"])
+    bundle.write_files(stage, golden_files)
     created = bundle.created()  # SOURCE_DATE_EPOCH's; a bundle is a function of its inputs
     manifest = {
         "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
         **({"created": created} if created else {}),
         **common, "versions": versions(backend), "metrics": default.metrics.to_dict(), "quantization": quantization,
-        "sizes": default.sizes, "validated_with": default.runner.executed_by,
+        "sizes": default.sizes, "validated_with": default.validated_with,
         "models": {m.precision: m.result(list(model_files[m.precision])).to_dict() for m in models},
         "preprocess": contract, "warnings": warnings,
     }
@@ -92,6 +103,19 @@ def expected(m, stage: Path, golden: list[tuple[str, str]], contract: dict) -> d
     return {"logit_atol": round(max(1e-3, 0.05 * scale), 6), "executed_by": m.runner.executed_by, "items": items}
 
 
+def ppm_bytes(img) -> bytes:
+    """An RGB PIL image as binary PPM (P6): a header and the raw pixels, readable with no library."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return f"P6\n{arr.shape[1]} {arr.shape[0]}\n255\n".encode("ascii") + arr.tobytes()
+
+
+def cpp_sources(folder: str) -> dict[str, Path]:
+    """The C++ consumer for a backend: its CMakeLists.txt and main.cpp, and the shared bundle_io.hpp."""
+    root = Path(str(resources.files("edgetl").joinpath("runtime", "cpp")))
+    return {"CMakeLists.txt": root / folder / "CMakeLists.txt", "main.cpp": root / folder / "main.cpp",
+            "bundle_io.hpp": root / "bundle_io.hpp"}
+
+
 def png_bytes(img) -> bytes:
     """A PIL image as PNG bytes (lossless: a golden input stays the pixels the gate saw)."""
     import io
@@ -99,6 +123,28 @@ def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def input_section(c: dict, backend) -> str:
+    """The README's input contract: raw pixels (normalisation inside the model) or the float tensor."""
+    crop = (f"RGB, resize shorter side to {c['resize_size']} ({c['interpolation']}), centre-crop "
+            f"{c['input_size'][0]}x{c['input_size'][1]}")
+    if c.get("dtype") != "uint8":
+        return (f"## Input contract (preprocess.json)\n\n{crop}, x/255, subtract mean {c['mean']},\n"
+                f"divide by std {c['std']}, NCHW float32. `preprocess.py` implements it.\n")
+    h, w = c["input_size"]
+    text = (f"## Input contract (preprocess.json)\n\n{crop}; then the pixels as they are: uint8, NHWC "
+            f"[N, {h}, {w}, 3], RGB order. The model does the rest inside (x/255, subtract mean {c['mean']}, "
+            f"divide by std {c['std']}, to NCHW): an application feeds camera pixels. `preprocess.py` "
+            "implements the resize and crop.\n")
+    if backend.cpp:
+        text += (f"\n## C++ (cpp/)\n\n`cpp/` holds a consumer on {backend.name}'s C++ API (source only): it reads\n"
+                 f"`labels.txt`, feeds one {w}x{h} binary PPM and prints the top-5, or runs the golden inputs:\n\n"
+                 "    cmake -S cpp -B build ...   # the first lines of cpp/CMakeLists.txt say what to pass\n"
+                 "    cmake --build build\n"
+                 "    build/edgetl_classify . IMAGE.ppm\n"
+                 "    build/edgetl_classify . --golden   # exit 1 when a top-1 differs from the build's\n")
+    return text
 
 
 def recipe_toml(recipe: BuildRecipe, profile: TargetProfile) -> str:
@@ -138,12 +184,11 @@ def versions(backend) -> dict:
     return v
 
 
-def readme(profile: TargetProfile, p, models: list, backend) -> str:
+def readme(profile: TargetProfile, p, models: list, backend, c: dict) -> str:
     """The bundle's README: how to run it, its input contract and its parity table."""
-    c = p.contract
     rows = "\n".join(
         f"| `{m.stem}` ({m.precision}) | {m.metrics.accuracy:.4f} | {m.metrics.accuracy_drop_pp:+.2f} | "
-        f"{m.metrics.top1_agreement:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.runner.executed_by} |"
+        f"{m.metrics.top1_agreement:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.validated_with} |"
         for m in models)
     quant = next((m.quantization for m in models if m.quantization), None)
     qline = (f"INT8 quantizer: `{quant.chosen}`; layers kept in float: {len(quant.float_nodes)}.\n"
@@ -167,12 +212,7 @@ Backbone `{p.spec.name}` fine-tuned on {len(p.dataset.classes)} classes ({", ".j
 `runtime.json` holds the models, the default one and the runtime settings
 (providers / device, performance hint); `--set` overrides them on the device.
 
-## Input contract (preprocess.json)
-
-RGB, resize shorter side to {c["resize_size"]} ({c["interpolation"]}),
-centre-crop {c["input_size"][0]}x{c["input_size"][1]}, x/255, subtract mean {c["mean"]},
-divide by std {c["std"]}, NCHW float32. `preprocess.py` implements it.
-
+{input_section(c, backend)}
 ## Parity (test split, n={models[0].metrics.n_test}; float PyTorch {models[0].metrics.reference_accuracy:.4f})
 
 | model | top-1 accuracy | drop (pp) | agreement | size | validated with |

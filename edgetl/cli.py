@@ -170,7 +170,8 @@ def _print_summary(result) -> None:
                 f"  {m.summary()}, drop 95% CI {lo:+.2f}..{hi:+.2f} pp, {len(met.changed)} predictions changed, "
                 f"{m.sizes['ratio']:.2f}x fp32 size, {m.latency_ms:.2f} ms"
                 + (f", {q.chosen} ({len(q.float_nodes)} float layers)" if q else "")
-                + f"; speed vs FP32 {pace or '-'}; validated with {m.validated_with}")
+                + f"; speed vs FP32 {pace or '-'}; validated with {m.validated_with}"
+                + ("; input uint8 NHWC pixels" if m.model_input == "uint8-nhwc" else ""))
             margin, rule = margin_line(met.agreement_by_margin), met.gate_rule
             if margin or rule:
                 click.echo(f"    {margin}{'; ' if margin and rule else ''}"
@@ -272,8 +273,7 @@ def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str |
         for b in bundles:  # fail fast: tampered, missing runtime, damaged bundle
             bundle.load_predictor(b, model, verify=not no_verify)
         return bench_bundles({str(b): (lambda b=b: bundle.load_predictor(b, model, verify=False)) for b in bundles},
-                             {str(b): bundle.input_shape(b) for b in bundles}, batch=batch, runs=runs, warmup=warmup,
-                             rounds=rounds, model=model)
+                             batch=batch, runs=runs, warmup=warmup, rounds=rounds, model=model)
 
     res = _run(go, as_json)
     if as_json:
@@ -343,7 +343,7 @@ def _print_info(m: dict) -> None:
     click.echo(f"backbone    {m['backbone']['name']} ({m['backbone']['weights_origin']})")
     click.echo(f"classes     {', '.join(m['classes'])}")
     click.echo(f"input       {m['preprocess']['input_size']} {m['preprocess']['channel_order']} "
-               f"{m['preprocess']['layout']}")
+               f"{m['preprocess']['layout']} {m['preprocess'].get('dtype', 'float32')}")
     from .results import ModelResult
 
     default = ModelResult.from_dict(next(iter(m["models"].values())))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -206,8 +208,16 @@ def _entry(fn, folder: str, args: tuple):
     except BaseException as e:
         code = e.exit_code if isinstance(e, (EdgetlError, interrupt.Interrupted)) else EdgetlError.exit_code
         text = str(e) if isinstance(e, EdgetlError) else f"{type(e).__name__}: {e}"
-        _error_file(folder, rank).write_text(f"{code}\n{text}", encoding="utf-8")
+        # when it failed, on the machine's monotonic clock (one clock for every process, in ns: file
+        # mtimes are coarse and would give a tie to rank 0)
+        _error_file(folder, rank).write_text(f"{code}\n{time.monotonic_ns()}\n{text}", encoding="utf-8")
         raise
+
+
+def _failure(f: Path) -> tuple[int, str, str]:
+    """(when, exit code, message) from a rank's error file."""
+    code, when, text = f.read_text(encoding="utf-8").split("\n", 2)
+    return int(when), code, text
 
 
 def launch(nproc: int, fn, args: tuple):
@@ -223,18 +233,17 @@ def launch(nproc: int, fn, args: tuple):
                               rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
                               monitor_interval=0.2, start_method="spawn",
                               logs_specs=DefaultLogsSpecs(log_dir=str(Path(folder) / "logs")))
-        try:
+        saved, tempfile.tempdir = tempfile.tempdir, str(folder)  # torch's spawn leaves a failed rank's
+        try:  # pytorch-errorfile-*.pickle in the temporary folder: this one, removed with it
             results = elastic_launch(config, _entry)(fn, folder, args)
         except SignalException as e:  # the launcher's own handler took SIGINT/SIGTERM; the ranks are stopped
             raise interrupt.caught_elsewhere(int(e.sigval)) from None
         except ChildFailedError as e:
             failed = sorted(e.failures)
             # The first rank to fail is the cause; the others' errors are its echo (a closed connection).
-            written = sorted((f.stat().st_mtime_ns, int(f.stem.removeprefix("rank")), f)
-                             for f in Path(folder).glob("rank*.error"))
+            written = sorted((*_failure(f), int(f.stem.removeprefix("rank"))) for f in Path(folder).glob("rank*.error"))
             if written:
-                _, rank, f = written[0]
-                code, _, text = f.read_text(encoding="utf-8").partition("\n")
+                _, code, text, rank = written[0]
                 if int(code) > 128:  # a rank stopped by SIGINT/SIGTERM: the build was interrupted
                     raise interrupt.caught_elsewhere(int(code) - 128) from None
                 err = EdgetlError(f"rank {rank} of {nproc} failed: {text}")
@@ -244,5 +253,6 @@ def launch(nproc: int, fn, args: tuple):
                               f"(exit {e.failures[failed[0]].exitcode if failed else '?'}); "
                               "fix: run with --nproc 1 -vv to see the error") from None
         finally:
+            tempfile.tempdir = saved
             interrupt.reinstall()  # torch leaves its own SIGINT/SIGTERM handlers in place
         return results[0]

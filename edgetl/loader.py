@@ -90,7 +90,7 @@ class Split:
         self._hwc = (h, w, 3)
         self._row = h * w * 3
         self.shape = (n, 3, h, w) if contract.get("layout", "NCHW") == "NCHW" else (n, h, w, 3)
-        self.dtype = np.dtype(np.float32)
+        self.dtype = np.dtype(contract.get("dtype", "float32"))
 
     @classmethod
     def write(cls, items: Sequence, contract: dict, path: Path, workers: int, progress=None,
@@ -110,6 +110,10 @@ class Split:
 
     def __len__(self) -> int:
         return self.n
+
+    def with_contract(self, contract: dict) -> Split:
+        """The same crops as another model takes them (e.g. raw uint8 NHWC pixels: model_input.py)."""
+        return Split(self.path, self.n, contract)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         count = max(0, stop - start)

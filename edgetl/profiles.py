@@ -103,6 +103,12 @@ class TargetProfile(_Strict):
     # will run (e.g. GPU models validated on the CPU provider). Recorded in the manifest.
     validate_providers: list[str] | None = Field(None, min_length=1)
     tolerances: Tolerances = Field(default_factory=Tolerances)
+    # What the models take (model_input.py): "uint8-nhwc" raw RGB pixels at the input size, the
+    # normalisation inside the model; "float32-nchw" the normalised tensor of preprocess.json.
+    model_input: Literal["uint8-nhwc", "float32-nchw"] = "float32-nchw"
+    # The CPU architecture the bundle is for, when it is not the build machine's (e.g. "aarch64"): the
+    # gate then says on which architecture it validated.
+    arch: str | None = Field(None, pattern=r"^[a-z0-9_]+$")
     # Speed evidence: every model is timed against the FP32 model at batch 1 and at this batch.
     speed_batch: int = Field(8, ge=1, le=256)
     source: str = Field("", exclude=True)

@@ -137,6 +137,8 @@ def model_lines(result) -> list[str]:
         for m in t.models:
             met, q = m.metrics, m.quantization
             parts = [p for p in (margin_line(met.agreement_by_margin),) if p]
+            if m.model_input == "uint8-nhwc":
+                parts.insert(0, "takes uint8 NHWC pixels (normalisation inside the model; gated so)")
             if met.gate_rule:
                 parts.append(f"gate rule {met.gate_rule['applied']}" + (
                     "" if met.gate_rule["certified"] else " (NOT CERTIFIED: see the warnings)"))
@@ -250,99 +252,12 @@ def markdown(result) -> str:
     return text.rstrip("\n") + "\n"
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def plots(result) -> dict[str, str]:
-    """name -> base64 PNG: the float reference's confusion matrix, each model's confusion difference
-    from it, and the accuracy/latency/size scatter."""
-    try:
-        import matplotlib
+    """name -> base64 PNG (charts.py): the float reference's confusion matrix, each model's difference
+    from it, the accuracy/latency/size scatter."""
+    from . import charts
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: report.html has no plots (pip install matplotlib)")
-        return {}
-    with matplotlib.rc_context({"text.parse_math": False}):  # class names are text, never TeX ("$x$")
-        return _plots(result, plt)
-
-
-def _matrix(plt, matrix, classes: list[str], title: str, *, difference: bool) -> str:
-    """A confusion matrix (Blues) or a difference of two (RdBu centred on 0, zeros faint) as base64 PNG."""
-    import numpy as np
-    from matplotlib.ticker import MaxNLocator
-
-    m = np.asarray(matrix, dtype=np.int64)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(classes) + (0.8 if difference else 0), 1.0 + 0.5 * len(classes)))
-    if difference:
-        lim = max(1, int(np.abs(m).max(initial=0)))
-        im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
-        bar = fig.colorbar(im, ax=ax, shrink=0.8)
-        bar.ax.tick_params(labelsize=7)
-        bar.locator = MaxNLocator(integer=True)
-        bar.update_ticks()
-    else:
-        lim = max(1, int(m.max(initial=0)))
-        ax.imshow(m, cmap="Blues")
-    for i, row in enumerate(m):
-        for j, v in enumerate(row):
-            if difference and v == 0:
-                ax.text(j, i, "0", ha="center", va="center", fontsize=7, color="#c0c0c0")
-            else:
-                strong = abs(int(v)) > 0.6 * lim
-                ax.text(j, i, f"{int(v):+d}" if difference else str(int(v)), ha="center", va="center", fontsize=8,
-                        color="white" if strong else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(classes)), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    try:
-        return _png(fig)
-    finally:
-        plt.close(fig)
-
-
-def _plots(result, plt) -> dict[str, str]:
-    import numpy as np
-
-    classes = result.data["classes"]
-    table = rows(result)
-    out = {}
-    reference = table[0]["confusion"]
-    if reference:
-        out[f"confusion: {table[0]['name']}"] = _matrix(plt, reference, classes, table[0]["name"], difference=False)
-    for r in table[1:]:
-        if not r["confusion"]:
-            continue
-        if reference and np.shape(reference) == np.shape(r["confusion"]):
-            diff = np.asarray(r["confusion"]) - np.asarray(reference)
-            title = (f"{r['name']} − float reference\n(diagonal: + more right; "
-                     "off-diagonal: + more confused)")
-            out[f"confusion difference: {r['name']} − float reference"] = _matrix(plt, diff, classes, title,
-                                                                                  difference=True)
-        else:  # no reference matrix to subtract (an older result): the model's own
-            out[f"confusion: {r['name']}"] = _matrix(plt, r["confusion"], classes, r["name"], difference=False)
-    pts = [r for r in table if r["latency_ms"] is not None and r["accuracy"] is not None]
-    if pts:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        sizes = [max(r["size_mb"] or 0.1, 0.1) for r in pts]
-        ax.scatter([r["latency_ms"] for r in pts], [r["accuracy"] for r in pts], s=[60 * s for s in sizes],
-                   c=["tab:red" if r["status"] == "FAILED" else "tab:blue" for r in pts], alpha=0.6)
-        for r, s in zip(pts, sizes, strict=True):
-            ax.annotate(f"{r['name']}\n{s:.1f} MB", (r["latency_ms"], r["accuracy"]), fontsize=7,
-                        xytext=(5, 5), textcoords="offset points")
-        ax.set_xlabel("latency, batch 1 (ms, build machine, through the validating runtime)")
-        ax.set_ylabel("top-1 accuracy (test split)")
-        ax.set_title("accuracy vs latency (marker area ~ model size)", fontsize=9, pad=12)
-        ax.margins(x=0.2, y=0.25)
-        out["accuracy vs latency vs size"] = _png(fig)
-        plt.close(fig)
-    return out
+    return charts.plots(rows(result), result.data["classes"])
 
 
 def thumbnail(path) -> str:

@@ -49,9 +49,11 @@ class ModelResult:
     files: list[str] = field(default_factory=list)
     latency_ms: float = 0.0
     speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
+    model_input: str = "float32-nchw"  # what the model takes (model_input.py): "uint8-nhwc" raw pixels
 
     def to_dict(self) -> dict:
-        return {"precision": self.precision, "files": self.files, "metrics": self.metrics.to_dict(),
+        return {"precision": self.precision, "model_input": self.model_input, "files": self.files,
+                "metrics": self.metrics.to_dict(),
                 "misses": self.misses, "quantization": self.quantization.to_dict() if self.quantization else None,
                 "sizes": self.sizes, "latency_ms": self.latency_ms, "speed": self.speed,
                 "validated_with": self.validated_with}
@@ -61,7 +63,8 @@ class ModelResult:
         q = d.get("quantization")
         return cls(d["precision"], ParityReport.from_dict(d["metrics"]), d["misses"],
                    QuantizationRecord.from_dict(q) if q is not None else None, d["sizes"], d["validated_with"],
-                   d.get("files", []), d.get("latency_ms", 0.0), d.get("speed", {}))
+                   d.get("files", []), d.get("latency_ms", 0.0), d.get("speed", {}),
+                   d.get("model_input", "float32-nchw"))
 
     def summary(self) -> str:
         """"int8: accuracy 0.9561 (drop +0.88 pp), agreement 0.9693": the one-line form everywhere."""

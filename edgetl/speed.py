@@ -19,24 +19,37 @@ WARMUP = 3
 
 
 def _batch(x, n: int) -> np.ndarray:
-    """n images of x (an array or a loader.Split), repeated when x has fewer."""
-    first = np.asarray(x[:n])
+    """n images of x (an array, or a loader.Split: its uint8 crops), repeated when x has fewer."""
+    first = np.asarray(x.crops(slice(0, n)) if hasattr(x, "crops") else x[:n])
     reps = -(-n // len(first))
     return np.ascontiguousarray(np.concatenate([first] * reps)[:n])
 
 
-def interleaved(runners: dict[str, object], x: np.ndarray, *, runs: int, warmup: int, rounds: int) -> dict:
+def inputs(runners: dict[str, object], x, n: int) -> dict[str, np.ndarray]:
+    """name -> n images of x as that runner's model takes them. From a loader.Split (or uint8 crops),
+    every runner gets the same pixels through its own contract (float NCHW, or raw uint8 NHWC)."""
+    from .runtime.preprocess import to_tensor
+
+    if hasattr(x, "crops") or (isinstance(x, np.ndarray) and x.dtype == np.uint8):
+        crops = _batch(x, n)
+        return {k: to_tensor(crops, r.contract) for k, r in runners.items()}
+    xb = _batch(x, n)  # already preprocessed: the same array for all
+    return dict.fromkeys(runners, xb)
+
+
+def interleaved(runners: dict[str, object], x, *, runs: int, warmup: int, rounds: int) -> dict:
     """name -> per-call seconds: every runner gets `warmup` calls then runs/rounds timed calls, in turn,
-    for `rounds` rounds."""
+    for `rounds` rounds. `x`: one input for all, or name -> that runner's input."""
     per_round = max(1, runs // rounds)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for name, r in runners.items():
+            xr = x[name] if isinstance(x, dict) else x
             for _ in range(warmup):
-                r.logits(x)
+                r.logits(xr)
             for _ in range(per_round):
                 t0 = time.perf_counter()
-                r.logits(x)
+                r.logits(xr)
                 times[name].append(time.perf_counter() - t0)
     return {k: np.asarray(v) for k, v in times.items()}
 
@@ -44,7 +57,8 @@ def interleaved(runners: dict[str, object], x: np.ndarray, *, runs: int, warmup:
 def latency_ms(runner, x, warmup: int = 5, runs: int = 30) -> float:
     """Median batch-1 latency through the runner, as built (a quick figure for the report;
     `edgetl bench` measures carefully)."""
-    times = interleaved({"model": runner}, _batch(x, 1), runs=runs, warmup=warmup, rounds=1)["model"]
+    one = {"model": runner}
+    times = interleaved(one, inputs(one, x, 1), runs=runs, warmup=warmup, rounds=1)["model"]
     return round(float(np.median(times)) * 1e3, 3)
 
 
@@ -53,7 +67,7 @@ def versus(runner, baseline, x, batches=(1, 8)) -> dict:
     pair = {"model": runner, "fp32": baseline}
     out: dict = {"baseline": f"fp32 via {baseline.executed_by}", "method": "interleaved medians"}
     for n in dict.fromkeys(batches):
-        xb = _batch(x, n)
+        xb = inputs(pair, x, n)
         rounds = RUNS.get(n, DEFAULT_RUNS)
         interleaved(pair, xb, runs=WARMUP, warmup=0, rounds=WARMUP)  # warm-up, discarded
         times = interleaved(pair, xb, runs=rounds, warmup=0, rounds=rounds)  # one call each, in turn

@@ -6,10 +6,23 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, backends, bundle, bundle_contents, export, interrupt, parity, search, space, speed
+from . import (
+    __version__,
+    backends,
+    bundle,
+    bundle_contents,
+    export,
+    interrupt,
+    model_input,
+    parity,
+    search,
+    space,
+    speed,
+)
 from .artifact import Artifact
 from .errors import EdgetlError
 from .evidence import GateEvidence, SearchEvidence
@@ -47,12 +60,14 @@ class Model:
     quantization: QuantizationRecord | None
     sizes: dict
     warnings: list[str]
+    validated_with: str  # what ran the gate (and where, when the bundle is for another architecture)
+    model_input: str  # what it takes (model_input.py)
     latency_ms: float = 0.0
     speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
 
     def result(self, files: list[str]) -> ModelResult:
         return ModelResult(self.precision, self.metrics, self.misses, self.quantization, self.sizes,
-                           self.runner.executed_by, files, self.latency_ms, self.speed)
+                           self.validated_with, files, self.latency_ms, self.speed, self.model_input)
 
 
 @dataclass
@@ -64,6 +79,7 @@ class Gated:
     fp32: Artifact
     work: Path
     models: list[Model]
+    contract: dict  # what the target's models take (model_input.py): preprocess.json of its bundle
 
 
 def tolerances(profile: TargetProfile, recipe: BuildRecipe) -> dict:
@@ -81,7 +97,8 @@ def gate(profile: TargetProfile, fp32: Artifact, ctx: Context, work: Path) -> Ga
     tol = tolerances(profile, ctx.prepared.recipe)
     models = [make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, tol, ctx,
                          work) for i, precision in enumerate(profile.precisions)]
-    return Gated(profile, backend, fp32, work, models)
+    return Gated(profile, backend, fp32, work, models, model_input.contract_for(profile.model_input,
+                                                                               ctx.prepared.contract))
 
 
 def search_int8(backend, profile: TargetProfile, fp32: Artifact, tol: dict, evidence: SearchEvidence,
@@ -118,11 +135,15 @@ def make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32:
         art = backend.convert(fp32, precision, profile, work)
         # A float conversion must agree with the float model almost everywhere.
         tol = {**tol, "min_top1_agreement": profile.tolerances.float_min_top1_agreement}
+    if profile.model_input == model_input.RAW:  # what ships takes pixels: the gate judges that model
+        art = backend.with_raw_input(art, contract, work, stem)
+    contract = model_input.contract_for(profile.model_input, contract)
     # The gate: the test split is looked at here for the first time, once, with the chosen model.
     g = ctx.gate
     progress.stage(f"{profile.name}: parity gate ({precision})")
     runner = backends.runner(backend, art, contract, ds.classes, profile, threads=ctx.threads)
-    test_logits = parity.logits_of(runner, g.x, progress=progress, description=f"parity (test, {precision})")
+    test_logits = parity.logits_of(runner, model_input.view(g.x, contract), progress=progress,
+                                   description=f"parity (test, {precision})")
     report = parity.evaluate(g.reference, test_logits, g.y, ds.classes, seed=recipe.seed,
                              tolerance_pp=tol["max_accuracy_drop_pp"], min_judged=recipe.data.min_judged_images)
     rule = parity.resolve_rule(recipe.gate.rule, report.n_test, tol["max_accuracy_drop_pp"])
@@ -140,7 +161,16 @@ def make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32:
     for item in report.changed:
         item["file"] = g.files[item["index"]]
     return Model(precision, stem, art, runner, report, [f"{precision}: {m}" for m in missed], quant,
-                 sizes, [*report.warnings, *gate_warnings])
+                 sizes, [*report.warnings, *gate_warnings], validated_with(runner, profile), profile.model_input)
+
+
+def validated_with(runner, profile: TargetProfile) -> str:
+    """What ran the gate; for a bundle made for another CPU architecture, also where it ran."""
+    here = platform.machine().lower()
+    if not profile.arch or profile.arch == here:
+        return runner.executed_by
+    return (f"{runner.executed_by} on {here} (the bundle is for {profile.arch}: INT8 kernels differ between "
+            "architectures; run its self-test there)")
 
 
 def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> TargetResult:
@@ -152,8 +182,8 @@ def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> Tar
                                profile)
     for m in models:
         progress.stage(f"{profile.name}: speed vs FP32 ({m.precision})")
-        runner = backends.runner(backend, m.artifact, contract, ds.classes, profile)  # all the cores again
-        m.speed = speed.versus(runner, baseline, ctx.gate.x, batches=(1, profile.speed_batch))
+        runner = backends.runner(backend, m.artifact, g.contract, ds.classes, profile)  # all the cores again
+        m.speed = speed.versus(runner, baseline, ctx.gate.x, batches=(1, profile.speed_batch))  # same pixels
         m.latency_ms = m.speed["batch_1"]["ms"]
     missed = [miss for m in models for miss in m.misses]
     result = TargetResult(profile.name, models=[m.result([]) for m in models], misses=missed)
@@ -166,7 +196,7 @@ def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> Tar
     stage = bundle.staging_dir(out, profile.name)
     try:
         files = bundle_contents.write(stage, profile=profile, backend=backend, models=models, prepared=p,
-                                      golden=golden, common=common, quantization=quant.to_dict(),
+                                      contract=g.contract, golden=golden, common=common, quantization=quant.to_dict(),
                                       warnings=result.warnings)
         bundle.publish(stage, final)
     except BaseException:

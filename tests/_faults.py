@@ -2,11 +2,14 @@
 
     python tests/_faults.py FAULT [edgetl arguments...]
 
-FAULT: none | enospc-out:DIR (every bundle file copied under DIR finds the disk full) |
+FAULT: none | enospc-out:DIR (every bundle file copied under DIR finds the disk full) | enospc-tmp (the
+FP32 ONNX export, written into the temporary folder, finds the disk full) |
 term-at-manifest (the process sends itself SIGTERM while its bundle is staged, before it is
 published) | term-in-publish (a thread of the process sends SIGTERM between the two renames that
 swap a bundle into place) | corrupt-quant (the ort_static quantizer scrambles its weight scales: the gate fails) |
-crash-export (the ONNX export raises: an internal error).
+crash-export (the ONNX export raises: an internal error) | fail-rank-1 (under --nproc, rank 1 refuses its
+training with a usage error, exit 2: the ranks are spawned processes, so the fault reaches them through a
+sitecustomize module on PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ def _enospc_under(folder: Path) -> None:
         return real(src, dst, *args, **kwargs)
 
     shutil.copyfile = copyfile
+
+
+def _enospc_in_tmp() -> None:
+    from edgetl import export
+
+    def to_onnx(model, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    export.to_onnx = to_onnx
 
 
 def _term_at_manifest() -> None:
@@ -76,12 +88,39 @@ def _crash_export() -> None:
     export.to_onnx = to_onnx
 
 
+RANK_1_FAULT = """
+import os
+
+if os.environ.get("EDGETL_TEST_FAULT") == "fail-rank-1":
+    from edgetl import train
+    from edgetl.errors import UsageError
+
+    real = train.run
+
+    def run(*args, **kwargs):  # RANK is set in the rank only after it has started
+        if os.environ.get("RANK") == "1":
+            raise UsageError("injected: rank 1 cannot read its shard")
+        return real(*args, **kwargs)
+
+    train.run = run
+"""
+
+
+def _fail_rank_1() -> None:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="edgetl-fault-"))  # under the test's TMPDIR: the test ignores it
+    (folder / "sitecustomize.py").write_text(RANK_1_FAULT)
+    os.environ["EDGETL_TEST_FAULT"] = "fail-rank-1"
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+
+
 def main() -> None:
     fault, *args = sys.argv[1:]
     name, _, arg = fault.partition(":")
-    {"none": lambda: None, "enospc-out": lambda: _enospc_under(Path(arg)), "term-at-manifest": _term_at_manifest,
-     "term-in-publish": _term_in_publish,
-     "corrupt-quant": _corrupt_quant, "crash-export": _crash_export}[name]()
+    {"none": lambda: None, "enospc-out": lambda: _enospc_under(Path(arg)), "enospc-tmp": _enospc_in_tmp,
+     "term-at-manifest": _term_at_manifest, "term-in-publish": _term_in_publish,
+     "corrupt-quant": _corrupt_quant, "crash-export": _crash_export, "fail-rank-1": _fail_rank_1}[name]()
     from edgetl.cli import cli
 
     cli(args, prog_name="edgetl")

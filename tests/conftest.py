@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -58,17 +59,67 @@ def build_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, build_data) -> dict:
-    """One real build of every built-in target (tests parametrize over them): real MobileNetV2 ImageNet weights, real NNCF/ORT/OpenVINO."""
+    """One real build of every built-in target (tests parametrize over them): real MobileNetV2 ImageNet
+    weights, real NNCF/ORT/OpenVINO."""
     from click.testing import CliRunner
 
     from edgetl.cli import cli
-
     from edgetl.profiles import builtin_names
 
     out = tmp_path_factory.mktemp("out") / "build"
     targets = [arg for name in builtin_names() for arg in ("--target", name)]
-    res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", *targets,
-                                   *FAST_FLAGS])
+    shared, cache = os.environ["EDGETL_CACHE"], tmp_path_factory.mktemp("built-cache")
+    os.environ["EDGETL_CACHE"] = str(cache)  # cold, whatever ran before
+    try:
+        with _test_split_poisoned_while_searching() as searches:
+            res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json",
+                                           *targets, *FAST_FLAGS])
+    finally:
+        os.environ["EDGETL_CACHE"] = shared
     assert res.exit_code == 0, res.output
     return {"out": out, "bundle": out / "cpu", "openvino": out / "openvino", "gpu": out / "gpu-int8",
-            "bundles": {name: out / name for name in builtin_names()}, "result": json.loads(res.stdout)}
+            "bundles": {name: out / name for name in builtin_names()}, "result": json.loads(res.stdout),
+            "poisoned_searches": len(searches), "cache": cache}
+
+
+class Poison:
+    """Stands in for a test-split array: any use (indexing, len, iteration, numpy, attributes) fails."""
+
+    def _fail(self, *a, **k):
+        raise AssertionError("the test split was read before the gate")
+
+    __getitem__ = __len__ = __iter__ = __array__ = __bool__ = __float__ = _fail
+
+    def __getattr__(self, name):
+        self._fail()
+
+
+@contextlib.contextmanager
+def _test_split_poisoned_while_searching():
+    """While each target's INT8 search (quantizers + refiners) runs, every field of the build's gate
+    evidence is a Poison; the gate reads it as usual afterwards. Yields the searches made."""
+    from edgetl import pipeline, target
+
+    made, searches = [], []
+    real_evidence, real_search = pipeline.GateEvidence, target.search_int8
+
+    def record(*args, **kwargs):
+        made.append(real_evidence(*args, **kwargs))
+        return made[-1]
+
+    def guarded(*args, **kwargs):
+        assert len(made) == 1, "one gate evidence per build"
+        saved = dict(vars(made[0]))
+        for k in saved:
+            setattr(made[0], k, Poison())
+        try:
+            searches.append(real_search(*args, **kwargs))
+            return searches[-1]
+        finally:
+            vars(made[0]).update(saved)
+
+    pipeline.GateEvidence, target.search_int8 = record, guarded
+    try:
+        yield searches
+    finally:
+        pipeline.GateEvidence, target.search_int8 = real_evidence, real_search

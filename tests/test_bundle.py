@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -64,17 +65,32 @@ def _torchless_env(tmp_path):
     return env
 
 
-def test_predict_py_runs_without_torch(built, tmp_path, tiny_data):
+def _on_a_bare_device(bundle: Path, runtime: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The bundle's predict.py as on a device with only numpy, Pillow and the runtime installed: an
+    isolated interpreter (`-I -S`: no site-packages, no PYTHONPATH, no user site) that sees the
+    standard library, the bundle and an allow-list of those packages, nothing else."""
+    import numpy
+
+    site = Path(numpy.__file__).parents[1]
+    allow = tmp_path / "allowed-packages"
+    allow.mkdir(exist_ok=True)
+    for name in ("numpy", "numpy.libs", "PIL", "pillow.libs", runtime, f"{runtime}.libs"):
+        if (site / name).exists() and not (allow / name).exists():
+            (allow / name).symlink_to(site / name)
+    code = (f"import runpy, sys; sys.path[:0] = [{str(bundle)!r}, {str(allow)!r}]; "
+            f"sys.argv = ['predict.py', *{args!r}]; runpy.run_path(sys.path[0] + '/predict.py', run_name='__main__')")
+    return subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name,runtime", [("cpu", "onnxruntime"), ("openvino", "openvino")])
+def test_predict_py_runs_on_a_bare_device(built, tmp_path, tiny_data, name, runtime):
     bundle = tmp_path / "copied"
-    shutil.copytree(built["bundle"], bundle)  # runs from anywhere: nothing refers back to edgetl
-    env = _torchless_env(tmp_path)
-    st = subprocess.run([sys.executable, "predict.py", "--selftest"], cwd=bundle, env=env, capture_output=True,
-                        text=True, timeout=120)
+    shutil.copytree(built["bundles"][name], bundle)  # runs from anywhere: nothing refers back to edgetl
+    st = _on_a_bare_device(bundle, runtime, "--selftest", tmp_path=tmp_path)
     assert st.returncode == 0, st.stderr
     assert "selftest passed" in st.stdout
     img = sorted((tiny_data / "red").glob("*.png"))[0]
-    out = subprocess.run([sys.executable, str(bundle / "predict.py"), "--json", str(img)], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = _on_a_bare_device(bundle, runtime, "--json", str(img), tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     pred = json.loads(out.stdout)["predictions"][0]
     assert pred["label"] == "red" and 0 < pred["probability"] <= 1

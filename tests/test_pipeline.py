@@ -26,13 +26,16 @@ def test_build_json_result(built):
     assert report["targets"][0]["metrics"] == json.loads(json.dumps(t["metrics"]))
 
 
-def test_build_is_reproducible(built, build_data, tmp_path):
+def test_build_is_reproducible(built, build_data, tmp_path, monkeypatch):
     """Same data and seed again, later, into another folder, as a one-target build (its features now
-    come from the cache) while another process keeps a core busy: the same numbers, the same chosen
-    candidate, and the same bundle, byte for byte, file by file, as the cpu target of the
-    three-target build. Nothing that ships may depend on the machine's load or on the other targets."""
+    come from the shared build's feature cache) while another process keeps a core busy: the same
+    numbers, the same chosen candidate, and the same bundle, byte for byte, file by file, as the cpu
+    target of the every-target build. Nothing that ships may depend on the machine's load or on the
+    other targets."""
     import subprocess
     import sys
+
+    monkeypatch.setenv("EDGETL_CACHE", str(built["cache"]))  # warm: the shared build's rows, whatever ran before
 
     out = tmp_path / "again"
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -139,6 +142,24 @@ def test_escalation_recovers_from_a_bad_first_quantizer(tiny_data, tmp_path, mon
     assert [a["quantizer"] for a in q["attempts"]] == ["ort_static", "nncf_ptq"]
     assert q["attempts"][0]["val_misses"] and not q["attempts"][1]["val_misses"]
     assert q["chosen"] == "nncf_ptq" and q["float_nodes"] == []
+
+
+def test_a_time_limit_that_drops_a_candidate_is_a_manifest_warning(tiny_data, tmp_path):
+    """qat_budget_s set (none by default): QAT passes it and the whole candidate is dropped, the next
+    one ships, and the manifest says the bundle now depends on the build machine's speed."""
+    profile = tmp_path / "limited.toml"
+    profile.write_text('name = "cpu"\nbackend = "onnxruntime"\nmodel_input = "uint8-nhwc"\n'
+                       '[quantization]\nquantizers = ["qat", "nncf_ptq"]\nqat_budget_s = 0.000001\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target",
+                                   str(profile), "--json", *FAST_FLAGS])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "cpu" / "manifest.json").read_text())
+    q = m["quantization"]
+    assert [a["quantizer"] for a in q["attempts"]] == ["qat", "nncf_ptq"] and q["chosen"] == "nncf_ptq"
+    assert q["attempts"][0]["dropped_by_time_limit"] is True
+    assert any(w.startswith("a time limit dropped qat on this machine") and "unset the limit" in w
+               for w in m["warnings"]), m["warnings"]
 
 
 def test_fine_tune_build(tiny_data, tmp_path):

@@ -4,6 +4,7 @@ file and the key, on one line; never another exception (exit 3 and a traceback).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 import typing
 from pathlib import Path
@@ -25,7 +26,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+# CI: the same 200 examples every run. EDGETL_FUZZ=N (benchmarks/fuzz.sh): N fresh random examples.
+_RANDOM = int(os.environ.get("EDGETL_FUZZ", "0"))
+FUZZ = settings(max_examples=_RANDOM or 200, deadline=None, derandomize=not _RANDOM, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

@@ -4,23 +4,20 @@ that walks candidates, and proof that neither can see the test split."""
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from edgetl import backbones, data, export, parity, pipeline, search, train
+from edgetl import backbones, data, export, parity, search, train
 from edgetl.artifact import Artifact
 from edgetl.backends import QuantInputs
 from edgetl.backends.onnxruntime import OnnxRuntimeBackend
-from edgetl.cli import cli
 from edgetl.profiles import TargetProfile, load_profile
 from edgetl.recipe import TrainSection
 from edgetl.refine import RefineInputs
 from edgetl.refine.head_refit import choose, head_refit, ridge_path
 from edgetl.views import TrainViews
-from tests.conftest import FAST_FLAGS, preprocessed
+from tests.conftest import Poison, preprocessed
 
 
 def test_ridge_path_recovers_a_linear_map_and_shrinks_to_the_start():
@@ -97,14 +94,18 @@ def test_head_refit_recovers_agreement_where_ptq_flips(harder, tmp_path):
     ptq = backend.quantizers["ort_static"](fp32, rins.data, profile, tmp_path)
     refit = head_refit(ptq, rins, backend, profile, tmp_path)
 
-    def agreement(art):
+    def judged(art):  # test-split agreement, and the logit error over val + test (every image counts)
         run = backend.head_features(art, profile)
-        return parity.evaluate(ref["test"], run(x["test"])[1], y["test"], ds.classes).top1_agreement
+        logits = {sp: run(x[sp])[1] for sp in ("val", "test")}
+        err = np.mean([((logits[sp] - ref[sp]) ** 2).mean() for sp in logits])
+        return parity.evaluate(ref["test"], logits["test"], y["test"], ds.classes).top1_agreement, err
 
-    before, after = agreement(ptq), agreement(refit)
+    (before, err_before), (after, err_after) = judged(ptq), judged(refit)
     assert before < 0.97, f"precondition: per-tensor PTQ should flip test predictions (agreement {before})"
     assert refit.path != ptq.path and refit.meta["refit"]["alpha"] is not None
-    assert after > before
+    n = len(y["test"])
+    assert after >= before + 2 / n, (before, after)  # at least two test images recovered, not one
+    assert err_after < 0.8 * err_before, (err_before, err_after)  # the logits move towards the float model
     assert backend.float_nodes(refit, convolutions_only=True) == []  # still fully INT8
 
 
@@ -336,22 +337,10 @@ def test_refine_inputs_carry_no_test_data():
     assert set(TrainViews.__dataclass_fields__) == {"items", "contract", "n_augmented", "seed", "workers"}
 
 
-class _Poison:
-    """Stands in for a test-split array: any use (indexing, len, iteration, numpy, attributes) fails."""
-
-    def _fail(self, *a, **k):
-        raise AssertionError("the test split was read before the gate")
-
-    __getitem__ = __len__ = __iter__ = __array__ = __bool__ = __float__ = _fail
-
-    def __getattr__(self, name):
-        self._fail()
-
-
 def test_poison_fails_on_use():
     for use in (len, lambda p: p[0], np.asarray, lambda p: p.shape, list):
         with pytest.raises(AssertionError):
-            use(_Poison())
+            use(Poison())
 
 
 def test_the_search_takes_no_test_data_by_construction():
@@ -368,40 +357,14 @@ def test_the_search_takes_no_test_data_by_construction():
 
 
 @pytest.mark.integration
-def test_the_search_and_refit_never_read_the_test_split(build_data, tmp_path, monkeypatch):
-    """A whole build in which the gate's evidence (test images, labels, float logits, files) is
-    poisoned while each target's search (quantizers + head refit) runs: any read fails the build,
-    whatever path it takes. The gate afterwards reads it as usual."""
-    from edgetl import target
-
-    made = []
-    real_evidence = pipeline.GateEvidence
-
-    def record(*args, **kwargs):
-        made.append(real_evidence(*args, **kwargs))
-        return made[-1]
-
-    real = target.search_int8
-
-    def guarded(*args, **kwargs):
-        saved = dict(vars(made[0]))
-        for k in saved:
-            setattr(made[0], k, _Poison())
-        try:
-            return real(*args, **kwargs)
-        finally:
-            vars(made[0]).update(saved)
-
-    monkeypatch.setattr(pipeline, "GateEvidence", record)
-    monkeypatch.setattr(target, "search_int8", guarded)
-    out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["build", "--data", str(build_data), "--out", str(out), "--json", "--target", "cpu",
-                                   "--target", "openvino", *FAST_FLAGS])
-    assert res.exit_code == 0, res.output
-    assert len(made) == 1
-    r = json.loads(res.stdout)
-    for t in r["targets"]:
-        assert t["quantization"]["chosen"].endswith("+head_refit")
+def test_the_search_and_refit_never_read_the_test_split(built):
+    """The shared build (conftest's `built`: every built-in target) ran with the gate's evidence (test
+    images, labels, float logits, files) poisoned while each target's search (quantizers + head refit)
+    ran: any read would have failed it, whatever path it took. The gate afterwards read it as usual."""
+    int8 = [t for t in built["result"]["targets"] if t["quantization"]["chosen"]]
+    assert built["poisoned_searches"] == len(int8) == 4  # cpu, cpu-arm64, gpu-int8, openvino
+    for t in int8:
+        assert t["published"] and t["quantization"]["chosen"].endswith("+head_refit")
         assert "refit" in t["quantization"]["attempts"][0]
 
 
@@ -433,13 +396,15 @@ def test_qat_exports_onnx_that_onnxruntime_fuses_and_openvino_loads(tiny_data, t
     ops = [n.op_type for n in __import__("onnx").load(opts.optimized_model_filepath).graph.node]
     assert ops.count("QLinearConv") == 52 and "Conv" not in ops and "FusedConv" not in ops
     logits = sess.run(None, {"input": x_val})[0]
-    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.8  # still the float model's function
+    one = 1 / len(x_val)
+    # the exported checkpoint is the one the history chose: its val agreement, within one image
+    assert (logits.argmax(1) == ref.argmax(1)).mean() == pytest.approx(info["val_agreement"], abs=one + 1e-9)
 
     ov_backend = OpenVinoBackend()
     ir = ov_backend.from_qdq_onnx(tmp_path / "qat.qdq.onnx", fp32, load_profile("openvino"), tmp_path, "qat")
     assert ir.path.suffix == ".xml" and ov_backend.float_nodes(ir, convolutions_only=True) == []
     _, ov_logits = ov_backend.head_features(ir, load_profile("openvino"))(x_val)
-    assert (ov_logits.argmax(1) == ref.argmax(1)).mean() >= 0.8
+    assert (ov_logits.argmax(1) == logits.argmax(1)).mean() >= 1 - one - 1e-9  # the same model in both runtimes
 
 
 def test_agreement_is_estimated_for_clean_images_not_for_the_harder_views():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl import report
+from edgetl import charts, report
 from edgetl.results import BuildResult, ModelResult, TargetResult
 
 CLASSES = ["cat", "dog", "fox"]
@@ -174,7 +174,7 @@ def test_a_failing_plot_or_thumbnail_never_costs_the_report(result, tmp_path, mo
     def boom(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(report, "_matrix", boom)
+    monkeypatch.setattr(charts, "_matrix", boom)
     monkeypatch.setattr(report, "thumbnail", boom)
     report.write(tmp_path, result)
     page = (tmp_path / "report.html").read_text()
@@ -184,18 +184,23 @@ def test_a_failing_plot_or_thumbnail_never_costs_the_report(result, tmp_path, mo
 
 def test_difference_plot_is_centred_on_zero(result, monkeypatch):
     seen = []
-    real = report._matrix
+    real = charts._matrix
 
     def spy(plt, matrix, classes, title, *, difference):
         seen.append((difference, [list(map(int, row)) for row in matrix]))
         return real(plt, matrix, classes, title, difference=difference)
 
-    monkeypatch.setattr(report, "_matrix", spy)
+    monkeypatch.setattr(charts, "_matrix", spy)
     images = report.plots(result)
     assert [d for d, _ in seen] == [False, True, True]
     assert seen[0][1] == REF_CONFUSION
     assert seen[1][1] == [[-1, 1, 0], [0, -1, 1], [0, 0, 0]]  # model minus reference
     assert len(images) == 4  # reference matrix, two differences, the accuracy/latency/size plot
+    # the scale: symmetric around zero for a difference (so white means "no change"), 0..max for counts
+    assert charts.colour_limits(seen[1][1], difference=True) == (-1, 1)
+    assert charts.colour_limits([[0, -5], [2, 0]], difference=True) == (-5, 5)
+    assert charts.colour_limits([[0, 0], [0, 0]], difference=True) == (-1, 1)
+    assert charts.colour_limits(REF_CONFUSION, difference=False) == (0, 71)
 
 
 def test_class_names_are_never_tex(result, tmp_path):

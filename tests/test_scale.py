@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,17 +123,18 @@ print(json.dumps({"n": n, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_
 """
 
 
-def test_memory_stays_flat_from_1k_to_10k_images_on_a_stubbed_trunk(tmp_path):
+def test_memory_stays_flat_from_500_to_5k_images_on_a_stubbed_trunk(tmp_path):
     """Nothing holds the decoded data: peak RSS of scan + decode + streamed views + head training
-    grows by < 15 % from 1k to 10k images (the trunk is a stub; its rows are 64 numbers)."""
+    grows by < 15 % from 500 to 5,000 images (the trunk is a stub; its rows are 64 numbers);
+    benchmarks/scale.py measures 1k to 20k photos with the real trunk."""
     peaks = {}
-    for n in (1000, 10000):
+    for n in (500, 5000):
         out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / f"d{n}" / "imgs"), str(n)],
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         peaks[n] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert peaks[10000]["rows"] == 10 * peaks[1000]["rows"]
-    assert peaks[10000]["rss_mb"] <= 1.15 * peaks[1000]["rss_mb"], peaks
+    assert peaks[5000]["rows"] == 10 * peaks[500]["rows"]
+    assert peaks[5000]["rss_mb"] <= 1.15 * peaks[500]["rss_mb"], peaks
 
 
 def _fit_in_ranks(folder: str, strategy: str, tmp: str):
@@ -171,10 +174,11 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny_data, tmp_path, s
     assert max(diff.values()) <= 1e-4, diff  # fine-tuned blocks: the gradient all-reduce's rounding
 
 
-def _fails_on_rank_1(hang: bool):
-    ranks, _ = launch.join("cpu", 6)
+def _fails_on_rank_1(hang: bool, timeout_s: float, pid_file: str):
+    ranks, _ = launch.join("cpu", timeout_s)
     if ranks.rank == 1:
         if hang:
+            Path(pid_file).write_text(str(os.getpid()))
             time.sleep(600)  # never joins the collective below
         raise RuntimeError("rank 1 cannot read its data")
     ranks.broadcast("waiting for everyone")
@@ -182,11 +186,31 @@ def _fails_on_rank_1(hang: bool):
     launch.leave()
 
 
-@pytest.mark.parametrize("hang", [False, True])
-def test_a_failing_or_stuck_rank_ends_the_run_with_its_error(hang):
-    t0 = time.perf_counter()
-    with pytest.raises(EdgetlError, match="rank [01] of 2 failed") as e:
-        launch.launch(2, _fails_on_rank_1, (hang,))
-    assert time.perf_counter() - t0 < 90
-    if not hang:
-        assert "rank 1 cannot read its data" in str(e.value)
+def _gone(pid: int, within_s: float = 30) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_failing_rank_is_named_as_the_cause(tmp_path):
+    """Rank 1 fails at once; rank 0 then fails in the collective (an echo). The first failure, on the
+    machine's monotonic clock, is the cause (a generous timeout: a loaded machine must not time rank 0
+    out before rank 1 has even started)."""
+    with pytest.raises(EdgetlError) as e:
+        launch.launch(2, _fails_on_rank_1, (False, 120, str(tmp_path / "pid")))
+    assert str(e.value) == "rank 1 of 2 failed: RuntimeError: rank 1 cannot read its data"
+    assert e.value.exit_code == 3
+
+
+def test_a_stuck_rank_ends_the_run_and_is_killed(tmp_path):
+    """Rank 1 never joins: rank 0's collective times out (6 s) and ends the run; the launcher stops the
+    sleeping rank."""
+    pid_file = tmp_path / "pid"
+    with pytest.raises(EdgetlError, match="rank 0 of 2 failed"):
+        launch.launch(2, _fails_on_rank_1, (True, 6, str(pid_file)))
+    assert _gone(int(pid_file.read_text())), "the stuck rank is still running"

@@ -27,10 +27,8 @@ def test_openvino_bundle(built, tmp_path):
     assert not (b / "engine_ort.py").exists()
     m = json.loads((b / "manifest.json").read_text())
     assert m["backend"] == "openvino" and m["validated_with"] == "OpenVINO CPU" and m["versions"]["openvino"]
-    assert m["quantization"]["chosen"] in ("nncf_ptq+head_refit", "mixed_precision")
-    assert isinstance(m["quantization"]["float_nodes"], list)
-    if m["quantization"]["chosen"] == "nncf_ptq+head_refit":
-        assert m["quantization"]["float_nodes"] == []  # every Convolution/MatMul has INT8 weights
+    assert m["quantization"]["chosen"] == "nncf_ptq+head_refit"  # the easy data needs no escalation
+    assert m["quantization"]["float_nodes"] == []  # fully INT8: every Convolution/MatMul has INT8 weights
     assert m["metrics"]["accuracy_drop_pp"] <= 1.0 and m["sizes"]["ratio"] < 0.4  # xml + bin vs FP32 ONNX
     rt = json.loads((b / "runtime.json").read_text())
     assert rt["settings"]["device"] == "CPU" and rt["settings"]["performance_hint"] == "LATENCY"
@@ -92,11 +90,13 @@ def test_cpu_int8_runs_fused(built):
 def test_report_table_and_plots(built):
     out, r = built["out"], built["result"]
     md = (out / "report.md").read_text()
-    for row in ("float reference (FP32)", "cpu int8", "openvino int8", "gpu-int8 fp16", "gpu-int8 int8"):
+    models = [f"{t['target']} {m['precision']}" for t in r["targets"] for m in t["models"]]
+    assert len(models) == 6  # cpu, cpu-arm64, gpu (fp16), gpu-int8 (fp16, int8), openvino
+    for row in ("float reference (FP32)", *models):
         assert f"| {row} |" in md
     page = (out / "report.html").read_text()
-    # the float reference's confusion matrix, 4 difference matrices, the accuracy/latency/size plot
-    assert page.count('<figure><img alt="') == 6
+    # the float reference's confusion matrix, one difference matrix per model, the accuracy/latency/size plot
+    assert page.count('<figure><img alt="') == 1 + len(models) + 1
     assert r["reference"]["latency_ms"] > 0 and r["machine"]["cores"] >= 1
     for t in r["targets"]:
         for m in t["models"]:
@@ -113,8 +113,9 @@ def test_bench_command(built):
     out = json.loads(res.stdout)["bundles"]
     assert [v["executed_by"] for v in out.values()] == ["CPUExecutionProvider", "OpenVINO CPU"]
     for v in out.values():
-        assert 0 < v["batch1_p50_ms"] <= v["batch1_p90_ms"] and v["throughput_ips"] > 0 and v["cold_load_ms"] > 0
-        assert 20 < v["standalone_peak_rss_mb"] < 4000
+        assert v["batch1_p50_ms"] > 0 and v["throughput_ips"] > 0 and v["cold_load_ms"] > 0 and v["batch"] == 4
+        # the bundle's predict.py in a fresh process: no torch there (importing torch alone is ~510 MB here)
+        assert 20 < v["standalone_peak_rss_mb"] < 400
 
 
 def test_a_failing_target_does_not_stop_the_others(tiny_data, tmp_path, monkeypatch):
@@ -210,17 +211,18 @@ def _benchmark_app():
 @pytest.mark.skipif(_benchmark_app() is None, reason="OpenVINO's benchmark_app is not installed")
 def test_openvino_ir_loads_in_benchmark_app(built):
     res = subprocess.run([_benchmark_app(), "-m", str(built["openvino"] / "model.xml"), "-d", "CPU", "-t", "1",
-                          "-hint", "latency", "-shape", "input[1,3,64,64]"], capture_output=True, text=True,
+                          "-hint", "latency", "-shape", "input[1,64,64,3]"], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Throughput" in res.stdout
+    assert "input (node: input) : u8 / [N,H,W,C] / [?,64,64,3]" in res.stdout  # pixels in, layout in the IR
 
 
 def test_targets_command_lists_every_builtin_profile():
     res = CliRunner().invoke(cli, ["targets"])
     assert res.exit_code == 0
     names = [line.split()[0] for line in res.output.splitlines()]
-    assert names == ["cpu", "gpu", "gpu-int8", "openvino"]
+    assert names == ["cpu", "cpu-arm64", "gpu", "gpu-int8", "openvino"]
 
 
 def test_a_crashing_target_is_reported_and_the_others_published(tiny_data, tmp_path, monkeypatch):
@@ -286,7 +288,8 @@ def test_report_survives_odd_class_names(built, tmp_path):
     report.write(tmp_path, result)
     md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
     assert "$\\\\frac$ a\\|b &lt;x>" in md and "$\\frac$ a|b &lt;x&gt;" in page and "<x>" not in page
-    assert page.count('<figure><img alt="') == 6 and json.loads((tmp_path / "report.json").read_text())
+    n_models = sum(len(t.models) for t in result.targets)
+    assert page.count('<figure><img alt="') == 1 + n_models + 1 and json.loads((tmp_path / "report.json").read_text())
     for line in md.splitlines():
         if line.startswith("| ") and "reference" not in line:
             assert line.count(" | ") == len(report.HEADER) - 1  # every cell, whatever the class names

@@ -59,6 +59,7 @@ class Backend(Protocol):
     requires: dict[str, tuple[str, str]]  # quantizer -> (module, pip extra); "*" -> needed for anything
     quantizers: dict[str, Quantizer]
     runtime_requires: list[str]  # pip packages a device needs to run the bundle
+    cpp: str | None  # runtime/cpp/<cpp>/: the C++ consumer (CMakeLists.txt, main.cpp) a bundle carries
 
     def check(self, profile: TargetProfile) -> None:
         """Reject settings this backend cannot honour (UsageError), before any work starts."""
@@ -102,6 +103,11 @@ class Backend(Protocol):
 
     def from_qdq_onnx(self, qdq: Path, fp32: Artifact, profile: TargetProfile, workdir: Path, name: str) -> Artifact:
         """This backend's INT8 model from an ONNX QDQ model made elsewhere (QAT)."""
+        ...
+
+    def with_raw_input(self, artifact: Artifact, contract: dict, workdir: Path, stem: str) -> Artifact:
+        """A copy of the model that takes uint8 RGB NHWC pixels, the contract's normalisation inside
+        (model_input.py); its outputs are the model's on the preprocessed pixels."""
         ...
 
 

@@ -300,6 +300,7 @@ class OnnxRuntimeBackend:
     # optional module (and the extra that installs it) each quantizer needs, checked before a build starts
     requires = {"nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "onnxruntime"]
+    cpp = "ort"  # runtime/cpp/<cpp>/: the C++ consumer a bundle of pixel-input models carries
 
     def check(self, profile: TargetProfile) -> None:
         """Provider names must be ones onnxruntime knows (a typo would silently fall back to CPU)."""
@@ -361,6 +362,11 @@ class OnnxRuntimeBackend:
         out = workdir / f"{name}.int8.onnx"
         shutil.copyfile(qdq, out)
         return _finish(out, fp32, name, profile)
+
+    def with_raw_input(self, artifact: Artifact, contract: dict, workdir: Path, stem: str) -> Artifact:
+        from ..model_input import onnx_with_raw_input
+
+        return onnx_with_raw_input(artifact, contract, workdir / f"{stem}.pixels.onnx")
 
     def with_head(self, artifact: Artifact, weight, bias, workdir: Path, stem: str) -> Artifact:
         return with_head(artifact, weight, bias, workdir / f"{stem}.int8.onnx")

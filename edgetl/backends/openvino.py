@@ -143,6 +143,22 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
     return _save(model, out, art.kind, **{k: v for k, v in art.meta.items() if k != "companions"})
 
 
+def with_raw_input(art: Artifact, contract: dict, out: Path) -> Artifact:
+    """The IR with uint8 NHWC pixels in: OpenVINO's PrePostProcessor puts the conversion to f32, /255,
+    -mean, /std (the contract's float ops, in its order) and the layout change into the model."""
+    ov = _ov()
+    from openvino.preprocess import PrePostProcessor
+
+    model = ov.Core().read_model(str(art.path))
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(255.0).mean(
+        [float(v) for v in contract["mean"]]).scale([float(v) for v in contract["std"]])
+    meta = {k: v for k, v in art.meta.items() if k != "companions"}
+    return _save(ppp.build(), out, art.kind, **{**meta, "model_input": "uint8-nhwc"})
+
+
 def _weight_is_int8(op) -> bool:
     """Whether a Convolution/MatMul's weights reach it through INT8 (FakeQuantize or an i8/u8 constant)."""
     ov = _ov()
@@ -164,6 +180,7 @@ class OpenVinoBackend:
     quantizers = {"nncf_ptq": nncf_ptq, "mixed_precision": mixed_precision}
     requires = {"*": ("openvino", "openvino"), "nncf_ptq": ("nncf", "nncf"), "mixed_precision": ("nncf", "nncf")}
     runtime_requires = ["numpy", "pillow", "openvino"]
+    cpp = "openvino"  # runtime/cpp/<cpp>/: the C++ consumer a bundle of pixel-input models carries
 
     def check(self, profile: TargetProfile) -> None:
         """OpenVINO properties in runtime.config must be ones the CPU plugin knows (else every device fails)."""
@@ -218,6 +235,9 @@ class OpenVinoBackend:
 
     def with_head(self, artifact: Artifact, weight, bias, workdir: Path, stem: str) -> Artifact:
         return with_head(artifact, weight, bias, workdir / f"{stem}.int8.xml")
+
+    def with_raw_input(self, artifact: Artifact, contract: dict, workdir: Path, stem: str) -> Artifact:
+        return with_raw_input(artifact, contract, workdir / f"{stem}.pixels.xml")
 
 
 register("openvino")(OpenVinoBackend)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -72,13 +71,31 @@ def fold_batchnorm(model):
     return model
 
 
+def _torch_native_fake_quantize() -> None:
+    """NNCF's torch fake-quantize ops on the CPU come from a C++ extension it compiles on first use
+    (about 2.5 min on 2 cores; a C++ compiler needed), else from reference ops it wraps in
+    torch.compile (Inductor: another C++ build, about 25 s per process here; eager where that fails).
+    The eager reference ops give the same outputs and input gradients (the scale gradient differs in
+    summation order, ~1e-5): edgetl always runs them, so QAT compiles nothing and trains alike on every
+    machine, compiler or not."""
+    from nncf.torch.quantization import extensions, reference
+    from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
+
+    namespace = extensions.QuantizedFunctionsCPU
+    if getattr(namespace, "_loaded_namespace", ReferenceQuantizedFunctions) is None:  # not loaded yet
+        namespace._loaded_namespace = ReferenceQuantizedFunctions
+    for wrapper in (getattr(reference, "torch_forward", None), getattr(reference, "torch_backward", None)):
+        if wrapper is not None and getattr(wrapper, "_compiled_func", "absent") is None:
+            wrapper._compiled_func = wrapper._func  # eager: the wrapper's own fallback when compiling fails
+
+
 def _quantize(student, inp: RefineInputs, profile):
     import torch
 
     from ..backends.nncf_common import import_nncf
 
-    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # first JIT build of NNCF's CPU op: ~70 s
     nncf = import_nncf()
+    _torch_native_fake_quantize()
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
         OverflowFix,

@@ -31,10 +31,10 @@ import numpy as np
 
 try:  # inside the edgetl package
     from .integrity import IntegrityError, check
-    from .preprocess import ImageDecodeError, load_contract, load_rgb, preprocess
+    from .preprocess import ImageDecodeError, input_dtype, load_contract, load_rgb, preprocess, sample_crops, to_tensor
 except ImportError:  # inside a bundle, run as a script
     from integrity import IntegrityError, check
-    from preprocess import ImageDecodeError, load_contract, load_rgb, preprocess
+    from preprocess import ImageDecodeError, input_dtype, load_contract, load_rgb, preprocess, sample_crops, to_tensor
 
 HERE = Path(__file__).resolve().parent
 
@@ -130,7 +130,7 @@ class Predictor:
         return self.engine.executed_by
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.engine.run(np.ascontiguousarray(batch, dtype=np.float32))
+        return self.engine.run(np.ascontiguousarray(batch, dtype=input_dtype(self.contract)))
 
     def predict_files(self, paths) -> list[dict]:
         out = []
@@ -184,17 +184,18 @@ def _rss_mb() -> float | None:
         return None
 
 
-def benchmark(load, input_shape, *, batch: int = 8, warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
+def benchmark(load, *, batch: int = 8, warmup: int = 10, runs: int = 50, seed: int = 0) -> dict:
     """Latency at batch 1 (p50/p90 of `runs` timed calls after `warmup`), throughput at `batch`,
-    cold-load time (`load()` -> first result) and the process's peak RSS. `load` builds a Predictor."""
-    rng = np.random.default_rng(seed)
+    cold-load time (`load()` -> first result) and the process's peak RSS. `load` builds a Predictor;
+    the inputs are random pixels, made into what the model takes by its contract."""
     t0 = time.perf_counter()
     predictor = load()
-    x1 = rng.standard_normal((1, *input_shape)).astype(np.float32)
+    crops = sample_crops(batch, predictor.contract, seed)
+    x1 = to_tensor(crops[:1], predictor.contract)
     predictor.logits(x1)
     cold = time.perf_counter() - t0
     lat = _timed(predictor, x1, warmup, runs)
-    xb = rng.standard_normal((batch, *input_shape)).astype(np.float32)
+    xb = to_tensor(crops, predictor.contract)
     lat_b = _timed(predictor, xb, max(2, warmup // 2), max(5, runs // 4))
     return {"executed_by": predictor.executed_by, "cold_load_ms": round(cold * 1e3, 2),
             "batch1_p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 3),
@@ -263,8 +264,7 @@ def main(argv=None) -> int:
             ap.error(str(e))
 
     if args.bench:
-        contract = load_contract(HERE / "preprocess.json")
-        result = benchmark(load, (3, *contract["input_size"]), batch=args.batch)
+        result = benchmark(load, batch=args.batch)
         print(json.dumps(result) if args.json else "\n".join(f"{k}\t{v}" for k, v in result.items()))
         return 0
     if args.selftest:  # every model of the bundle unless --model names one

@@ -83,8 +83,15 @@ def resize_crop(img: Image.Image, contract: dict) -> Image.Image:
 
 
 def to_tensor(img, contract: dict) -> np.ndarray:
-    """RGB uint8 image of the input size (or a batch of them, NHWC uint8) -> float32 CHW (NCHW),
-    normalised per the contract."""
+    """RGB uint8 image of the input size (or a batch of them, NHWC uint8) -> the model's input: float32
+    CHW (NCHW) normalised per the contract, or, for a model that normalises inside
+    (contract "dtype": "uint8"), the pixels themselves, uint8 HWC (NHWC)."""
+    if contract.get("dtype") == "uint8":
+        arr = np.asarray(img, dtype=np.uint8)
+        if contract.get("channel_order", "RGB") == "BGR":
+            arr = arr[..., ::-1]
+        arr = np.ascontiguousarray(np.moveaxis(arr, -1, -3) if contract.get("layout") == "NCHW" else arr)
+        return arr if arr.flags.writeable else arr.copy()  # a runtime may share (and so need) its memory
     arr = np.asarray(img, dtype=np.float32) / 255.0
     mean = np.asarray(contract["mean"], dtype=np.float32)
     std = np.asarray(contract["std"], dtype=np.float32)
@@ -94,6 +101,17 @@ def to_tensor(img, contract: dict) -> np.ndarray:
     if contract.get("layout", "NCHW") == "NCHW":
         arr = np.moveaxis(arr, -1, -3)
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def input_dtype(contract: dict) -> np.dtype:
+    """The element type the model takes (float32 unless it takes raw uint8 pixels)."""
+    return np.dtype(contract.get("dtype", "float32"))
+
+
+def sample_crops(n: int, contract: dict, seed: int = 0) -> np.ndarray:
+    """n random uint8 RGB crops at the model's input size (timing inputs for any contract)."""
+    h, w = contract["input_size"]
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
 
 def preprocess(img: Image.Image, contract: dict) -> np.ndarray:
