@@ -56,15 +56,15 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
         rel = f"golden/{k:02d}_{label}.png"
         files[rel] = png_bytes(img)
         shipped.append((rel, label))
-        if raw:  # the pixels the model takes, for consumers without an image library (PPM, P6)
-            files[rel.replace(".png", ".ppm")] = ppm_bytes(resize_crop(img, contract))
+        if raw:  # the pixels the model takes, for consumers without an image library (PPM, P6); named by
+            files[f"golden/{k:02d}.ppm"] = ppm_bytes(resize_crop(img, contract))  # number: labels may hold spaces
     bundle.write_files(stage, files)
     expected_out = {"models": {m.precision: expected(m, stage, shipped, contract) for m in models}}
     golden_files = {"golden/expected.json": json.dumps(expected_out, indent=1) + "\n"}
     if raw:  # "<ppm> <top-1 index>" per line: what the C++ consumer's --golden checks
         golden_files["golden/golden.txt"] = "".join(
-            f"{item['file'].replace('.png', '.ppm')} {item['index']}\n"
-            for item in expected_out["models"][default.precision]["items"])
+            f"golden/{k:02d}.ppm {item['index']}\n"
+            for k, item in enumerate(expected_out["models"][default.precision]["items"]))
     bundle.write_files(stage, golden_files)
     created = bundle.created()  # SOURCE_DATE_EPOCH's; a bundle is a function of its inputs
     manifest = {

@@ -214,10 +214,14 @@ def _entry(fn, folder: str, args: tuple):
         raise
 
 
-def _failure(f: Path) -> tuple[int, str, str]:
-    """(when, exit code, message) from a rank's error file."""
-    code, when, text = f.read_text(encoding="utf-8").split("\n", 2)
-    return int(when), code, text
+def _failure(f: Path) -> tuple[int, str, str] | None:
+    """(when, exit code, message) from a rank's error file; None for one cut short (a rank killed while
+    writing it)."""
+    try:
+        code, when, text = f.read_text(encoding="utf-8").split("\n", 2)
+        return int(when), str(int(code)), text
+    except (OSError, ValueError):
+        return None
 
 
 def launch(nproc: int, fn, args: tuple):
@@ -241,7 +245,8 @@ def launch(nproc: int, fn, args: tuple):
         except ChildFailedError as e:
             failed = sorted(e.failures)
             # The first rank to fail is the cause; the others' errors are its echo (a closed connection).
-            written = sorted((*_failure(f), int(f.stem.removeprefix("rank"))) for f in Path(folder).glob("rank*.error"))
+            written = sorted((*found, int(f.stem.removeprefix("rank"))) for f in Path(folder).glob("rank*.error")
+                             if (found := _failure(f)))
             if written:
                 _, code, text, rank = written[0]
                 if int(code) > 128:  # a rank stopped by SIGINT/SIGTERM: the build was interrupted

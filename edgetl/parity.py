@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -40,7 +40,10 @@ class ParityReport:
     def from_dict(cls, d: dict) -> ParityReport:
         """The record report.json / manifest.json carry, read back (unknown keys ignored)."""
         known = {f.name for f in fields(cls)}
-        out = cls(**{k: v for k, v in d.items() if k in known})
+        nan = float("nan")  # a figure an older edgetl did not record (or named otherwise)
+        required = {f.name: (nan, nan) if f.name == "accuracy_drop_ci95_pp" else 0 if f.name == "n_test" else nan
+                    for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        out = cls(**{**required, **{k: v for k, v in d.items() if k in known}})
         out.accuracy_drop_ci95_pp = tuple(out.accuracy_drop_ci95_pp)
         return out
 

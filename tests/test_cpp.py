@@ -67,9 +67,9 @@ def test_cpp_consumer_gives_the_gates_top1(built, programs, name, runtime):
     expected = json.loads((bundle / "golden" / "expected.json").read_text())["models"]["int8"]["items"]
     pngs = [bundle / item["file"] for item in expected]
     cpp = []
-    for png in pngs:
-        out = subprocess.run([str(programs[runtime]), str(bundle), str(png.with_suffix(".ppm"))], capture_output=True,
-                             text=True, timeout=300)
+    for k in range(len(pngs)):  # golden/<k>.ppm: the k-th golden image as the model takes it
+        out = subprocess.run([str(programs[runtime]), str(bundle), str(bundle / "golden" / f"{k:02d}.ppm")],
+                             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         cpp.append(out.stdout.split("\t")[0])
     assert cpp == _python_top1(bundle, pngs) == [labels[item["index"]] for item in expected]
@@ -83,17 +83,26 @@ def test_cpp_golden_mode_fails_when_a_top1_differs(built, programs, tmp_path):
     (bundle / "golden" / "golden.txt").write_text("\n".join([f"{file} {(int(index) + 1) % n_classes}", *rest]) + "\n")
     proc = subprocess.run([str(programs["onnxruntime"]), str(bundle), "--golden"], capture_output=True, text=True)
     assert proc.returncode == 1 and f"MISMATCH {file}" in proc.stdout and "golden self-test FAILED" in proc.stdout
+    (bundle / "golden" / "golden.txt").write_text(f"{file} {index}\ngolden/01.ppm\n")  # a line cut short
+    proc = subprocess.run([str(programs["onnxruntime"]), str(bundle), "--golden"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "bad line 'golden/01.ppm'" in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_cpp_consumer_refuses_bad_input_in_one_line(built, programs, tmp_path):
-    """A PPM of another size, a PNG, a missing file: exit 2 and one line naming the file and the fix."""
+    """A PPM of another size (small, or a huge header), a PNG, a missing file, a garbage header: exit 2
+    and one line naming the file (and the fix)."""
     from PIL import Image
 
     bundle = built["bundles"]["openvino"]
     small = tmp_path / "small.ppm"
     Image.new("RGB", (10, 12)).save(small)
+    huge = tmp_path / "huge.ppm"
+    huge.write_bytes(b"P6\n60000 60000\n255\n")  # refused before any pixel is allocated
+    garbage = tmp_path / "garbage.ppm"
+    garbage.write_bytes(b"P6\nwide 12\n255\n")
     for path, needle in ((small, "10x12 pixels, the model takes"), (bundle / "golden" / "00_blue.png",
                                                                      "not a binary PPM (P6); fix:"),
-                         (tmp_path / "none.ppm", "cannot open")):
+                         (tmp_path / "none.ppm", "cannot open"), (huge, "60000x60000 pixels, the model takes"),
+                         (garbage, "bad PPM header (width 'wide')")):
         proc = subprocess.run([str(programs["openvino"]), str(bundle), str(path)], capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and needle in proc.stderr, proc.stderr

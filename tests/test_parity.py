@@ -132,6 +132,9 @@ def test_report_round_trips_through_json():
     rep.gate_rule = {"asked": "auto", "applied": "evidence", "certified": True}
     back = parity.ParityReport.from_dict(json.loads(json.dumps(rep.to_dict())))
     assert back == rep and back.changed and isinstance(back.accuracy_drop_ci95_pp, tuple)
+    old = {k: v for k, v in rep.to_dict().items() if k not in ("logits_cosine_min", "sqnr_db")}  # edgetl 0.2.0's
+    back = parity.ParityReport.from_dict(old)  # `edgetl info` on an older bundle: missing figures are nan
+    assert back.accuracy == rep.accuracy and np.isnan(back.logits_cosine_min) and np.isnan(back.sqnr_db)
 
 
 def _discordant(n: int, reference_only: int, model_only: int, wrong_both: int = 0):

@@ -17,7 +17,7 @@ from edgetl.recipe import TrainSection
 from edgetl.refine import RefineInputs
 from edgetl.refine.head_refit import choose, head_refit, ridge_path
 from edgetl.views import TrainViews
-from tests.conftest import Poison, preprocessed
+from tests.conftest import Poison, ReadBeforeTheGate, preprocessed
 
 
 def test_ridge_path_recovers_a_linear_map_and_shrinks_to_the_start():
@@ -339,7 +339,7 @@ def test_refine_inputs_carry_no_test_data():
 
 def test_poison_fails_on_use():
     for use in (len, lambda p: p[0], np.asarray, lambda p: p.shape, list):
-        with pytest.raises(AssertionError):
+        with pytest.raises(ReadBeforeTheGate):
             use(Poison())
 
 

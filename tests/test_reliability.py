@@ -208,9 +208,11 @@ def test_a_failing_rank_gives_its_exit_code_through_the_cli(earlier, build_data,
     names the rank and its error in one line, and no process of the run is left."""
     before = _tree_bytes(earlier / "cpu")
     tmpdir = tmp_path / "tmp"
-    code, out, err = _run("fail-rank-1", "build", fast_recipe, "--data", build_data, "--out", earlier, "--nproc",
-                          "2", "--no-cache", "--json", *FAST_FLAGS, tmpdir=tmpdir)
-    assert code == 2, err
+    proc = _edgetl("fail-rank-1", "build", fast_recipe, "--data", build_data, "--out", earlier, "--nproc", "2",
+                   "--no-cache", "--json", *FAST_FLAGS, tmpdir=tmpdir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert not _alive(proc.mark)
     answer = json.loads(out.strip().splitlines()[-1])
     assert answer["exit_code"] == 2
     assert answer["error"] == "rank 1 of 2 failed: injected: rank 1 cannot read its shard", answer

@@ -175,10 +175,11 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny_data, tmp_path, s
 
 
 def _fails_on_rank_1(hang: bool, timeout_s: float, pid_file: str):
+    if hang and os.environ.get("RANK") == "1":
+        Path(pid_file).write_text(str(os.getpid()))  # before joining: whatever happens next, the test finds it
     ranks, _ = launch.join("cpu", timeout_s)
     if ranks.rank == 1:
         if hang:
-            Path(pid_file).write_text(str(os.getpid()))
             time.sleep(600)  # never joins the collective below
         raise RuntimeError("rank 1 cannot read its data")
     ranks.broadcast("waiting for everyone")

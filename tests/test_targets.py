@@ -75,15 +75,24 @@ def test_gpu_bundle_fp16_and_symmetric_int8(built):
     assert [r["model"] for r in json.loads(res.stdout)["selftest"]["models"]] == ["fp16", "int8"]
 
 
-def test_cpu_int8_runs_fused(built):
-    """Every Conv of the shipped CPU model becomes QLinearConv in onnxruntime (the reason it is fast)."""
+@pytest.mark.parametrize("name,activations", [("cpu", onnx.TensorProto.UINT8), ("cpu-arm64", onnx.TensorProto.INT8)])
+def test_cpu_int8_runs_fused(built, name, activations):
+    """The shipped model takes uint8 NHWC pixels; its activations are all of one type (U8S8 on x86, S8S8
+    for ARM); and every Conv becomes QLinearConv in onnxruntime (the reason it is fast), the input ops
+    in front included."""
     import onnxruntime as ort
 
+    model = onnx.load(str(built["bundles"][name] / "model.onnx"))
+    tensor = model.graph.input[0].type.tensor_type
+    assert tensor.elem_type == onnx.TensorProto.UINT8 and [d.dim_value for d in tensor.shape.dim][1:] == [64, 64, 3]
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points = {inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert zero_points == {activations}
     opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(built["out"] / "opt.onnx")
-    ort.InferenceSession(str(built["bundle"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    opts.optimized_model_filepath = str(built["out"] / f"opt-{name}.onnx")
+    ort.InferenceSession(str(built["bundles"][name] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
-    (built["out"] / "opt.onnx").unlink()
+    (built["out"] / f"opt-{name}.onnx").unlink()
     assert ops.count("QLinearConv") == 52 and "Conv" not in ops and "FusedConv" not in ops
 
 

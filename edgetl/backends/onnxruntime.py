@@ -32,6 +32,8 @@ def _finish(out: Path, fp32: Artifact, quantizer: str, profile: TargetProfile | 
         _unsigned_activations(model)
     elif q and q.symmetric_activations:
         _signed_activations(model)
+    elif q:  # int8 with zero points (S8S8, ARM): every activation signed
+        _signed_shifted_activations(model)
     set_metadata(model, {p.key: p.value for p in src.metadata_props})
     set_metadata(model, {"edgetl.quantizer": quantizer})
     onnx.save(model, str(out))
@@ -78,6 +80,16 @@ def _unsigned_activations(model) -> int:
 
     return _reencode_activations(model, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
                                  lambda zp, scale: ((zp.astype(np.int16) + 128).astype(np.uint8), scale))
+
+
+def _signed_shifted_activations(model) -> int:
+    """Re-encode UINT8 activation Q/DQ pairs as INT8 (zero point - 128): the same grid, exactly. For
+    S8S8 (activation_type int8, asymmetric): NNCF leaves non-negative tensors UINT8, and a model of mixed
+    activation types runs its convolutions unfused (see _unsigned_activations)."""
+    import onnx
+
+    return _reencode_activations(model, onnx.TensorProto.UINT8, onnx.TensorProto.INT8,
+                                 lambda zp, scale: ((zp.astype(np.int16) - 128).astype(np.int8), scale))
 
 
 def _signed_activations(model) -> int:

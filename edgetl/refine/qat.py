@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -81,12 +82,21 @@ def _torch_native_fake_quantize() -> None:
     from nncf.torch.quantization import extensions, reference
     from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
 
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")  # if the patch below misses: no 60 s limit
     namespace = extensions.QuantizedFunctionsCPU
-    if getattr(namespace, "_loaded_namespace", ReferenceQuantizedFunctions) is None:  # not loaded yet
+    applied = getattr(namespace, "_loaded_namespace", "absent") in (None, ReferenceQuantizedFunctions)
+    if applied:
         namespace._loaded_namespace = ReferenceQuantizedFunctions
     for wrapper in (getattr(reference, "torch_forward", None), getattr(reference, "torch_backward", None)):
-        if wrapper is not None and getattr(wrapper, "_compiled_func", "absent") is None:
-            wrapper._compiled_func = wrapper._func  # eager: the wrapper's own fallback when compiling fails
+        func = getattr(wrapper, "_func", None)
+        if func is not None and getattr(wrapper, "_compiled_func", "absent") in (None, func):
+            wrapper._compiled_func = func  # eager: the wrapper's own fallback when compiling fails
+        else:
+            applied = False
+    if not applied:
+        log.warning("QAT: this NNCF version's fake-quantize ops could not be set to its eager reference ops; "
+                    "NNCF may compile its CPU extension (minutes, a C++ compiler needed) and QAT results may "
+                    "differ between machines with and without a compiler")
 
 
 def _quantize(student, inp: RefineInputs, profile):

@@ -55,18 +55,31 @@ inline std::string ppm_token(std::istream& in) {
   return token;
 }
 
-inline Image read_ppm(const std::string& path) {
+inline int ppm_int(std::istream& in, const std::string& path, const char* what) {
+  const std::string token = ppm_token(in);
+  if (token.empty() || token.size() > 9 || !std::all_of(token.begin(), token.end(), [](char c) {
+        return std::isdigit(static_cast<unsigned char>(c));
+      }))
+    throw std::runtime_error(path + ": bad PPM header (" + what + " '" + token + "')");
+  return std::stoi(token);
+}
+
+// A binary PPM of exactly width x height (checked before its pixels are read).
+inline Image read_ppm(const std::string& path, int width, int height) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
   if (ppm_token(in) != "P6")
     throw std::runtime_error(path + ": not a binary PPM (P6); fix: convert it, e.g. with Pillow's "
                              "Image.save('x.ppm') or ImageMagick's `convert`");
   Image image;
-  image.width = std::stoi(ppm_token(in));
-  image.height = std::stoi(ppm_token(in));
-  if (std::stoi(ppm_token(in)) != 255) throw std::runtime_error(path + ": only 8-bit PPM (maxval 255)");
-  if (image.width <= 0 || image.height <= 0) throw std::runtime_error(path + ": empty image");
-  image.rgb.resize(static_cast<size_t>(image.width) * image.height * 3);
+  image.width = ppm_int(in, path, "width");
+  image.height = ppm_int(in, path, "height");
+  if (ppm_int(in, path, "maxval") != 255) throw std::runtime_error(path + ": only 8-bit PPM (maxval 255)");
+  if (image.width != width || image.height != height)
+    throw std::runtime_error(path + ": " + std::to_string(image.width) + "x" + std::to_string(image.height) +
+                             " pixels, the model takes " + std::to_string(width) + "x" + std::to_string(height) +
+                             "; fix: resize and centre-crop as preprocess.json says");
+  image.rgb.resize(static_cast<size_t>(width) * height * 3);
   in.read(reinterpret_cast<char*>(image.rgb.data()), static_cast<std::streamsize>(image.rgb.size()));
   if (in.gcount() != static_cast<std::streamsize>(image.rgb.size())) throw std::runtime_error(path + ": truncated");
   return image;
@@ -79,13 +92,6 @@ inline std::vector<std::string> read_lines(const std::string& path) {
   for (std::string line; std::getline(in, line);)
     if (!line.empty()) lines.push_back(line);
   return lines;
-}
-
-inline void check_size(const Model& model, const Image& image, const std::string& path) {
-  if (image.width != model.width() || image.height != model.height())
-    throw std::runtime_error(path + ": " + std::to_string(image.width) + "x" + std::to_string(image.height) +
-                             " pixels, the model takes " + std::to_string(model.width()) + "x" +
-                             std::to_string(model.height()) + "; fix: resize and centre-crop as preprocess.json says");
 }
 
 inline int argmax(const std::vector<float>& v) {
@@ -105,13 +111,21 @@ inline std::string label_of(const std::vector<std::string>& labels, int i) {
   return i >= 0 && i < static_cast<int>(labels.size()) ? labels[i] : "#" + std::to_string(i);
 }
 
+// golden/golden.txt: one "<file> <expected top-1 index>" per line (the file name has no spaces).
 inline int golden(Model& model, const std::string& bundle, const std::vector<std::string>& labels) {
-  std::ifstream list(bundle + "/golden/golden.txt");
-  if (!list) throw std::runtime_error(bundle + "/golden/golden.txt: cannot open");
-  int n = 0, bad = 0, expected = 0;
-  for (std::string file; list >> file >> expected;) {
-    Image image = read_ppm(bundle + "/" + file);
-    check_size(model, image, file);
+  const std::string list = bundle + "/golden/golden.txt";
+  int n = 0, bad = 0;
+  for (const std::string& line : read_lines(list)) {
+    const size_t space = line.rfind(' ');
+    int expected = -1;
+    try {
+      if (space == std::string::npos) throw std::invalid_argument(line);
+      expected = std::stoi(line.substr(space + 1));
+    } catch (const std::exception&) {
+      throw std::runtime_error(list + ": bad line '" + line + "' (expected '<file> <index>')");
+    }
+    const std::string file = line.substr(0, space);
+    Image image = read_ppm(bundle + "/" + file, model.width(), model.height());
     const int got = argmax(model.logits(image));
     ++n;
     if (got != expected) {
@@ -122,15 +136,14 @@ inline int golden(Model& model, const std::string& bundle, const std::vector<std
       std::cout << "ok " << file << ": " << label_of(labels, got) << "\n";
     }
   }
-  if (n == 0) throw std::runtime_error(bundle + "/golden/golden.txt: no golden inputs listed");
+  if (n == 0) throw std::runtime_error(list + ": no golden inputs listed");
   std::cout << "golden self-test " << (bad ? "FAILED" : "passed") << ": " << n - bad << " of " << n
             << " top-1 as recorded at build time\n";
   return bad ? 1 : 0;
 }
 
 inline int classify(Model& model, const std::string& path, const std::vector<std::string>& labels) {
-  Image image = read_ppm(path);
-  check_size(model, image, path);
+  Image image = read_ppm(path, model.width(), model.height());
   const std::vector<float> p = softmax(model.logits(image));
   std::vector<int> order(p.size());
   std::iota(order.begin(), order.end(), 0);

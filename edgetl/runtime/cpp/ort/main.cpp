@@ -1,4 +1,5 @@
 // edgetl bundle, C++ consumer on onnxruntime's C++ API: see bundle_io.hpp for usage.
+#define ORT_API_MANUAL_INIT  // checked below: an onnxruntime library older than these headers says so
 #include <onnxruntime_cxx_api.h>
 
 #include <array>
@@ -9,10 +10,22 @@
 #define EDGETL_MODEL "model.onnx"
 #endif
 
+// The C++ API needs the C API of its headers' version; a library older than that has none to give.
+inline bool init_api() {
+  const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
+  if (api == nullptr)
+    throw std::runtime_error(std::string("the onnxruntime library (") + OrtGetApiBase()->GetVersionString() +
+                             ") is older than the headers this program was built with (C API " +
+                             std::to_string(ORT_API_VERSION) + "); fix: build against the library's own headers");
+  Ort::InitApi(api);
+  return true;
+}
+
 class OrtModel : public edgetl::Model {
  public:
   explicit OrtModel(const std::string& bundle)
-      : env_(ORT_LOGGING_LEVEL_WARNING, "edgetl"),
+      : ready_(init_api()),
+        env_(ORT_LOGGING_LEVEL_WARNING, "edgetl"),
         session_(env_, (bundle + "/" + EDGETL_MODEL).c_str(), Ort::SessionOptions{}) {
     Ort::TypeInfo type = session_.GetInputTypeInfo(0);
     auto info = type.GetTensorTypeAndShapeInfo();
@@ -43,6 +56,7 @@ class OrtModel : public edgetl::Model {
   }
 
  private:
+  bool ready_;
   Ort::Env env_;
   Ort::Session session_;
   std::string input_, output_;
