@@ -11,6 +11,10 @@ worker count. Feature-extract reads the frozen trunk's rows from the feature cac
 `Fit.device` (AMP and channels-last on CUDA) and, with several ranks, with DistributedDataParallel
 over a DistributedSampler: the global batch is `batch_size`, each rank takes its slice, BatchNorm
 statistics stay frozen (their affine weights train), so N processes follow one process's steps.
+
+Past 400 lines on purpose: the two strategies share one fitting loop (`_fit`: schedule, early
+stopping, best checkpoint), its seeding and its device handling; split apart, the shared loop would
+sit in a room of its own that only this one imports.
 """
 
 from __future__ import annotations
