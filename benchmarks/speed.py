@@ -40,6 +40,8 @@ def fp32_baselines(workdir: Path, n_classes: int, size: int, backbone: str = "mo
     onnx_path = workdir / "fp32.onnx"
     export_module(model, onnx_path, (size, size), 17)
 
+    contract = spec.contract(size)  # the float tensor the FP32 models take
+
     class Eager:
         executed_by = f"torch {torch.__version__} eager"
 
@@ -47,7 +49,8 @@ def fp32_baselines(workdir: Path, n_classes: int, size: int, backbone: str = "mo
             with torch.inference_mode():
                 return model(torch.from_numpy(x)).numpy()
 
-    ort = Predictor(Engine(onnx_path, {"providers": ["CPUExecutionProvider"]}), {}, [])
+    Eager.contract = contract
+    ort = Predictor(Engine(onnx_path, {"providers": ["CPUExecutionProvider"]}), contract, [])
     return {"PyTorch eager FP32": Eager(), "onnxruntime FP32": ort}
 
 
@@ -62,9 +65,10 @@ def main() -> int:
     if args.batch < 2:
         ap.error("--batch: the throughput batch must be 2 or more (batch 1 is always measured)")
 
-    from edgetl.bench import interleaved
     from edgetl.bundle import load_predictor
     from edgetl.machine import machine_info
+    from edgetl.runtime.preprocess import sample_crops
+    from edgetl.speed import inputs, interleaved
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out
@@ -84,10 +88,10 @@ def main() -> int:
             runtime = json.loads((b / "runtime.json").read_text())
             for precision in runtime["models"]:
                 runners[f"{b.name} bundle {precision}"] = load_predictor(b, precision)
-        rng = np.random.default_rng(0)
         results = {}
         for batch, runs in ((1, args.runs), (args.batch, max(args.rounds, args.runs // 6))):
-            x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+            # the same random pixels for every model, each through its own contract (float or uint8 in)
+            x = inputs(runners, sample_crops(batch, contract), batch)
             times = interleaved(runners, x, runs=runs, warmup=5, rounds=args.rounds)
             for name, t in times.items():
                 results.setdefault(name, {"runs_on": runners[name].executed_by})[f"batch{batch}_p50_ms"] = \

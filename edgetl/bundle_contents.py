@@ -129,7 +129,7 @@ def input_section(c: dict, backend) -> str:
     """The README's input contract: raw pixels (normalisation inside the model) or the float tensor."""
     crop = (f"RGB, resize shorter side to {c['resize_size']} ({c['interpolation']}), centre-crop "
             f"{c['input_size'][0]}x{c['input_size'][1]}")
-    if c.get("dtype") != "uint8":
+    if not model_input.is_raw(c):
         return (f"## Input contract (preprocess.json)\n\n{crop}, x/255, subtract mean {c['mean']},\n"
                 f"divide by std {c['std']}, NCHW float32. `preprocess.py` implements it.\n")
     h, w = c["input_size"]

@@ -171,7 +171,7 @@ def _print_summary(result) -> None:
                 f"{m.sizes['ratio']:.2f}x fp32 size, {m.latency_ms:.2f} ms"
                 + (f", {q.chosen} ({len(q.float_nodes)} float layers)" if q else "")
                 + f"; speed vs FP32 {pace or '-'}; validated with {m.validated_with}"
-                + ("; input uint8 NHWC pixels" if m.model_input == "uint8-nhwc" else ""))
+                + ("; input uint8 NHWC pixels" if m.takes_pixels else ""))
             margin, rule = margin_line(met.agreement_by_margin), met.gate_rule
             if margin or rule:
                 click.echo(f"    {margin}{'; ' if margin and rule else ''}"

@@ -137,7 +137,7 @@ def model_lines(result) -> list[str]:
         for m in t.models:
             met, q = m.metrics, m.quantization
             parts = [p for p in (margin_line(met.agreement_by_margin),) if p]
-            if m.model_input == "uint8-nhwc":
+            if m.takes_pixels:
                 parts.insert(0, "takes uint8 NHWC pixels (normalisation inside the model; gated so)")
             if met.gate_rule:
                 parts.append(f"gate rule {met.gate_rule['applied']}" + (

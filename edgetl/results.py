@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .model_input import FLOAT, RAW
 from .parity import ParityReport
 
 
@@ -49,7 +50,7 @@ class ModelResult:
     files: list[str] = field(default_factory=list)
     latency_ms: float = 0.0
     speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
-    model_input: str = "float32-nchw"  # what the model takes (model_input.py): "uint8-nhwc" raw pixels
+    model_input: str = FLOAT  # what the model takes (model_input.py): RAW, uint8 NHWC pixels
 
     def to_dict(self) -> dict:
         return {"precision": self.precision, "model_input": self.model_input, "files": self.files,
@@ -64,7 +65,12 @@ class ModelResult:
         return cls(d["precision"], ParityReport.from_dict(d["metrics"]), d["misses"],
                    QuantizationRecord.from_dict(q) if q is not None else None, d["sizes"], d["validated_with"],
                    d.get("files", []), d.get("latency_ms", 0.0), d.get("speed", {}),
-                   d.get("model_input", "float32-nchw"))
+                   d.get("model_input", FLOAT))
+
+    @property
+    def takes_pixels(self) -> bool:
+        """Does the model take raw uint8 pixels (its normalisation inside)?"""
+        return self.model_input == RAW
 
     def summary(self) -> str:
         """"int8: accuracy 0.9561 (drop +0.88 pp), agreement 0.9693": the one-line form everywhere."""

@@ -19,22 +19,19 @@ WARMUP = 3
 
 
 def _batch(x, n: int) -> np.ndarray:
-    """n images of x (an array, or a loader.Split: its uint8 crops), repeated when x has fewer."""
+    """n uint8 crops of x (a loader.Split, or an array of crops), repeated when x has fewer."""
     first = np.asarray(x.crops(slice(0, n)) if hasattr(x, "crops") else x[:n])
     reps = -(-n // len(first))
     return np.ascontiguousarray(np.concatenate([first] * reps)[:n])
 
 
 def inputs(runners: dict[str, object], x, n: int) -> dict[str, np.ndarray]:
-    """name -> n images of x as that runner's model takes them. From a loader.Split (or uint8 crops),
-    every runner gets the same pixels through its own contract (float NCHW, or raw uint8 NHWC)."""
+    """name -> n images of x (a loader.Split or uint8 crops) as that runner's model takes them: every
+    runner gets the same pixels through its own contract (float NCHW, or raw uint8 NHWC)."""
     from .runtime.preprocess import to_tensor
 
-    if hasattr(x, "crops") or (isinstance(x, np.ndarray) and x.dtype == np.uint8):
-        crops = _batch(x, n)
-        return {k: to_tensor(crops, r.contract) for k, r in runners.items()}
-    xb = _batch(x, n)  # already preprocessed: the same array for all
-    return dict.fromkeys(runners, xb)
+    crops = _batch(x, n)
+    return {k: to_tensor(crops, r.contract) for k, r in runners.items()}
 
 
 def interleaved(runners: dict[str, object], x, *, runs: int, warmup: int, rounds: int) -> dict:

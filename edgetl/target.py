@@ -79,7 +79,11 @@ class Gated:
     fp32: Artifact
     work: Path
     models: list[Model]
-    contract: dict  # what the target's models take (model_input.py): preprocess.json of its bundle
+
+    @property
+    def contract(self) -> dict:
+        """What the target's models take (model_input.py): its bundle's preprocess.json."""
+        return self.models[0].runner.contract
 
 
 def tolerances(profile: TargetProfile, recipe: BuildRecipe) -> dict:
@@ -97,8 +101,7 @@ def gate(profile: TargetProfile, fp32: Artifact, ctx: Context, work: Path) -> Ga
     tol = tolerances(profile, ctx.prepared.recipe)
     models = [make_model(precision, "model" if i == 0 else f"model.{precision}", backend, profile, fp32, tol, ctx,
                          work) for i, precision in enumerate(profile.precisions)]
-    return Gated(profile, backend, fp32, work, models, model_input.contract_for(profile.model_input,
-                                                                               ctx.prepared.contract))
+    return Gated(profile, backend, fp32, work, models)
 
 
 def search_int8(backend, profile: TargetProfile, fp32: Artifact, tol: dict, evidence: SearchEvidence,

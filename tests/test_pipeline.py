@@ -128,17 +128,22 @@ def test_init_writes_a_valid_recipe(tmp_path):
     assert load_recipe(f).train.strategy == "feature-extract"
 
 
+def _published_with(data: Path, tmp_path: Path, quantization: str) -> dict:
+    """A cpu build with a profile of this [quantization] table; the published bundle's manifest."""
+    profile = tmp_path / "profile.toml"
+    profile.write_text('name = "cpu"\nbackend = "onnxruntime"\nmodel_input = "uint8-nhwc"\n' + quantization)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["build", "--data", str(data), "--out", str(out), "--target", str(profile),
+                                   "--json", *FAST_FLAGS])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "cpu" / "manifest.json").read_text())
+
+
 def test_escalation_recovers_from_a_bad_first_quantizer(tiny_data, tmp_path, monkeypatch):
     """The first quantizer misses on the validation split; NNCF PTQ (real) is tried next and ships."""
     monkeypatch.setitem(OnnxRuntimeBackend.quantizers, "ort_static", _corrupt_scales)
-    profile = tmp_path / "escalate.toml"
-    profile.write_text('name = "cpu"\nbackend = "onnxruntime"\n'
-                       '[quantization]\nquantizers = ["ort_static", "nncf_ptq"]\n')
-    out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target",
-                                   str(profile), "--json", *FAST_FLAGS])
-    assert res.exit_code == 0, res.output
-    q = json.loads((out / "cpu" / "manifest.json").read_text())["quantization"]
+    manifest = _published_with(tiny_data, tmp_path, '[quantization]\nquantizers = ["ort_static", "nncf_ptq"]\n')
+    q = manifest["quantization"]
     assert [a["quantizer"] for a in q["attempts"]] == ["ort_static", "nncf_ptq"]
     assert q["attempts"][0]["val_misses"] and not q["attempts"][1]["val_misses"]
     assert q["chosen"] == "nncf_ptq" and q["float_nodes"] == []
@@ -147,14 +152,8 @@ def test_escalation_recovers_from_a_bad_first_quantizer(tiny_data, tmp_path, mon
 def test_a_time_limit_that_drops_a_candidate_is_a_manifest_warning(tiny_data, tmp_path):
     """qat_budget_s set (none by default): QAT passes it and the whole candidate is dropped, the next
     one ships, and the manifest says the bundle now depends on the build machine's speed."""
-    profile = tmp_path / "limited.toml"
-    profile.write_text('name = "cpu"\nbackend = "onnxruntime"\nmodel_input = "uint8-nhwc"\n'
-                       '[quantization]\nquantizers = ["qat", "nncf_ptq"]\nqat_budget_s = 0.000001\n')
-    out = tmp_path / "out"
-    res = CliRunner().invoke(cli, ["build", "--data", str(tiny_data), "--out", str(out), "--target",
-                                   str(profile), "--json", *FAST_FLAGS])
-    assert res.exit_code == 0, res.output
-    m = json.loads((out / "cpu" / "manifest.json").read_text())
+    m = _published_with(tiny_data, tmp_path, '[quantization]\nquantizers = ["qat", "nncf_ptq"]\n'
+                                             'qat_budget_s = 0.000001\n')
     q = m["quantization"]
     assert [a["quantizer"] for a in q["attempts"]] == ["qat", "nncf_ptq"] and q["chosen"] == "nncf_ptq"
     assert q["attempts"][0]["dropped_by_time_limit"] is True

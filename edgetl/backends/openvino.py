@@ -11,6 +11,7 @@ import numpy as np
 
 from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError, require
+from ..model_input import RAW
 from ..profiles import TargetProfile
 from . import QuantInputs, nncf_common, register, symmetric_int8_rows
 
@@ -156,7 +157,7 @@ def with_raw_input(art: Artifact, contract: dict, out: Path) -> Artifact:
     ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(255.0).mean(
         [float(v) for v in contract["mean"]]).scale([float(v) for v in contract["std"]])
     meta = {k: v for k, v in art.meta.items() if k != "companions"}
-    return _save(ppp.build(), out, art.kind, **{**meta, "model_input": "uint8-nhwc"})
+    return _save(ppp.build(), out, art.kind, **{**meta, "model_input": RAW})
 
 
 def _weight_is_int8(op) -> bool:

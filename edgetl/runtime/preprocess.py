@@ -86,11 +86,8 @@ def to_tensor(img, contract: dict) -> np.ndarray:
     """RGB uint8 image of the input size (or a batch of them, NHWC uint8) -> the model's input: float32
     CHW (NCHW) normalised per the contract, or, for a model that normalises inside
     (contract "dtype": "uint8"), the pixels themselves, uint8 HWC (NHWC)."""
-    if contract.get("dtype") == "uint8":
-        arr = np.asarray(img, dtype=np.uint8)
-        if contract.get("channel_order", "RGB") == "BGR":
-            arr = arr[..., ::-1]
-        arr = np.ascontiguousarray(np.moveaxis(arr, -1, -3) if contract.get("layout") == "NCHW" else arr)
+    if contract.get("dtype") == "uint8":  # RGB NHWC (model_input.py refuses anything else)
+        arr = np.ascontiguousarray(img, dtype=np.uint8)
         return arr if arr.flags.writeable else arr.copy()  # a runtime may share (and so need) its memory
     arr = np.asarray(img, dtype=np.float32) / 255.0
     mean = np.asarray(contract["mean"], dtype=np.float32)
