@@ -16,6 +16,7 @@ import numpy as np
 from . import __version__, bundle, data, model_input, parity
 from .profiles import TargetProfile
 from .recipe import BuildRecipe
+from .results import published_status
 from .runtime.preprocess import load_rgb, preprocess, resize_crop
 
 N_GOLDEN = 8
@@ -67,6 +68,7 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
             for k, item in enumerate(expected_out["models"][default.precision]["items"]))
     bundle.write_files(stage, golden_files)
     created = bundle.created()  # SOURCE_DATE_EPOCH's; a bundle is a function of its inputs
+    certified = all(m.certified for m in models)  # every model's drop tolerance certified by the test split
     manifest = {
         "target": profile.name, "backend": backend.name, "profile": profile.model_dump(),
         **({"created": created} if created else {}),
@@ -74,6 +76,7 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
         "sizes": default.sizes, "validated_with": default.validated_with,
         "models": {m.precision: m.result(list(model_files[m.precision])).to_dict() for m in models},
         "preprocess": contract, "warnings": warnings,
+        "certified": certified, "status": published_status(True, certified),
     }
     bundle.write_manifest(stage, manifest)
     return {prec: list(mf) for prec, mf in model_files.items()}

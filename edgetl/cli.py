@@ -112,9 +112,15 @@ def cli(verbose: int):
 @click.option("--workers", type=int, help="image decoding workers (default: cores - 1)")
 @click.option("--nproc", type=int, help="training processes on this machine (torch elastic launch)")
 @click.option("--jobs", type=int, help="targets built at once (the cores shared among them)")
+@click.option("--effort", type=click.Choice(["low", "default", "max"]),
+              help="INT8 search: low = first candidate only; default = cheap candidates until one is feasible, "
+                   "QAT / mixed precision only where the best so far misses; max = every candidate")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="feature cache folder (default: ~/.cache/edgetl/features; $EDGETL_CACHE/features)")
 @click.option("--cache/--no-cache", default=None, help="read and write the feature cache (default: on)")
+@click.option("--require-certified", is_flag=True, default=None, flag_value=True,
+              help="a model whose test split cannot certify the drop tolerance (NOT CERTIFIED) misses the "
+                   "gate: exit 1, nothing published for its target (recipe gate.require_certified)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON result object on stdout")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
 def build(recipe_file, as_json, quiet, **flags):
@@ -158,9 +164,7 @@ def _print_summary(result) -> None:
         click.echo(f"float reference: accuracy {ref['accuracy']:.4f}, n_test {ref['n_test']}, "
                    f"FP32 ONNX {ref['fp32_onnx_bytes'] / 1e6:.2f} MB, {ref['latency_ms']:.2f} ms (batch 1, CPU)")
     for t in result.targets:
-        state = ("published " + t.bundle if t.published else
-                 "COULD NOT BE BUILT, nothing published" if t.error else "GATE FAILED, nothing published")
-        click.echo(f"{t.target}: {state}")
+        click.echo(f"{t.target}: {t.status}" + (f" ({t.bundle})" if t.published else ""))
         for m in t.models:
             met, q = m.metrics, m.quantization
             lo, hi = met.accuracy_drop_ci95_pp
@@ -175,7 +179,7 @@ def _print_summary(result) -> None:
             margin, rule = margin_line(met.agreement_by_margin), met.gate_rule
             if margin or rule:
                 click.echo(f"    {margin}{'; ' if margin and rule else ''}"
-                           + (f"gate rule {rule['applied']}" + ("" if rule.get("certified", True)
+                           + (f"gate rule {rule['applied']}" + ("" if m.certified is not False
                                                                 else ": NOT CERTIFIED (see the warning)")
                               if rule else ""))
         for w in t.warnings:
@@ -344,11 +348,15 @@ def _print_info(m: dict) -> None:
     click.echo(f"classes     {', '.join(m['classes'])}")
     click.echo(f"input       {m['preprocess']['input_size']} {m['preprocess']['channel_order']} "
                f"{m['preprocess']['layout']} {m['preprocess'].get('dtype', 'float32')}")
-    from .results import ModelResult
+    from .results import ModelResult, published_status
 
     default = ModelResult.from_dict(next(iter(m["models"].values())))
     click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, default model {default.summary()}, "
                f"n_test {met['n_test']}")
+    certified, tol = m.get("certified", default.certified), default.metrics.gate_rule.get("tolerance_pp", "?")
+    bound = (f" (drop 95 % upper bound {default.metrics.drop_upper95_pp:.2f} pp > tolerance {tol} pp)"
+             if certified is False else "")
+    click.echo(f"status      {m.get('status', published_status(True, certified))}{bound}")
     q = m["quantization"]
     click.echo(f"quantizer   {q['chosen']} ({len(q['float_nodes'])} float layers)" if q.get("chosen")
                else "quantizer   none (float model)")

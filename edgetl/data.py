@@ -195,12 +195,15 @@ def _check_counts(folder: Path, classes: list[str], splits: dict[str, list[Item]
 
 
 def calibration_subset(items: list[Item], n_classes: int, size: int, seed: int) -> list[Item]:
-    """Seeded, class-balanced subset of the training items (round-robin over shuffled classes)."""
+    """Seeded, class-balanced subset of the training items: round-robin over the classes in a seeded
+    shuffled order (each class's images shuffled too), so that with more classes than `size` the
+    classes left out are a seeded draw, not always the last labels."""
     rng = np.random.default_rng(seed + 7919)
     per_class = [[it for it in items if it.label == c] for c in range(n_classes)]
     for lst in per_class:
         order = rng.permutation(len(lst))
         lst[:] = [lst[i] for i in order]
+    per_class = [per_class[c] for c in rng.permutation(n_classes)]
     out: list[Item] = []
     depth = 0
     while len(out) < size and any(depth < len(lst) for lst in per_class):

@@ -12,6 +12,7 @@ import numpy as np
 
 from .artifact import Artifact
 from .errors import ExportError
+from .threads import ort_options
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "input", "logits"
@@ -65,7 +66,7 @@ def fold_pads_into_convs(path: Path) -> int:
 
     if not any(n.op_type == "Pad" for n in onnx.load(str(path), load_external_data=False).graph.node):
         return 0
-    opts = ort.SessionOptions()
+    opts = ort_options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     opts.optimized_model_filepath = str(path)
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -130,7 +131,7 @@ def check_against_torch(model, artifact: Artifact, inputs: np.ndarray, atol: flo
     import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(artifact.path), ort_options(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {INPUT: inputs.astype(np.float32)})[0]
     with torch.inference_mode():
         want = model.eval()(torch.from_numpy(inputs)).numpy()
@@ -143,7 +144,7 @@ def check_against_torch(model, artifact: Artifact, inputs: np.ndarray, atol: flo
 
 
 def onnxruntime_twin(module, input_size, workdir: Path, *, check: np.ndarray | None = None, atol: float = 1e-3,
-                     threads: int = 0):
+                     threads: int | None = None):
     """Export a (frozen) torch module and return an onnxruntime session computing the same function.
 
     Used to compute frozen-backbone features: onnxruntime runs these convnets several times faster
@@ -154,9 +155,8 @@ def onnxruntime_twin(module, input_size, workdir: Path, *, check: np.ndarray | N
 
     path = Path(workdir) / "twin.onnx"
     export_module(module, path, input_size, 17)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads  # 0: onnxruntime's default (the cores)
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    # onnxruntime's kernels split work by outputs: the rows are the same with any thread count
+    sess = ort.InferenceSession(str(path), ort_options(threads), providers=["CPUExecutionProvider"])
     if check is not None:
         got = sess.run(None, {INPUT: check})[0]
         with torch.inference_mode():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from . import interrupt
+from . import interrupt, threads
 from .errors import EdgetlError, UsageError
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,9 @@ def from_environment() -> bool:
 
 
 def join(device_spec: str, timeout_s: float, prepare_timeout_s: float | None = None) -> tuple[Ranks, str]:
-    """Join the process group of a launched build: (this rank, its device). Threads per process =
-    the cores divided among the processes on this machine."""
+    """Join the process group of a launched build: (this rank, its device). torch computes with the
+    numerics' fixed thread count in every rank, as one process does (threads.py); engines get
+    the allowed CPUs divided among the processes on this machine."""
     import torch
     import torch.distributed as dist
 
@@ -140,7 +141,7 @@ def join(device_spec: str, timeout_s: float, prepare_timeout_s: float | None = N
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     check_devices(device_spec, local_world)  # torchrun's --nproc-per-node: one GPU per process too
     device = resolve_device(device_spec, local_rank)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    threads.fix_numerics()
     if not dist.is_initialized():
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -175,13 +176,6 @@ def check_devices(spec: str, nproc: int) -> None:
     if nproc > count:
         raise UsageError(f"--device {spec} --nproc {nproc}: this machine has {count} CUDA device(s), and NCCL takes "
                          f"one per process; fix: --nproc {count} (or --device cpu for {nproc} CPU processes)")
-
-
-def take_the_machine() -> None:
-    """Rank 0 after training: the other ranks are done, so it takes every core again."""
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
 
 
 def leave() -> None:

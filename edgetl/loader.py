@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,8 +23,11 @@ from .runtime.preprocess import load_rgb, resize_crop, to_tensor
 
 
 def default_workers() -> int:
-    """Decoding workers when none are asked for: one core is left to the model."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Decoding workers when none are asked for: one of the CPUs this process may use is left to the
+    model (the workers never change a result)."""
+    from .threads import allowed
+
+    return max(0, min(8, allowed() - 1))
 
 
 def _stack(samples):

@@ -12,14 +12,18 @@ import time
 
 
 def machine_info() -> dict:
-    """CPU model, cores, system and Python: the machine a report's figures were measured on."""
+    """CPU model, cores (and those this process may use), system and Python: the machine a report's
+    figures were measured on."""
+    from .threads import allowed
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(), "python": platform.python_version()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "cpus_allowed": allowed(), "system": platform.system(),
+            "python": platform.python_version()}
 
 
 def peak_rss_mb() -> float:

@@ -9,7 +9,6 @@ every target-specific choice comes from its profile and its backend.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, backbones, bundle_contents, data, features, interrupt, launch, loader, space, target, train
+from . import (
+    __version__,
+    backbones,
+    bundle_contents,
+    data,
+    features,
+    interrupt,
+    launch,
+    loader,
+    space,
+    target,
+    threads,
+    train,
+)
 from .artifact import Artifact
 from .evidence import GateEvidence, SearchEvidence
 from .machine import Clock, machine_info
@@ -56,6 +68,7 @@ def _disk_full_explained(needs: space.Needs | None):
 
 
 def _build(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device: str) -> BuildResult | None:
+    threads.fix_numerics()  # training, the float reference, QAT: the same sums on any machine
     clock = Clock()
     workers = loader.default_workers() if recipe.compute.workers is None else recipe.compute.workers
     with _disk_full_explained(None):
@@ -89,8 +102,6 @@ def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, w
     clock.lap("train")
     if not ranks.main:  # only rank 0 goes on: reference, quantization, gate, publish
         return None
-    if ranks.world > 1:
-        launch.take_the_machine()
     return _targets(p, trained, x, work, device, workers, ranks, progress, clock)
 
 
@@ -121,6 +132,7 @@ def _targets(p: Prepared, trained: train.TrainResult, x: dict, work: Path, devic
                      "best_val_accuracy": trained.best_val_accuracy, "epochs_run": len(trained.history),
                      "device": device},
         "classes": ds.classes,
+        "numerics": threads.record(),
         "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
                  "skipped": len(ds.skipped), "presplit": ds.presplit, "warnings": p.data_warnings},
     }
@@ -170,9 +182,8 @@ def _run_targets(p: Prepared, ctx: target.Context, net, out: Path, work: Path, c
     """Every target: gated (compute.jobs at a time, the cores shared among them), then — one after
     another, so that no timing shares the machine — its speed evidence and its bundle."""
     jobs = min(p.recipe.compute.jobs, len(p.profiles))
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     shared = target.Context(p, ctx.search, ctx.gate, _StagesOnly(ctx.progress) if jobs > 1 else ctx.progress,
-                            threads)
+                            threads.engine(jobs))
     exports: dict[int, Artifact] = {}
     reference: dict = {}
     lock = threading.Lock()

@@ -58,7 +58,7 @@ def check_profiles(recipe: BuildRecipe) -> list[TargetProfile]:
         quantizers = p.quantization.quantizers if p.quantization else []
         if quantizers:
             search.check_candidates(quantizers, backend, p.source)
-        used = quantizers if recipe.quantize.escalate else quantizers[:1]
+        used = quantizers if recipe.quantize.level != "low" else quantizers[:1]
         steps = [s for cand in used for s in search.steps_of(cand)]
         for q in ["*", *(steps if "int8" in p.precisions else [])]:
             needed = backend.requires.get(q) or getattr(known.get(q), "requires", None)  # a quantizer's or a refiner's

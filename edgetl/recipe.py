@@ -78,18 +78,34 @@ class GateSection(_Section):
 
     max_accuracy_drop_pp: float | None = Field(None, ge=0)
     min_top1_agreement: float | None = Field(None, ge=0, le=1)
-    # How the accuracy drop is judged on the test split. "point": the drop itself must be within the
-    # tolerance. "evidence": fail only when the paired 95 % bound shows the model worse by more than
-    # the tolerance; pass otherwise, saying loudly when the split cannot certify the tolerance. "auto":
-    # "point" when one test image is worth at most half the tolerance, else "evidence".
+    # How the accuracy drop is judged on the test split (docs/gate-statistics.md). "point": the drop
+    # itself must be within the tolerance. "evidence": fail when the drop exceeds the tolerance by more
+    # than one test image, or its paired 95 % lower bound is above the tolerance. "auto": "point" when
+    # one test image is worth at most half the tolerance, else "evidence". Under every rule a model
+    # whose 95 % upper bound is above the tolerance is "published, NOT CERTIFIED".
     rule: Literal["auto", "point", "evidence"] = "auto"
+    require_certified: bool = Field(False, description=(
+        "a model the test split cannot certify (95 % upper bound of the drop above the tolerance) "
+        "misses the gate: exit 1, nothing published for its target"))
 
 
 class QuantizeSection(_Section):
-    escalate: bool = Field(True, description="try the profile's next quantizers when one misses")
+    effort: Literal["low", "default", "max"] | None = Field(None, description=(
+        "how much of the profile's candidate list the INT8 search may run (docs/search.md). "
+        "low: the first candidate only (seconds). default: the cheap (PTQ-based) candidates in order "
+        "until one is feasible on val (passes the gate's rule and meets the search target); the "
+        "expensive ones (QAT, mixed precision: minutes) only when the best so far misses the gate on "
+        "val or the clear-image target. max: every candidate, the feasible one with the best agreement "
+        "ships. None: default, or low when escalate = false"))
+    escalate: bool = Field(True, description="older form of effort: false = effort 'low' (effort wins when set)")
     evidence_views: int | None = Field(None, ge=0, le=64, description=(
         "augmented views per val image for the search's agreement evidence; None = enough for about "
         "2000 comparisons, at most 16"))
+
+    @property
+    def level(self) -> str:
+        """The effort the search runs at: `effort`, else "default" (or "low" when escalate = false)."""
+        return self.effort or ("default" if self.escalate else "low")
 
 
 class ComputeSection(_Section):
@@ -156,6 +172,8 @@ CLI_KEYS = {
     "jobs": "compute.jobs",
     "cache_dir": "compute.cache_dir",
     "cache": "compute.cache",
+    "require_certified": "gate.require_certified",
+    "effort": "quantize.effort",
 }
 
 

@@ -36,7 +36,7 @@ def rows(result) -> list[dict]:
                         "float_layers": len(q.float_nodes) if q and m.precision == "int8" else None,
                         "size_mb": _mb(m.sizes.get("model_bytes")), "latency_ms": m.latency_ms,
                         "validated_with": m.validated_with,
-                        "status": "FAILED" if m.misses else ("published" if t.published else "not published"),
+                        "status": m.status(t.published),
                         "per_class": met.per_class, "confusion": met.confusion, "changed": met.changed,
                         "n_test": met.n_test})
     return out
@@ -91,9 +91,11 @@ def cells(result) -> list[list[str]]:
 
 
 def notes(result) -> list[str]:
-    """Failed targets' misses and warnings, then the legend of the table."""
+    """Failed targets' misses and warnings, published targets' warnings (NOT CERTIFIED among them),
+    then the legend of the table."""
     lines = [f"`{t.target}` failed: {miss}" for t in result.targets if not t.published for miss in t.misses]
     lines += [f"`{t.target}`: {w}" for t in result.targets if not t.published for w in t.warnings]
+    lines += [f"`{t.target}` ({t.status}): {w}" for t in result.targets if t.published for w in t.warnings]
     return lines + legend(result)
 
 
@@ -101,15 +103,18 @@ def legend(result) -> list[str]:
     """The lines under the parity table: bounds, rules, speed, per-model evidence, training."""
     m = result.machine
     return [*(f"Data warning: {w}" for w in result.data.get("warnings", [])),
-        "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (exact, "
-        "paired: McNemar's discordant images with a Clopper-Pearson bound), the agreement at least (≥) its bound "
-        "(Clopper-Pearson). The gate's drop rule (recipe gate.rule, per model below): 'point' (the drop itself "
-        "within the tolerance) or 'evidence' (fail only when the lower bound is above the tolerance, and say loudly "
-        "when the split cannot certify it); 'auto' takes 'point' when one test image is worth at most half the "
-        "tolerance.",
-        "The INT8 search judges agreement on the val images and seeded augmented views of them (never test); a "
-        "later candidate replaces an earlier one only when a one-sided exact sign test over the val images "
-        "favours it at p < 0.05, otherwise the cheaper one stays.",
+        "In brackets: one-sided 95 % bounds on the test split — the drop is at most (≤) its bound (paired, "
+        "unconditional: Tango's score bound with a half-image continuity correction, coverage >= 0.94 simulated, "
+        "docs/gate-statistics.md), the agreement at least (≥) its bound (Clopper-Pearson). The gate's drop rule "
+        "(recipe gate.rule, per model below): 'point' (the drop itself within the tolerance) or 'evidence' (a "
+        "miss when the drop exceeds the tolerance by more than one test image or its lower bound is above the "
+        "tolerance); 'auto' takes 'point' when one test image is worth at most half the tolerance. Under every "
+        "rule a model whose upper bound is above the tolerance is 'published, NOT CERTIFIED' (a miss with "
+        "gate.require_certified / --require-certified).",
+        "The INT8 search judges agreement on the val images and seeded augmented views of them (never test); "
+        "the first candidate that passes the gate's rule on val and meets the search target (overall and on "
+        "clear images) ships, else the best agreement that passes the gate, with 'search target not met'; "
+        "recipe quantize.effort says which candidates run (docs/search.md).",
         *model_lines(result),
         "speed vs FP32: the FP32 model's time over this model's, through the same runtime, at batch 1 (b1) and "
         "a larger batch, interleaved medians (above 1x is faster). float layers: compute layers the INT8 "
@@ -141,13 +146,15 @@ def model_lines(result) -> list[str]:
                 parts.insert(0, "takes uint8 NHWC pixels (normalisation inside the model; gated so)")
             if met.gate_rule:
                 parts.append(f"gate rule {met.gate_rule['applied']}" + (
-                    "" if met.gate_rule["certified"] else " (NOT CERTIFIED: see the warnings)"))
+                    "" if m.certified is not False else " (NOT CERTIFIED: see the warnings)"))
             chosen = next((a for a in q.attempts if a["quantizer"] == q.chosen), None) if q else None
             if chosen and chosen.get("evidence"):
                 ev = chosen["evidence"]
                 lo, hi = ev["agreement_ci95"]
+                clear = ev.get("clear_agreement")
                 parts.append(f"search chose {q.chosen}: agreement {ev['top1_agreement']:.4f} "
-                             f"[{lo}, {hi}] on {ev['comparisons']} val comparisons ({ev['images']} images x "
+                             f"[{lo}, {hi}]" + ("" if clear is None else f", {clear:.4f} on clear images")
+                             + f" on {ev['comparisons']} val comparisons ({ev['images']} images x "
                              f"{ev['views_per_image']} views)")
             if parts:
                 lines.append(f"{t.target} {m.precision}: " + "; ".join(parts) + ".")
@@ -244,6 +251,10 @@ def markdown(result) -> str:
     if failed:
         text += "\nFailed targets (nothing published for them):\n\n" + "".join(
             f"- `{t.target}`: {_md(line)}\n" for t in failed for line in [*t.misses, *t.warnings])
+    warned = [t for t in result.targets if t.published and t.warnings]
+    if warned:
+        text += "\nWarnings of published targets:\n\n" + "".join(
+            f"- `{t.target}` ({_md(t.status)}): {_md(w)}\n" for t in warned for w in t.warnings)
     text += "\n" + "".join(f"{_md(line)}\n\n" for line in legend(result))
     try:
         text += markdown_changed(result)

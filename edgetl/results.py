@@ -51,10 +51,11 @@ class ModelResult:
     latency_ms: float = 0.0
     speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
     model_input: str = FLOAT  # what the model takes (model_input.py): RAW, uint8 NHWC pixels
+    certified: bool | None = None  # the test split certifies the drop tolerance; None: not recorded (older edgetl)
 
     def to_dict(self) -> dict:
         return {"precision": self.precision, "model_input": self.model_input, "files": self.files,
-                "metrics": self.metrics.to_dict(),
+                "metrics": self.metrics.to_dict(), "certified": self.certified,
                 "misses": self.misses, "quantization": self.quantization.to_dict() if self.quantization else None,
                 "sizes": self.sizes, "latency_ms": self.latency_ms, "speed": self.speed,
                 "validated_with": self.validated_with}
@@ -62,10 +63,18 @@ class ModelResult:
     @classmethod
     def from_dict(cls, d: dict) -> ModelResult:
         q = d.get("quantization")
-        return cls(d["precision"], ParityReport.from_dict(d["metrics"]), d["misses"],
+        metrics = ParityReport.from_dict(d["metrics"])
+        return cls(d["precision"], metrics, d["misses"],
                    QuantizationRecord.from_dict(q) if q is not None else None, d["sizes"], d["validated_with"],
                    d.get("files", []), d.get("latency_ms", 0.0), d.get("speed", {}),
-                   d.get("model_input", FLOAT))
+                   d.get("model_input", FLOAT), d.get("certified", metrics.gate_rule.get("certified")))
+
+    def status(self, published: bool) -> str:
+        """The report's status column: FAILED (missed its gate), published (", NOT CERTIFIED" when the
+        test split cannot certify its drop tolerance) or not published (another model of its target failed)."""
+        if self.misses:
+            return "FAILED"
+        return published_status(published, self.certified) if published else "not published"
 
     @property
     def takes_pixels(self) -> bool:
@@ -92,6 +101,20 @@ class TargetResult:
     error: dict | None = None  # the target could not be built (not a gate miss): message, exit code
 
     @property
+    def certified(self) -> bool | None:
+        """Every model's drop tolerance certified by the test split (None: not recorded, or no model)."""
+        flags = [m.certified for m in self.models]
+        return None if not flags or None in flags else all(flags)
+
+    @property
+    def status(self) -> str:
+        """"published", "published, NOT CERTIFIED", "GATE FAILED, nothing published" or "COULD NOT BE
+        BUILT, nothing published": the CLI line, the manifest and --json say the same."""
+        if self.error:
+            return "COULD NOT BE BUILT, nothing published"
+        return published_status(self.published, self.certified) if self.published else "GATE FAILED, nothing published"
+
+    @property
     def quantization(self) -> QuantizationRecord:
         """The INT8 model's search (an empty record when the target has none)."""
         return next((m.quantization for m in self.models if m.quantization), QuantizationRecord())
@@ -99,7 +122,8 @@ class TargetResult:
     def to_dict(self) -> dict:
         """report.json's target entry; metrics, sizes and validated_with are the default model's."""
         default = self.models[0] if self.models else None
-        return {"target": self.target, "published": self.published, "bundle": self.bundle,
+        return {"target": self.target, "published": self.published, "status": self.status,
+                "certified": self.certified, "bundle": self.bundle,
                 "metrics": default.metrics.to_dict() if default else {}, "misses": self.misses,
                 "quantization": self.quantization.to_dict(), "sizes": default.sizes if default else {},
                 "warnings": self.warnings, "models": [m.to_dict() for m in self.models],
@@ -109,6 +133,17 @@ class TargetResult:
     def from_dict(cls, d: dict) -> TargetResult:
         return cls(d["target"], d["published"], d.get("bundle"), [ModelResult.from_dict(m) for m in d["models"]],
                    d.get("misses", []), d.get("warnings", []), d.get("error"))
+
+
+NOT_CERTIFIED = "published, NOT CERTIFIED"
+
+
+def published_status(published: bool, certified: bool | None) -> str:
+    """A published model or target's status: NOT CERTIFIED when its test split cannot certify the drop
+    tolerance (None, an older record without the flag, reads as published)."""
+    if not published:
+        return "not published"
+    return NOT_CERTIFIED if certified is False else "published"
 
 
 def failed_target(name: str, message: str, exit_code: int) -> TargetResult:

@@ -4,32 +4,27 @@ A candidate is a chain `step[+step...]`: the first step is a quantizer of the ba
 in, INT8 model out) or a refiner (edgetl/refine/) applied to the float model; every later step is a
 refiner applied to the model before it. "nncf_ptq+head_refit" is NNCF PTQ, then the head refit;
 models built by a chain's prefix are reused by the next candidate. The search does not know what
-a step does: every one is "model in, model out".
+a step does: every one is "model in, model out"; a step marked `expensive = True` (QAT, mixed
+precision) makes its candidate expensive.
 
 Evidence. Agreement with the float model needs no labels, so a candidate is judged on the val
 images *and* seeded augmented views of them (`QuantInputs.evidence_x`, thousands of comparisons
 where val alone has ~100). Views have lower float margins than clean images and flip more often,
 so the agreement is estimated per margin stratum over every row and weighted by the clean val
-images' strata (post-stratification). The accuracy drop, which needs labels, is judged on val.
+images' strata (post-stratification); the clear-image agreement is the same estimate over the
+strata whose float margin is >= parity.MARGIN (the flips a user notices: images the float model is
+sure of). The accuracy drop, which needs labels, is judged on val by the gate's own rule.
 
-The rule (deterministic: nothing here reads a clock):
-- The first candidate that builds is the current choice. A later one replaces it only when its
-  advantage is significant on paired evidence: over the val images on whose views exactly one of
-  the two agrees with the float model more often, an exact one-sided sign (McNemar) test at ALPHA
-  (an image counts once, whatever its views). Otherwise the cheaper, earlier one stays. A broken
-  choice (one that misses the gate's tolerances on val — agreement floor, or a drop shown above the
-  tolerance — so the gate would refuse it anyway) is replaced by any later one that is not broken,
-  mixed precision included.
-- The search stops at the first fully-INT8 choice that meets the search target; before a candidate
-  that could not replace the choice even if it agreed everywhere (the choice misses on so few val
-  images that no sign test over them reaches ALPHA: more work cannot change what ships); and
-  before a candidate that cannot plausibly reach the target: when even the current choice with
-  its logit error cut by `quantization.escalate_noise_cut` (0.5: half the quantization noise)
-  stays under the target. Skipped candidates are recorded as such. (Neither skip follows a broken
-  choice: it is broken, not noisy, and the next quantizer is always tried.)
-- A candidate that keeps convolutions in float (mixed precision) ships only when it meets the
-  target, no fully-INT8 choice does, and it is significantly better than the fully-INT8 choice.
-The search never receives the test split.
+The rule (edgetl/choice.py, a pure function of the scores; deterministic, nothing reads a clock):
+a candidate is *feasible* when it passes the gate's rule on val (drop rule, agreement floor) and
+meets the search target (search_top1_agreement, and search_clear_agreement on clear images). The
+first feasible fully-INT8 candidate ships (effort "max": the feasible one with the best agreement);
+else a feasible mixed-precision one; else the fully-INT8 candidate that passes the gate on val with
+the best agreement (ties within a quarter point: the lower logit MSE to the float model, then the
+cheaper), with the warning "search target not met". What runs is `quantize.effort`: "low" the
+first candidate only; "default" in order until a fully-INT8 one is feasible, an expensive one only
+while the best so far misses the gate on val or the clear-image target; "max" all of them. Every
+attempt records its evidence and its decision. The search never receives the test split.
 """
 
 from __future__ import annotations
@@ -37,12 +32,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import parity
+from . import choice, parity
 from .artifact import Artifact
 from .backends import QuantInputs
 from .errors import BudgetExceeded, EdgetlError, UsageError
@@ -76,31 +71,24 @@ def check_candidates(candidates: list[str], backend, source: str) -> None:
                              f"fix: put a quantizer before it (e.g. 'nncf_ptq+{first}')")
 
 
-ALPHA = 0.05  # significance a later candidate needs to replace an earlier one
-
-
 @dataclass
 class Choice:
     artifact: Artifact
-    val_missed: list[str]  # the chosen model's misses of the gate tolerances on val (non-empty: budget spent)
+    val_missed: list[str]  # the chosen model's misses of the gate's rule on val (non-empty: budget spent)
     float_nodes: list[str]
     attempts: list[dict]
+    warnings: list[str] = field(default_factory=list)  # e.g. "search target not met: ..." (to the manifest)
 
 
 @dataclass
 class _Scored:
     """A candidate that built and ran, with its evidence."""
 
-    name: str
     artifact: Artifact
-    agree: np.ndarray  # (val images, 1 + views) bool: agrees with the float model on that row
-    logits: np.ndarray  # its logits on the evidence rows, val first, then the views image-major
+    scores: choice.Scores
     gate_missed: list[str]
-    missed: list[str]  # of the search target
     float_nodes: list[str]
-    int8: bool  # no convolution left in float
     attempt: dict
-    broken: bool = False  # misses the gate's tolerances on val (agreement floor, drop): broken, not noisy
 
 
 def evidence_reference(qins: QuantInputs) -> np.ndarray:
@@ -124,8 +112,10 @@ def _agreement(logits: np.ndarray, qins: QuantInputs) -> np.ndarray:
 # Strata of the float model's margin (top-1 minus top-2 probability). Augmented views have lower
 # margins than the clean images a device sees, so they flip more often: the agreement is estimated
 # per stratum on every row, then weighted by the clean val images' strata (post-stratification), so
-# that the views sharpen the estimate without biasing it towards harder images.
-MARGIN_EDGES = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
+# that the views sharpen the estimate without biasing it towards harder images. parity.MARGIN is an
+# edge: the strata from it up are the clear images.
+MARGIN_EDGES = np.unique(np.r_[0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, parity.MARGIN])
+CLEAR = MARGIN_EDGES >= parity.MARGIN - 1e-12  # the strata of clear images
 
 
 def _strata(qins: QuantInputs) -> np.ndarray:
@@ -133,20 +123,23 @@ def _strata(qins: QuantInputs) -> np.ndarray:
     return _by_image(np.searchsorted(MARGIN_EDGES, margin, side="right") - 1, qins)
 
 
-def stratified(agree: np.ndarray, strata: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+def stratified(agree: np.ndarray, strata: np.ndarray, idx: np.ndarray | None = None,
+               kept: np.ndarray | None = None) -> np.ndarray:
     """Agreement estimated for clean images: per margin stratum over all rows, weighted by the clean
-    (column 0) images' strata. `idx` (resamples x images) gives one estimate per resample of images."""
+    (column 0) images' strata; `kept` (bool per stratum) restricts it to some strata (CLEAR). `idx`
+    (resamples x images) gives one estimate per resample of images; nan where no clean image counts."""
     b = len(MARGIN_EDGES)
     hits = np.stack([(agree & (strata == s)).sum(1) for s in range(b)], 1).astype(np.float64)  # (images, strata)
     rows = np.stack([(strata == s).sum(1) for s in range(b)], 1).astype(np.float64)
-    clean = np.eye(b)[strata[:, 0]]
+    clean = np.eye(b)[strata[:, 0]] * (1.0 if kept is None else kept)
     idx = np.arange(len(agree))[None] if idx is None else idx
     out = []
     for c in range(0, len(idx), 64):  # resamples in chunks: memory stays (64 x images x strata)
         part = idx[c:c + 64]
         h, r, w = hits[part].sum(1), rows[part].sum(1), clean[part].sum(1)
         rate = np.divide(h, r, out=np.zeros_like(h), where=r > 0)
-        out.append((w * rate).sum(1) / w.sum(1))
+        total = w.sum(1)
+        out.append(np.divide((w * rate).sum(1), total, out=np.full_like(total, np.nan), where=total > 0))
     return np.concatenate(out)
 
 
@@ -157,35 +150,25 @@ def _interval(agree: np.ndarray, strata: np.ndarray, seed: int, n_boot: int = 20
     return [round(float(np.percentile(boot, 2.5)), 5), round(float(np.percentile(boot, 97.5)), 5)]
 
 
-def compare(new: np.ndarray, old: np.ndarray) -> dict:
-    """Paired evidence that `new` agrees with the float model more often than `old`: val images whose
-    views favour one of the two, and the one-sided sign test's p-value."""
-    diff = new.sum(1).astype(np.int64) - old.sum(1).astype(np.int64)
-    better, worse = int((diff > 0).sum()), int((diff < 0).sum())
-    return {"images_better": better, "images_worse": worse, "p_value": parity.sign_test_p(better, worse)}
-
-
-def projected_agreement(logits: np.ndarray, qins: QuantInputs, strata: np.ndarray, noise_cut: float) -> float:
-    """Agreement (estimated as for a candidate) if the model's logit error were cut by `noise_cut`
-    (0.5: halved): an optimistic reach for the next candidate, read from this one's evidence."""
-    reference = evidence_reference(qins)
-    shrunk = reference + (1.0 - noise_cut) * (logits - reference)
-    return float(stratified(_by_image(shrunk.argmax(1) == reference.argmax(1), qins), strata)[0])
+def expensive(cand: str, backend, known: dict) -> bool:
+    """A candidate is expensive when one of its steps says so (`expensive = True`: QAT, mixed precision)."""
+    return any(getattr(backend.quantizers.get(s) or known.get(s), "expensive", False) for s in steps_of(cand))
 
 
 def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, tolerances: dict,
         target_agreement: float, candidates: list[str], make_runner: Callable, classes: list[str], seed: int,
-        work: Path, progress: Progress = NullProgress()) -> Choice:
-    """Walk `candidates`; see the module docstring."""
+        work: Path, effort: str = "default", rule: str = "auto", clear_target: float | None = None,
+        progress: Progress = NullProgress()) -> Choice:
+    """Walk `candidates` as quantize.effort says, ship what edgetl/choice.py picks; see the module docstring."""
     from .refine import refiners
 
     known = refiners()
     built: dict[tuple[str, ...], Artifact] = {}
-    attempts: list[dict] = []
-    int8: _Scored | None = None  # the current fully-INT8 choice
-    mixed: _Scored | None = None  # the current choice among those that keep convolutions in float
-    noise_cut = profile.quantization.escalate_noise_cut
     strata = _strata(qins)  # the float model's margins: the same for every candidate
+    clear = profile.tolerances.search_clear_agreement if clear_target is None else clear_target
+    judge = _Judge(qins, strata, tolerances, target_agreement, clear, rule, classes, seed)
+    scored: dict[int, _Scored] = {}
+    failed: dict[int, dict] = {}
 
     def build(steps: tuple[str, ...]) -> Artifact:
         if steps in built:
@@ -199,71 +182,97 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
         built[steps] = art
         return art
 
-    for k, cand in enumerate(candidates):
-        current = int8 or mixed
-        if int8 is not None and not int8.missed:
-            break  # the first fully-INT8 choice that meets the search target
-        if int8 is not None and not int8.broken:  # a later candidate must beat it significantly to ship
-            imperfect = int((~int8.agree).any(1).sum())  # val images where the choice misses a row
-            if parity.sign_test_p(imperfect, 0) >= ALPHA:
-                for rest in candidates[k:]:
-                    attempts.append({"quantizer": rest, "skipped": (
-                        f"{int8.name} disagrees with the float model on {imperfect} of {len(int8.agree)} val "
-                        f"images: a later candidate agreeing everywhere would reach p = "
-                        f"{parity.sign_test_p(imperfect, 0):.3g} >= {ALPHA:g}, so none could replace it")})
-                break
-        if current is not None and not current.broken:  # a broken model (under the agreement floor) says nothing
-            reach = projected_agreement(current.logits, qins, strata, noise_cut)
-            if reach < target_agreement:
-                for rest in candidates[k:]:
-                    attempts.append({"quantizer": rest, "skipped": (
-                        f"{current.name} agrees {stratified(current.agree, strata)[0]:.4f} on the evidence; "
-                        f"with its logit error cut "
-                        f"by {noise_cut:g} it would agree {reach:.4f} < {target_agreement:g}: no later candidate "
-                        "can plausibly reach the search target (quantization.escalate_noise_cut)")})
-                break
-        scored = _score(cand, build, backend, profile, qins, strata, make_runner, classes, seed, tolerances,
-                        target_agreement, progress, attempts)
-        if scored is None:
-            continue
-        attempts.append(scored.attempt)
-        old = int8 if scored.int8 else mixed
-        if old is None:
-            scored.attempt["decision"] = ("chosen (first that built)" if current is None else
-                                          "chosen" if scored.int8 else
-                                          "the mixed-precision candidate (ships only if it meets the target and "
-                                          "beats the fully-INT8 choice, or that one is broken)")
-        elif old.broken and not scored.broken:  # the gate would refuse the old one anyway
-            scored.attempt["decision"] = f"replaces {old.name} (under the agreement floor: broken, not noisy)"
-        else:
-            test = compare(scored.agree, old.agree)
-            scored.attempt["versus"] = {"candidate": old.name, **test}
-            if test["p_value"] >= ALPHA:
-                scored.attempt["decision"] = f"kept {old.name}: not significantly better (p = {test['p_value']:.3g})"
-                continue
-            scored.attempt["decision"] = f"replaces {old.name} (p = {test['p_value']:.3g})"
-        if scored.int8:
-            int8 = scored
-        else:
-            mixed = scored
-    if int8 is None and mixed is None:
+    def score(k: int) -> choice.Scores | str:
+        result = _score(candidates[k], build, backend, profile, qins, make_runner, judge, progress)
+        if isinstance(result, dict):
+            failed[k] = result
+            return result["error"]
+        scored[k] = result
+        return result.scores
+
+    cands = [choice.Candidate(c, expensive(c, backend, known)) for c in candidates]
+    out = choice.decide(cands, effort, score)
+    attempts = []
+    for k, (cand, decision) in enumerate(zip(cands, out.decisions, strict=True)):
+        attempt = scored[k].attempt if k in scored else failed.get(k, {"quantizer": cand.name})
+        attempts.append({**attempt, **({"expensive": True} if cand.expensive else {}), "decision": decision})
+    if out.chosen is None:
         raise EdgetlError(f"target '{profile.name}': every quantization candidate failed: "
                           + "; ".join(f"{a['quantizer']}: {a['error']}" for a in attempts if "error" in a))
-    chosen = int8 or mixed
-    if int8 is not None and int8.broken and mixed is not None and not mixed.broken:
-        chosen = mixed  # the gate would refuse the fully-INT8 choice anyway
-    elif int8 is not None and int8.missed and mixed is not None and not mixed.missed:
-        test = compare(mixed.agree, int8.agree)
-        if test["p_value"] < ALPHA:  # mixed precision: met, nothing fully INT8 did, and clearly better
-            chosen = mixed
-    return Choice(replace(chosen.artifact, meta={**chosen.artifact.meta, "candidate": chosen.name}),
-                  chosen.gate_missed, chosen.float_nodes, attempts)
+    chosen = scored[out.chosen]
+    for w in out.warnings:
+        log.warning("%s: %s", profile.name, w)
+    return Choice(replace(chosen.artifact, meta={**chosen.artifact.meta, "candidate": candidates[out.chosen]}),
+                  chosen.gate_missed, chosen.float_nodes, attempts, out.warnings)
 
 
-def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, strata: np.ndarray, make_runner: Callable,
-           classes: list[str], seed: int, tolerances: dict, target_agreement: float, progress: Progress,
-           attempts: list[dict]) -> _Scored | None:
-    """Build and run one candidate on the evidence; a failure is recorded in `attempts` (None)."""
+def _candidate_error(e: BaseException) -> bool:
+    """What a candidate may legitimately raise: edgetl's typed errors (BudgetExceeded among them) and
+    the runtimes' and quantizers' failures (onnxruntime's pybind errors, OpenVINO's *Failure, NNCF's
+    errors, RuntimeError / ValueError). Anything else (AttributeError, TypeError, KeyError...) is a
+    bug: it propagates as an internal error instead of quietly shipping another candidate."""
+    if isinstance(e, UsageError):
+        return False  # the user's to fix: the build stops
+    if isinstance(e, (EdgetlError, RuntimeError, ValueError)):
+        return True
+    return type(e).__module__.split(".")[0] in ("onnxruntime", "openvino", "nncf", "onnx")
+
+
+@dataclass
+class _Judge:
+    """What every candidate is judged against on val: the gate's rule, the search target."""
+
+    qins: QuantInputs
+    strata: np.ndarray
+    tolerances: dict
+    target: float
+    clear_target: float
+    rule: str
+    classes: list[str]
+    seed: int
+
+    def scores(self, cand: str, logits: np.ndarray, int8: bool) -> tuple[choice.Scores, list[str], dict]:
+        """(the rule's view of the candidate, its misses of the gate's rule on val, its evidence record)."""
+        qins, tol, strata = self.qins, self.tolerances, self.strata
+        n = len(qins.val_y)
+        rep = parity.evaluate(qins.val_reference_logits, logits[:n], qins.val_y, self.classes, seed=self.seed,
+                              split="val", tolerance_pp=tol["max_accuracy_drop_pp"])
+        rule = parity.resolve_rule(self.rule, n, tol["max_accuracy_drop_pp"])
+        gate_missed, _ = parity.gate_misses(rep, max_accuracy_drop_pp=tol["max_accuracy_drop_pp"],
+                                            min_top1_agreement=0.0, rule=rule)
+        agree = _agreement(logits, qins)
+        rate = float(stratified(agree, strata)[0])
+        clear = float(stratified(agree, strata, kept=CLEAR)[0])
+        clear = None if np.isnan(clear) else clear
+        rows = f"({agree.size} val images and views)"
+        if rate < tol["min_top1_agreement"] - 1e-9:
+            gate_missed.append(f"top-1 agreement {rate:.4f} < {tol['min_top1_agreement']:g} {rows}")
+        missed = []
+        if rate < self.target - 1e-9:
+            missed.append(f"top-1 agreement {rate:.4f} < {self.target:g} {rows}")
+        clear_missed = clear is not None and clear < self.clear_target - 1e-9
+        if clear_missed:
+            missed.append(f"clear-image agreement {clear:.4f} < {self.clear_target:g} (float margin >= "
+                          f"{parity.MARGIN:g})")
+        reference = evidence_reference(qins)
+        mse = float(((logits.astype(np.float64) - reference) ** 2).mean())
+        s = choice.Scores(cand, rate, mse, int8, tuple(gate_missed), tuple(missed), clear, clear_missed)
+        record = {"val_accuracy_drop_pp": rep.accuracy_drop_pp, "val_top1_agreement": rep.top1_agreement,
+                  "val_gate_rule": rule,
+                  "evidence": {"images": int(agree.shape[0]), "views_per_image": int(agree.shape[1]),
+                               "comparisons": int(agree.size), "top1_agreement": round(rate, 5),
+                               "agreement_ci95": _interval(agree, strata, self.seed),
+                               "clear_agreement": None if clear is None else round(clear, 5),
+                               "logit_mse": round(mse, 6), "raw_agreement": round(float(agree.mean()), 5),
+                               "by_margin": parity.agreement_by_margin(reference, _rows(agree))},
+                  "val_misses": [*gate_missed, *missed], "feasible": s.feasible}
+        return s, gate_missed, record
+
+
+def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, make_runner: Callable, judge: _Judge,
+           progress: Progress) -> _Scored | dict:
+    """Build and run one candidate on the evidence; a candidate's own failure is its attempt record
+    (a dict with its error), anything else propagates (see _candidate_error)."""
     progress.stage(f"{profile.name}: quantize ({cand})")
     t0 = time.perf_counter()
     try:
@@ -278,36 +287,16 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, stra
         float_nodes = backend.float_nodes(art)
         # A float classifier head (one small Gemm) costs no measurable speed; a float convolution does.
         compute_float = backend.float_nodes(art, convolutions_only=True)
-    except UsageError:
-        raise
-    except Exception as e:  # a candidate that fails to build or to run is recorded; the next one goes on
+    except Exception as e:
+        if not _candidate_error(e):
+            raise
         message = str(e) if isinstance(e, EdgetlError) else f"{type(e).__name__}: {e}"
         log.warning("candidate %s failed: %s", cand, message)
         log.debug("candidate %s failed", cand, exc_info=True)
-        attempts.append({"quantizer": cand, "error": message, "seconds": round(time.perf_counter() - t0, 2),
-                         **({"dropped_by_time_limit": True} if isinstance(e, BudgetExceeded) else {})})
-        return None
-    n = len(qins.val_y)
-    rep = parity.evaluate(qins.val_reference_logits, logits[:n], qins.val_y, classes, seed=seed, split="val")
-    agree = _agreement(logits, qins)
-    rate = float(stratified(agree, strata)[0])
-    drop_only = dict(max_accuracy_drop_pp=tolerances["max_accuracy_drop_pp"], min_top1_agreement=0.0,
-                     drop_by_ci=True)
-    gate_missed = parity.misses(rep, **drop_only)
-    missed = list(gate_missed)
-    if rate < tolerances["min_top1_agreement"] - 1e-9:
-        gate_missed.append(f"top-1 agreement {rate:.4f} < {tolerances['min_top1_agreement']:g} "
-                           f"({agree.size} val images and views)")
-    if rate < target_agreement - 1e-9:
-        missed.append(f"top-1 agreement {rate:.4f} < {target_agreement:g} ({agree.size} val images and views)")
-    attempt = {"quantizer": cand, "val_accuracy_drop_pp": rep.accuracy_drop_pp,
-               "val_top1_agreement": rep.top1_agreement,
-               "evidence": {"images": int(agree.shape[0]), "views_per_image": int(agree.shape[1]),
-                            "comparisons": int(agree.size), "top1_agreement": round(rate, 5),
-                            "agreement_ci95": _interval(agree, strata, seed),
-                            "raw_agreement": round(float(agree.mean()), 5),
-                            "by_margin": parity.agreement_by_margin(evidence_reference(qins), _rows(agree))},
-               "val_misses": missed, "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),
+        return {"quantizer": cand, "error": message, "seconds": round(time.perf_counter() - t0, 2),
+                **({"dropped_by_time_limit": True} if isinstance(e, BudgetExceeded) else {})}
+    scores, gate_missed, record = judge.scores(cand, logits, not compute_float)
+    attempt = {"quantizer": cand, **record, "float_nodes": len(float_nodes), "float_convolutions": len(compute_float),
                "seconds": round(time.perf_counter() - t0, 2)}
     from .refine import refiners
 
@@ -315,9 +304,7 @@ def _score(cand: str, build: Callable, backend, profile, qins: QuantInputs, stra
         key = getattr(refiner, "record_key", None)
         if key and key in art.meta:
             attempt[key] = {k: v for k, v in art.meta[key].items() if k != "path"}
-    # broken: the gate would refuse it on val already (agreement floor, or a drop shown above tolerance)
-    return _Scored(cand, art, agree, logits, gate_missed, missed, float_nodes, not compute_float, attempt,
-                   bool(gate_missed))
+    return _Scored(art, scores, gate_missed, float_nodes, attempt)
 
 
 def _rows(agree: np.ndarray) -> np.ndarray:

@@ -64,10 +64,11 @@ class Model:
     model_input: str  # what it takes (model_input.py)
     latency_ms: float = 0.0
     speed: dict = field(default_factory=dict)  # batch_<n>: vs the FP32 model through the same runtime, interleaved
+    certified: bool = False  # the test split certifies the drop tolerance (parity.certified)
 
     def result(self, files: list[str]) -> ModelResult:
         return ModelResult(self.precision, self.metrics, self.misses, self.quantization, self.sizes,
-                           self.validated_with, files, self.latency_ms, self.speed, self.model_input)
+                           self.validated_with, files, self.latency_ms, self.speed, self.model_input, self.certified)
 
 
 @dataclass
@@ -112,9 +113,9 @@ def search_int8(backend, profile: TargetProfile, fp32: Artifact, tol: dict, evid
     target_agreement = max(tol["min_top1_agreement"], profile.tolerances.search_top1_agreement)
     qins = evidence.quant_inputs(tol["max_accuracy_drop_pp"], target_agreement, recipe.seed)
     rins = evidence.refine_inputs(qins, fp32)
-    names = profile.quantization.quantizers if recipe.quantize.escalate else profile.quantization.quantizers[:1]
     return search.run(backend, profile, fp32, qins, rins, tolerances=tol, target_agreement=target_agreement,
-                      candidates=names, classes=classes, seed=recipe.seed, work=work, progress=progress,
+                      candidates=profile.quantization.quantizers, effort=recipe.quantize.level,
+                      rule=recipe.gate.rule, classes=classes, seed=recipe.seed, work=work, progress=progress,
                       make_runner=lambda art: backends.runner(backend, art, contract, classes, profile,
                                                              threads=threads))
 
@@ -124,11 +125,11 @@ def make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32:
     """One model of the target: the INT8 search or a float conversion, then its gate on the test split."""
     p, progress = ctx.prepared, ctx.progress
     recipe, ds, contract = p.recipe, p.dataset, p.contract
-    quant, val_missed = None, []
+    quant, val_missed, search_warnings = None, [], []
     if precision == "int8":
         choice = search_int8(backend, profile, fp32, tol, ctx.search, recipe, ds.classes, contract, work, progress,
                              ctx.threads)
-        art, val_missed = choice.artifact, choice.val_missed
+        art, val_missed, search_warnings = choice.artifact, choice.val_missed, choice.warnings
         records = {key: art.meta[key] for r in refiners().values()
                    if (key := getattr(r, "record_key", None)) and key in art.meta}
         quant = QuantizationRecord(art.meta.get("candidate", art.meta.get("quantizer")), choice.attempts,
@@ -150,21 +151,25 @@ def make_model(precision: str, stem: str, backend, profile: TargetProfile, fp32:
     report = parity.evaluate(g.reference, test_logits, g.y, ds.classes, seed=recipe.seed,
                              tolerance_pp=tol["max_accuracy_drop_pp"], min_judged=recipe.data.min_judged_images)
     rule = parity.resolve_rule(recipe.gate.rule, report.n_test, tol["max_accuracy_drop_pp"])
-    missed, gate_warnings = parity.gate_misses(report, **tol, rule=rule)
+    missed, gate_warnings = parity.gate_misses(report, **tol, rule=rule,
+                                               require_certified=recipe.gate.require_certified)
     for w in gate_warnings:
         log.warning("%s (%s): %s", profile.name, precision, w)
     if val_missed:
-        missed = [f"quantization budget spent: every candidate missed on the validation split "
+        missed = [f"quantization budget spent: every candidate the search ran missed the gate on the validation split "
                   f"({'; '.join(val_missed)})"] + missed
     sizes = {"fp32_onnx_bytes": fp32.size, "model_bytes": art.size, "ratio": round(art.size / fp32.size, 4)}
-    report.gate_rule = {"asked": recipe.gate.rule, "applied": rule, "certified": not gate_warnings}
+    certified = parity.certified(report, tol["max_accuracy_drop_pp"])
+    report.gate_rule = {"asked": recipe.gate.rule, "applied": rule, "certified": certified,
+                        "required": recipe.gate.require_certified, "tolerance_pp": tol["max_accuracy_drop_pp"]}
     report.agreement_by_margin = parity.agreement_by_margin(g.reference,
                                                             g.reference.argmax(1) == test_logits.argmax(1))
     report.export_max_abs_diff = fp32.meta.get("max_abs_diff")
     for item in report.changed:
         item["file"] = g.files[item["index"]]
     return Model(precision, stem, art, runner, report, [f"{precision}: {m}" for m in missed], quant,
-                 sizes, [*report.warnings, *gate_warnings], validated_with(runner, profile), profile.model_input)
+                 sizes, [*report.warnings, *gate_warnings, *search_warnings], validated_with(runner, profile),
+                 profile.model_input, certified=certified)
 
 
 def validated_with(runner, profile: TargetProfile) -> str:
@@ -182,10 +187,10 @@ def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> Tar
     ds, contract = p.dataset, p.contract
     profile, backend, models = g.profile, g.backend, g.models
     baseline = backends.runner(backend, backend.convert(g.fp32, "fp32", profile, g.work), contract, ds.classes,
-                               profile)
+                               profile, timing=True)
     for m in models:
         progress.stage(f"{profile.name}: speed vs FP32 ({m.precision})")
-        runner = backends.runner(backend, m.artifact, g.contract, ds.classes, profile)  # all the cores again
+        runner = backends.runner(backend, m.artifact, g.contract, ds.classes, profile, timing=True)  # all the CPUs
         m.speed = speed.versus(runner, baseline, ctx.gate.x, batches=(1, profile.speed_batch))  # same pixels
         m.latency_ms = m.speed["batch_1"]["ms"]
     missed = [miss for m in models for miss in m.misses]
@@ -259,7 +264,10 @@ def reference_row(fp32: Artifact, p: Prepared, g: GateEvidence) -> dict:
     from .runtime.predict import Predictor
 
     ref_pred = g.reference.argmax(1)
-    runner = Predictor(Engine(fp32.path, {"providers": ["CPUExecutionProvider"]}), p.contract, p.dataset.classes)
+    from .threads import engine
+
+    runner = Predictor(Engine(fp32.path, {"providers": ["CPUExecutionProvider"], "threads": engine()}), p.contract,
+                       p.dataset.classes)
     return {"accuracy": float((ref_pred == g.y).mean()), "n_test": int(len(ref_pred)),
             "fp32_onnx_bytes": fp32.size, "latency_ms": speed.latency_ms(runner, g.x),
             "latency_measured_with": runner.executed_by,

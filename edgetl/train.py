@@ -81,11 +81,15 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (and deterministic torch ops) for a reproducible fit."""
+    """Seed Python, numpy and torch, and fix torch's thread count (threads.py: its sums depend on
+    it), for a reproducible fit."""
     import random
 
     import torch
 
+    from .threads import fix_numerics
+
+    fix_numerics()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -140,7 +144,7 @@ def trunk_rows(trunk, contract: dict, fit: Fit, tmp: Path, check: np.ndarray):
         return run
     from .export import onnxruntime_twin
 
-    twin = onnxruntime_twin(trunk, contract["input_size"], tmp, check=check, threads=torch.get_num_threads())
+    twin = onnxruntime_twin(trunk, contract["input_size"], tmp, check=check)  # threads: threads.engine()
     return lambda x: twin.run(None, {"input": x})[0]
 
 

@@ -126,6 +126,30 @@ def test_calibration_subset_balanced_from_train(tmp_path):
     assert data.calibration_subset(train, 3, 6, seed=0) == sub
 
 
+def test_calibration_over_more_classes_than_images_is_a_seeded_draw_of_classes():
+    """200 classes, 128 calibration images: one image each from 128 classes in a seeded shuffled order
+    (the same for a seed), not always the first 128 labels; over seeds every class is drawn, each
+    about equally often (128/200 of the seeds)."""
+    from pathlib import Path
+
+    items = [data.Item(Path(f"c{c}/{i}.png"), c, f"{c}-{i}") for c in range(200) for i in range(3)]
+    sub = data.calibration_subset(items, 200, 128, seed=0)
+    labels = [it.label for it in sub]
+    assert len(sub) == 128 and len(set(labels)) == 128  # one per class: as balanced as it can be
+    assert max(labels) >= 128  # later labels are not left out by construction
+    assert data.calibration_subset(items, 200, 128, seed=0) == sub  # deterministic for a seed
+    assert data.calibration_subset(items, 200, 128, seed=1) != sub
+    counts = np.zeros(200)
+    for seed in range(200):
+        counts[[it.label for it in data.calibration_subset(items, 200, 128, seed=seed)]] += 1
+    assert counts.min() > 0  # every class is calibrated on under some seed
+    # each class is drawn in 128/200 = 64 % of seeds: binomial(200, 0.64), sd 6.8; 5 sd either side
+    assert 128 - 34 < counts.min() and counts.max() < 128 + 34
+    # with enough images the round-robin still covers every class once before any twice
+    sub = data.calibration_subset(items, 200, 300, seed=0)
+    assert sorted(np.bincount([it.label for it in sub], minlength=200).tolist()) == [1] * 100 + [2] * 100
+
+
 def test_duplicate_files_never_cross_splits(tmp_path):
     root = make_image_folder(tmp_path / "d", per_class=6)
     import shutil

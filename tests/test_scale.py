@@ -170,8 +170,13 @@ def test_two_gloo_processes_train_what_one_process_trains(tiny_data, tmp_path, s
     one = _fit_here(tiny_data, strategy, tmp_path)
     assert set(two) == set(one)
     diff = {k: float(np.abs(two[k].astype(np.float64) - one[k]).max()) for k in one if one[k].size}
+    if strategy == "feature-extract":  # rank 0 trains the head on the ranks' rows, as one process does
+        assert max(diff.values()) == 0, diff
+    # Fine-tune: each rank's half-batch gradient, summed by the all-reduce, rounds otherwise than one
+    # process's whole-batch sum, and the steps compound it (here 1e-6; with the numerics' thread
+    # count fixed, threads.py, that rounding is all that differs): the same steps, not the same bits.
     assert max(diff["1.weight"], diff["1.bias"]) <= 1e-5, diff  # the head
-    assert max(diff.values()) <= 1e-4, diff  # fine-tuned blocks: the gradient all-reduce's rounding
+    assert max(diff.values()) <= 1e-4, diff  # fine-tuned blocks
 
 
 def _fails_on_rank_1(hang: bool, timeout_s: float, pid_file: str):

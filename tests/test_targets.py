@@ -26,7 +26,8 @@ def test_openvino_bundle(built, tmp_path):
         assert (b / f).is_file(), f
     assert not (b / "engine_ort.py").exists()
     m = json.loads((b / "manifest.json").read_text())
-    assert m["backend"] == "openvino" and m["validated_with"] == "OpenVINO CPU" and m["versions"]["openvino"]
+    # the CPU plugin runs the float ops in f32, also where it would pick bf16 (AMX): the engine pins it
+    assert m["backend"] == "openvino" and m["validated_with"] == "OpenVINO CPU (f32)" and m["versions"]["openvino"]
     assert m["quantization"]["chosen"] == "nncf_ptq+head_refit"  # the easy data needs no escalation
     assert m["quantization"]["float_nodes"] == []  # fully INT8: every Convolution/MatMul has INT8 weights
     assert m["metrics"]["accuracy_drop_pp"] <= 1.0 and m["sizes"]["ratio"] < 0.4  # xml + bin vs FP32 ONNX
@@ -122,7 +123,7 @@ def test_bench_command(built):
                                    "--rounds", "2", "--batch", "4", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)["bundles"]
-    assert [v["executed_by"] for v in out.values()] == ["CPUExecutionProvider", "OpenVINO CPU"]
+    assert [v["executed_by"] for v in out.values()] == ["CPUExecutionProvider", "OpenVINO CPU (f32)"]
     for v in out.values():
         assert v["batch1_p50_ms"] > 0 and v["throughput_ips"] > 0 and v["cold_load_ms"] > 0 and v["batch"] == 4
         # the bundle's predict.py in a fresh process: no torch there (importing torch alone is ~510 MB here)

@@ -84,8 +84,9 @@ class Backend(Protocol):
 
     def versions(self) -> dict[str, str]: ...
 
-    def limit_threads(self, settings: dict, threads: int) -> dict:
-        """Engine settings with intra-op threads capped at `threads`."""
+    def limit_threads(self, settings: dict, threads: int, spinning: bool = True) -> dict:
+        """Engine settings with intra-op threads capped at `threads`; spinning=False: idle engine
+        threads sleep at once (the build's own runs, on a machine it may share)."""
         ...
 
     def float_nodes(self, artifact: Artifact, convolutions_only: bool = False) -> list[str]:
@@ -144,13 +145,15 @@ def get(profile: TargetProfile) -> Backend:
 
 
 def runner(backend: Backend, artifact: Artifact, contract: dict, labels: list[str], profile: TargetProfile,
-           validating: bool = True, threads: int = 0):
-    """A Predictor running `artifact` through the backend's bundle engine (what the device runs);
-    `threads` > 0 caps its intra-op threads (a target built beside others gets its share)."""
+           validating: bool = True, threads: int = 0, timing: bool = False):
+    """A Predictor running `artifact` through the backend's bundle engine (what the device runs),
+    with `threads` intra-op threads (a target built beside others gets its share; 0: the CPUs this
+    process may use, threads.py). Its idle threads sleep, except for `timing` (the speed evidence
+    measures the engine as the device runs it)."""
     from ..runtime.predict import Predictor, load_engine
+    from ..threads import engine as engine_threads
 
-    settings = backend.settings(profile, validating)
-    if threads:
-        settings = backend.limit_threads(settings, threads)
+    settings = backend.limit_threads(backend.settings(profile, validating), threads or engine_threads(),
+                                     spinning=timing)
     engine = load_engine(backend.engine).Engine(artifact.path, settings)
     return Predictor(engine, contract, labels)

@@ -11,6 +11,7 @@ from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError
 from ..export import INPUT, drop_unused_initializers
 from ..profiles import TargetProfile
+from ..threads import ort_options
 from . import QuantInputs, nncf_common, register, symmetric_int8_rows
 
 log = logging.getLogger(__name__)
@@ -177,13 +178,16 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
         if profile.quantization.symmetric_activations and profile.quantization.activation_type == "int8":
             model = onnx.ModelProto.FromString(model.SerializeToString())
             _signed_activations(model)  # judge what will ship (see _finish)
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {INPUT: x})[0]
 
     model = nncf_common.accuracy_control(onnx.load(str(fp32.path)), data, profile, compile_fn)
     out = workdir / "mixed_precision.int8.onnx"
     onnx.save(model, str(out))
     return _finish(out, fp32, "mixed_precision", profile)
+
+
+mixed_precision.expensive = True  # minutes (NNCF accuracy control): the search runs it only where it can pay
 
 
 def float_nodes(model_path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]:
@@ -233,7 +237,7 @@ def head_features(path: Path):
     model = onnx.load(str(path))
     gemm, _ = _head(model.graph)
     model.graph.output.append(onnx.helper.make_tensor_value_info(gemm.input[0], onnx.TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"])
     names = [model.graph.output[-1].name, model.graph.output[0].name]
     return lambda x: tuple(sess.run(names, {INPUT: x}))
 
@@ -353,8 +357,8 @@ class OnnxRuntimeBackend:
             return {}
         return {"provider_options": {**options, "TensorrtExecutionProvider": {**trt, "trt_int8_enable": False}}}
 
-    def limit_threads(self, settings: dict, threads: int) -> dict:
-        return {**settings, "threads": threads}
+    def limit_threads(self, settings: dict, threads: int, spinning: bool = True) -> dict:
+        return {**settings, "threads": threads, **({} if spinning else {"spinning": False})}
 
     def versions(self) -> dict[str, str]:
         import onnxruntime

@@ -70,13 +70,24 @@ def mixed_precision(fp32: Artifact, data: QuantInputs, profile: TargetProfile, w
 
     def compile_fn(model):
         # NNCF's OpenVINO backend hands the metric an already compiled model.
-        compiled = model if isinstance(model, ov.CompiledModel) else core.compile_model(model, "CPU")
+        compiled = model if isinstance(model, ov.CompiledModel) else core.compile_model(model, "CPU", cpu_config())
         return lambda x: compiled(x)[0]
 
     model = nncf_common.accuracy_control(_read_onnx(fp32), data, profile, compile_fn)
     model.set_rt_info("mixed_precision", ["edgetl", "quantizer"])
     return _save(model, workdir / "mixed_precision.int8.xml", "ir-int8", quantizer="mixed_precision",
                  precision="int8")
+
+
+mixed_precision.expensive = True  # minutes: the search runs it only where it can pay
+
+
+def cpu_config() -> dict:
+    """The CPU plugin's settings for the build's own runs: float ops in f32 (not bf16 on CPUs with
+    AMX: the engine's default too, runtime/engine_openvino.py) and the CPUs this process may use."""
+    from ..threads import engine
+
+    return {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": engine()}
 
 
 def float_nodes(model_path: Path, op_types=COMPUTE_OPS) -> list[str]:
@@ -104,7 +115,7 @@ def head_features(path: Path, device: str = "CPU"):
     model = ov.Core().read_model(str(path))
     matmul, _ = _head(model)
     model.add_outputs([matmul.input_value(0)])
-    compiled = ov.Core().compile_model(model, device)
+    compiled = ov.Core().compile_model(model, device, cpu_config() if device == "CPU" else {})
     feat, logits = compiled.output(len(compiled.outputs) - 1), compiled.output(0)
 
     def run(x):
@@ -216,7 +227,10 @@ class OpenVinoBackend:
     def model_settings(self, profile: TargetProfile, precision: str) -> dict:
         return {}  # every IR of the bundle runs with the bundle's settings
 
-    def limit_threads(self, settings: dict, threads: int) -> dict:
+    def limit_threads(self, settings: dict, threads: int, spinning: bool = True) -> dict:
+        # TBB's idle workers do not spin for long: no setting to pass for `spinning`
+        if settings.get("device", "CPU") != "CPU":
+            return settings  # a property of the CPU plugin; other plugins refuse it
         return {**settings, "config": {**settings.get("config", {}), "INFERENCE_NUM_THREADS": threads}}
 
     def versions(self) -> dict[str, str]:

@@ -55,8 +55,9 @@ def onnx_teacher(fp32: Artifact, views: TrainViews, batch: int = 16) -> Callable
         import onnxruntime as ort
 
         from ..export import INPUT
+        from ..threads import ort_options
 
-        sess = ort.InferenceSession(str(fp32.path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(fp32.path), ort_options(), providers=["CPUExecutionProvider"])
         return np.concatenate([sess.run(None, {INPUT: x})[0] for x in views.batches(batch)])
 
     return run

@@ -263,6 +263,16 @@ def _fold_weight_quantizers(g) -> int:
     return folded
 
 
+def qat_key(profile) -> tuple:
+    """What makes two targets' QAT the same work (shared under SHARED). The time limit is part of it: a
+    budgeted target must not reuse an unbudgeted target's model (or the reverse), since the limit
+    decides whether the candidate exists at all."""
+    q = profile.quantization
+    preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
+    return ("qat", q.qat_epochs, q.qat_max_steps, q.qat_checkpoints, q.qat_lr, q.qat_loss, q.qat_temperature,
+            q.symmetric_activations, preset, q.per_channel, profile.opset, q.qat_budget_s)
+
+
 def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
     """`art` is the float model (QAT starts from it); returns the backend's INT8 model. Targets
     whose quantization scheme is the same share one trained model (onnxruntime and OpenVINO get
@@ -271,9 +281,7 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
     if q.float_op_types:
         raise EdgetlError(f"{profile.source}: qat does not support quantization.float_op_types "
                           f"{q.float_op_types}; the candidate is skipped")
-    preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
-    key = ("qat", q.qat_epochs, q.qat_max_steps, q.qat_checkpoints, q.qat_lr, q.qat_loss, q.qat_temperature,
-           q.symmetric_activations, preset, q.per_channel, profile.opset)
+    key = qat_key(profile)
     with SHARED:
         if key not in inp.shared:
             t0 = time.perf_counter()
@@ -293,5 +301,6 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
 
 
 qat.from_float = True
+qat.expensive = True  # minutes of training: the search runs it only where it can pay (quantize.effort)
 qat.record_key = "qat"
 qat.requires = ("nncf", "nncf")  # (module, pip extra), checked before a build starts

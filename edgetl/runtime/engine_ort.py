@@ -6,7 +6,9 @@ Settings (runtime.json "settings", overridable with `predict.py --set KEY=VALUE`
                      ~/.cache/edgetl-trt (a bundle folder stays read-only and verifiable)
   strict_providers   true: fail instead of falling back when the first provider is missing or does
                      not load (checked on the session made, not on what the wheel was built with)
-  threads            intra-op threads (0: onnxruntime's default)
+  threads            intra-op threads (0: onnxruntime's default: the machine's physical cores)
+  spinning           false: idle pool threads sleep at once instead of spinning (a machine shared
+                     with other work; onnxruntime's default, true, is the lower latency alone)
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Engine:
         opts.log_severity_level = 3
         if settings.get("threads"):
             opts.intra_op_num_threads = int(settings["threads"])
+        if not _flag(settings.get("spinning", True)):
+            for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+                opts.add_session_config_entry(key, "0")
         wanted = settings.get("providers") or ["CPUExecutionProvider"]
         if isinstance(wanted, str):
             wanted = [p.strip() for p in wanted.split(",")]
