@@ -312,17 +312,6 @@ def agreement_by_margin(reference_logits: np.ndarray, same: np.ndarray, threshol
     return {"threshold": threshold, "clear": part(clear), "borderline": part(~clear)}
 
 
-def sign_test_p(better: int, worse: int) -> float:
-    """One-sided exact binomial (McNemar / sign) test: the probability of `better` or more successes in
-    `better + worse` fair coin tosses. Small: the advantage is unlikely to be chance."""
-    m = better + worse
-    if m == 0:
-        return 1.0
-    from scipy.stats import binom
-
-    return float(binom.sf(better - 1, m, 0.5))
-
-
 def images_to_resolve(tolerance_pp: float) -> int:
     """Test images needed for one image to be worth at most half the drop tolerance."""
     return int(np.ceil(200.0 / tolerance_pp)) if tolerance_pp > 0 else 0

@@ -247,13 +247,6 @@ def test_agreement_by_margin_splits_clear_from_borderline():
     assert got["borderline"] == {"n": 2, "agreement": 0.5, "flips": 1}
 
 
-def test_sign_test_known_values():
-    assert parity.sign_test_p(5, 0) == pytest.approx(1 / 32)
-    assert parity.sign_test_p(4, 0) == pytest.approx(1 / 16)
-    assert parity.sign_test_p(0, 0) == 1.0
-    assert parity.sign_test_p(6, 2) == pytest.approx((28 + 8 + 1) / 256)  # P(X >= 6), X ~ Bin(8, 1/2)
-
-
 RULE_NAMES = ("point", "evidence", "auto")
 
 
