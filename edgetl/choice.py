@@ -13,9 +13,10 @@ per-candidate `Scores`, so every branch of the rule is testable without a model 
   not met" (then, only when every fully-INT8 candidate is broken, the best one that is not).
   "Best agreement": within TIE of the highest, the lowest logit MSE to the float model, then the
   earliest (cheapest).
-- Runs (quantize.effort): "low" the first candidate only; "default" candidates in order until a
+- Runs (quantize.effort): "low" the first candidate that builds; "default" candidates in order until a
   fully-INT8 one is feasible, an expensive one (QAT, mixed precision: `expensive = True` on its
-  quantizer or refiner) only while the best so far is broken or misses the clear-image target;
+  quantizer or refiner) only while no fully-INT8 candidate passes the gate on val, or the best
+  fully-INT8 one misses the clear-image target;
   "max" every candidate.
 Nothing here reads a clock: the same scores give the same choice on any machine.
 """
@@ -110,16 +111,18 @@ def skip_reason(k: int, cand: Candidate, done: dict[int, Scores], effort: str) -
     """Why candidate k is not run (None: run it), from what ran before it."""
     if effort == "max":
         return None
-    if effort == "low":
-        return "skipped: quantize.effort 'low' builds the first candidate only" if k else None
+    if effort == "low":  # the first candidate that builds (a failed one is no choice)
+        return "skipped: quantize.effort 'low' builds the first candidate only" if done else None
     first = next((done[j] for j in sorted(done) if done[j].int8 and done[j].feasible), None)
     if first is not None:
         return f"skipped: {first.name} is feasible (effort 'default' stops at the first feasible fully-INT8 candidate)"
     if not cand.expensive or not done:
         return None
-    j, _, _ = pick(done, effort)
-    s = done[j]
-    if s.broken or s.clear_missed:
+    int8 = [j for j in sorted(done) if done[j].int8 and not done[j].broken]
+    if not int8:  # nothing fully INT8 the gate would take: a mixed-precision model is no reason to stop
+        return None
+    s = done[best(done, int8)]
+    if s.clear_missed:
         return None
     clear = "no clear val images" if s.clear_agreement is None else f"clear-image agreement {s.clear_agreement:.4f}"
     return (f"skipped: expensive, and the best so far, {s.name}, passes the gate on val and meets the clear-image "

@@ -118,9 +118,10 @@ def cli(verbose: int):
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="feature cache folder (default: ~/.cache/edgetl/features; $EDGETL_CACHE/features)")
 @click.option("--cache/--no-cache", default=None, help="read and write the feature cache (default: on)")
-@click.option("--require-certified", is_flag=True, default=None, flag_value=True,
+@click.option("--require-certified/--no-require-certified", default=None,
               help="a model whose test split cannot certify the drop tolerance (NOT CERTIFIED) misses the "
-                   "gate: exit 1, nothing published for its target (recipe gate.require_certified)")
+                   "gate: exit 1, nothing published for its target (recipe gate.require_certified; "
+                   "float models too)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON result object on stdout")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
 def build(recipe_file, as_json, quiet, **flags):
@@ -353,8 +354,11 @@ def _print_info(m: dict) -> None:
     default = ModelResult.from_dict(next(iter(m["models"].values())))
     click.echo(f"accuracy    float {met['reference_accuracy']:.4f}, default model {default.summary()}, "
                f"n_test {met['n_test']}")
-    certified, tol = m.get("certified", default.certified), default.metrics.gate_rule.get("tolerance_pp", "?")
-    bound = (f" (drop 95 % upper bound {default.metrics.drop_upper95_pp:.2f} pp > tolerance {tol} pp)"
+    certified = m.get("certified", default.certified)
+    models = [ModelResult.from_dict(d) for d in m["models"].values()]
+    shy = next((x for x in models if x.certified is False), default)  # the model the status is about
+    tol = shy.metrics.gate_rule.get("tolerance_pp", "?")
+    bound = (f" ({shy.precision}: drop 95 % upper bound {shy.metrics.drop_upper95_pp:.2f} pp > tolerance {tol} pp)"
              if certified is False else "")
     click.echo(f"status      {m.get('status', published_status(True, certified))}{bound}")
     q = m["quantization"]

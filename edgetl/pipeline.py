@@ -102,6 +102,8 @@ def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, w
     clock.lap("train")
     if not ranks.main:  # only rank 0 goes on: reference, quantization, gate, publish
         return None
+    if ranks.world > 1:
+        threads.alone()  # the other ranks are done: the engines get every allowed CPU, as in one process
     return _targets(p, trained, x, work, device, workers, ranks, progress, clock)
 
 

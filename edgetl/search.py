@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import choice, parity
+from . import choice, parity, space
 from .artifact import Artifact
 from .backends import QuantInputs
 from .errors import BudgetExceeded, EdgetlError, UsageError
@@ -206,6 +206,9 @@ def run(backend, profile, fp32: Artifact, qins: QuantInputs, refine_inputs, *, t
                   chosen.gate_missed, chosen.float_nodes, attempts, out.warnings)
 
 
+OUT_OF_MEMORY = ("bad_alloc", "Cannot allocate memory", "out of memory")  # a native library's words for it
+
+
 def _candidate_error(e: BaseException) -> bool:
     """What a candidate may legitimately raise: edgetl's typed errors (BudgetExceeded among them) and
     the runtimes' and quantizers' failures (onnxruntime's pybind errors, OpenVINO's *Failure, NNCF's
@@ -213,6 +216,9 @@ def _candidate_error(e: BaseException) -> bool:
     bug: it propagates as an internal error instead of quietly shipping another candidate."""
     if isinstance(e, UsageError):
         return False  # the user's to fix: the build stops
+    if isinstance(e, (MemoryError, NotImplementedError, RecursionError)) or space.is_disk_full(e) or any(
+            word in str(e) for word in OUT_OF_MEMORY):
+        return False  # the machine's state or a bug, not the candidate's: what ships must not depend on it
     if isinstance(e, (EdgetlError, RuntimeError, ValueError)):
         return True
     return type(e).__module__.split(".")[0] in ("onnxruntime", "openvino", "nncf", "onnx")

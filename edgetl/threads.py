@@ -47,8 +47,18 @@ def allowed() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_ALONE: list[bool] = []  # set by alone(): the other processes of a --nproc build have finished
+
+
+def alone() -> None:
+    """Rank 0 after training (the other ranks return): the machine's CPUs are this process's again."""
+    _ALONE.append(True)
+
+
 def local_processes() -> int:
-    """Processes of this build on this machine (torch's launcher sets LOCAL_WORLD_SIZE)."""
+    """Processes of this build at work on this machine (torch's launcher sets LOCAL_WORLD_SIZE)."""
+    if _ALONE:
+        return 1
     try:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:

@@ -112,6 +112,22 @@ def test_low_effort_runs_the_first_candidate_only():
     assert dec[1] == "skipped: quantize.effort 'low' builds the first candidate only"
 
 
+def test_low_effort_takes_the_first_candidate_that_builds():
+    name, dec, _, ran = run(["RuntimeError: boom", S("b", 0.9, met=False), S("c", 0.99)], effort="low")
+    assert name == "b" and ran == ["RuntimeError: boom", "b"] and dec[2].startswith("skipped: quantize.effort 'low'")
+
+
+def test_a_mixed_precision_candidate_never_stops_an_escalation():
+    """Broken fully-INT8 PTQ, a feasible mixed-precision model, then QAT: QAT runs (nothing fully INT8
+    passes the gate on val), and ships when it is feasible."""
+    name, dec, _, ran = run([S("ptq", 0.85, broken=True), S("mp", 0.99, int8=False), S("qat", 0.975)],
+                            expensive={1, 2})
+    assert ran == ["ptq", "mp", "qat"] and name == "qat"
+    name, _, _, ran = run([S("ptq", 0.96, met=False, clear=False), S("mp", 0.99, int8=False, met=False),
+                           S("qat", 0.975)], expensive={1, 2})
+    assert ran == ["ptq", "mp", "qat"] and name == "qat"
+
+
 def test_a_failed_candidate_is_recorded_and_the_next_one_runs():
     name, dec, _, ran = run(["RuntimeError: boom", S("b", 0.99)])
     assert name == "b" and dec[0] == "failed: RuntimeError: boom" and ran == ["RuntimeError: boom", "b"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +33,11 @@ GAINED = (0.0, 0.005, 0.01, 0.03)
 
 def test_the_bound_covers_the_true_drop_on_the_whole_grid():
     """One-sided coverage P(drop_upper_bound_pp >= true drop) >= 0.94 at every n x (lost, gained)."""
-    start = time.perf_counter()
     grid = {(n, lost, gained): gs.coverage(n, lost, gained) for n in NS for lost in LOST for gained in GAINED}
     worst = min(grid, key=grid.get)
     assert grid[worst] >= 0.94, (worst, grid[worst])
     assert grid[worst] < 0.96  # a bound, not a blanket: somewhere it is close to its 95 %
     assert grid[(120, 0.02, 0.0)] >= 0.95  # the issue's case: the old bound covered 42 % there
-    assert time.perf_counter() - start < 20
 
 
 def test_plain_tango_undercovers_where_the_continuity_correction_does_not():

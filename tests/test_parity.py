@@ -39,17 +39,19 @@ def test_identical_models_pass():
     assert not parity.certified(rep, 1.0) and parity.certified(rep, 2.0)
 
 
-def test_search_judges_the_drop_by_its_interval():
+def test_the_search_judges_val_by_the_gate_rule_not_by_the_point_drop():
+    """On the small val split the search applies the gate's own rule ('auto' -> 'evidence' at n=100):
+    2 images lost of 100 is one image beyond a 1 pp tolerance, not a miss; 20 are."""
     labels = np.arange(100) % 2
     ref = _logits(labels, 2)
     pred = labels.copy()
-    pred[:2] = 1 - pred[:2]  # 2 pp point drop, but within noise for n=100
-    rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"])
+    pred[:2] = 1 - pred[:2]  # 2 pp point drop: tolerance + one image
+    rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"], split="val")
     assert parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.9)
-    assert not parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.9, drop_by_ci=True)
-    pred[:20] = 1 - labels[:20]  # 20 pp: significant
-    rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"])
-    assert parity.misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.0, drop_by_ci=True)
+    assert parity.gate_misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.9, rule="auto")[0] == []
+    pred[:20] = 1 - labels[:20]  # 20 pp
+    rep = parity.evaluate(ref, _logits(pred, 2), labels, ["a", "b"], split="val")
+    assert parity.gate_misses(rep, max_accuracy_drop_pp=1.0, min_top1_agreement=0.0, rule="auto")[0]
 
 
 def _tango(b: int, c: int, n: int, d: float, continuity: float) -> float:

@@ -62,6 +62,9 @@ def test_engine_threads_are_shared_among_processes_and_targets(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     allowed = threads.allowed()
     assert threads.engine() == max(1, allowed // 2) and threads.engine(jobs=3) == max(1, allowed // 6)
+    monkeypatch.setattr(threads, "_ALONE", [True])  # rank 0 after the other ranks finished training
+    assert threads.engine() == allowed
+    monkeypatch.setattr(threads, "_ALONE", [])
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert threads.engine() == allowed == len(os.sched_getaffinity(0))
 
@@ -82,8 +85,16 @@ def test_build_sessions_do_not_spin_and_bundle_engines_spin_unless_told(tmp_path
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     x = np.array([[-1.0, 0.0, 2.0]], np.float32)
-    for settings in ({}, {"threads": 1, "spinning": False}, {"spinning": "false"}):
-        assert Engine(path, settings).run(x).tolist() == [[0.0, 0.0, 2.0]]
+    for settings, spins in (({}, True), ({"threads": 1, "spinning": False}, False), ({"spinning": "false"}, False)):
+        engine = Engine(path, settings)
+        assert engine.run(x).tolist() == [[0.0, 0.0, 2.0]]
+        opts = engine.session.get_session_options()
+        if spins:  # onnxruntime's default: no entry at all
+            with pytest.raises(RuntimeError, match="allow_spinning"):
+                opts.get_session_config_entry("session.intra_op.allow_spinning")
+        else:
+            assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+            assert opts.get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
 def test_openvino_runs_float_ops_in_f32_and_says_so(tmp_path):
