@@ -40,11 +40,26 @@ def wait_passively() -> None:
 
 
 def allowed() -> int:
-    """The CPUs this process may run on (its affinity mask), at least 1."""
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container's or CI runner's `cpu.max`), at least 1."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        mask = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover (not Linux)
-        return max(1, os.cpu_count() or 1)
+        mask = os.cpu_count() or 1
+    return max(1, min(mask, cgroup_quota(CPU_MAX) or mask))
+
+
+CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def cgroup_quota(path: str) -> int | None:
+    """CPUs a cgroup v2 `cpu.max` file allows ("QUOTA PERIOD", rounded up); None: no limit or no file."""
+    try:
+        with open(path, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):  # "max", absent, unreadable
+        return None
 
 
 _ALONE: list[bool] = []  # set by alone(): the other processes of a --nproc build have finished

@@ -117,3 +117,12 @@ def test_openvino_runs_float_ops_in_f32_and_says_so(tmp_path):
     assert engine.executed_by == "OpenVINO CPU (f32)"
     assert Engine(path, {"device": "CPU", "config": {"INFERENCE_PRECISION_HINT": "bf16"}}).config[
         "INFERENCE_PRECISION_HINT"] == "bf16"  # the user's setting wins
+
+
+def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path):
+    f = tmp_path / "cpu.max"
+    for text, cpus in (("150000 100000\n", 2), ("50000 100000", 1), ("400000 100000", 4), ("max 100000", None),
+                       ("garbage", None)):
+        f.write_text(text)
+        assert threads.cgroup_quota(str(f)) == cpus, text
+    assert threads.cgroup_quota(str(tmp_path / "absent")) is None
