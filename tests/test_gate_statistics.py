@@ -174,6 +174,6 @@ def test_shared_build_says_not_certified_everywhere(built):
     assert manifest["models"]["int8"]["certified"] is False
     assert any(w.startswith("NOT CERTIFIED") for w in manifest["warnings"])
     res = CliRunner().invoke(cli, ["info", str(built["bundle"])])
-    assert res.exit_code == 0 and "status      published, NOT CERTIFIED (drop 95 % upper bound" in res.output
+    assert res.exit_code == 0 and "status      published, NOT CERTIFIED (int8: drop 95 % upper bound" in res.output
     md = (built["out"] / "report.md").read_text()
     assert "| published, NOT CERTIFIED |" in md and "Warnings of published targets" in md
