@@ -212,3 +212,17 @@ def test_class_names_are_never_tex(result, tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert page.count('alt="confusion difference: ') == 2 and "<x>" not in page
     assert "true: $\\frac$ · float: $\\frac$ → int8: a|b" in page
+
+
+def test_built_report_says_which_timing_is_which(built):
+    """The shared build's report.md: both timing columns labelled, the float reference's latency said
+    to be its own measurement, and every model's latency the speed evidence's batch-1 time."""
+    md = (built["out"] / "report.md").read_text(encoding="utf-8")
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert f"| {report.SPEED} |" in header and f"| {report.LATENCY} |" in header
+    ref_row = next(line for line in md.splitlines() if line.startswith("| float reference"))
+    assert "float input, timed while gating" in ref_row and "1.00x" not in ref_row
+    assert "not the FP32 time the speed column divides by" in md
+    built_report = json.loads((built["out"] / "report.json").read_text(encoding="utf-8"))
+    models = [m for t in built_report["targets"] for m in t["models"]]
+    assert models and all(m["latency_ms"] == m["speed"]["batch_1"]["ms"] > 0 for m in models)
