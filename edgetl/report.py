@@ -45,7 +45,7 @@ def rows(result) -> list[dict]:
 def _reference_timing(ref: dict) -> str:
     """What timed the float reference, said apart from the models' speed evidence (the legend explains)."""
     ran = ref.get("latency_measured_with", "")
-    return f"{ran}; float input, timed while gating" if ran else ""
+    return f"{ran}; float input, timed during gating" if ran else ""
 
 
 def _mb(n) -> float | None:
@@ -132,9 +132,9 @@ def legend(result) -> list[str]:
         f"n_test = {result.reference.get('n_test')}; {LATENCY}: each model's median batch-1 time through its own "
         f"runtime ('measured with'), timed alone after gating on {m.get('cpu', '?')} ({m.get('cores', '?')} "
         "cores): rows of different runtimes or input types compare those too. The float reference's latency is "
-        "its FP32 ONNX with float input on onnxruntime's CPU provider, timed once while the targets were gated: "
-        "a rough figure, not the FP32 time the speed column divides by (report.json: speed.batch_1.fp32_ms) — "
-        "use `edgetl bench` for careful numbers.",
+        "its FP32 ONNX with float input on onnxruntime's CPU provider, timed once during gating (idle engine "
+        "threads asleep; under --jobs beside other targets): a rough figure, not the FP32 time the speed column "
+        "divides by (report.json: speed.batch_1.fp32_ms) — use `edgetl bench` for careful numbers.",
     ] + _training_line(getattr(result, "training", None) or {})
 
 

@@ -92,7 +92,7 @@ def test_table_shows_bounds_speed_and_float_layers(result):
     assert fp16[col[report.SPEED]] == "-"  # no speed recorded
     # the float reference is no target's speed baseline, and its timing is labelled as its own
     assert ref[col[report.SPEED]] == "-" and ref[col["drop (pp; 95 % upper bound)"]] == "+0.00"
-    assert ref[col["measured with"]] == "ORT CPU; float input, timed while gating"
+    assert ref[col["measured with"]] == "ORT CPU; float input, timed during gating"
     assert int8[col["measured with"]] == "ORT CPU" and int8[col[report.LATENCY]] == "1.25"
     assert all(len(row) == len(h) for row in (ref, int8, fp16))
 
@@ -221,7 +221,7 @@ def test_built_report_says_which_timing_is_which(built):
     header = next(line for line in md.splitlines() if line.startswith("| model |"))
     assert f"| {report.SPEED} |" in header and f"| {report.LATENCY} |" in header
     ref_row = next(line for line in md.splitlines() if line.startswith("| float reference"))
-    assert "float input, timed while gating" in ref_row and "1.00x" not in ref_row
+    assert "float input, timed during gating" in ref_row and "1.00x" not in ref_row
     assert "not the FP32 time the speed column divides by" in md
     built_report = json.loads((built["out"] / "report.json").read_text(encoding="utf-8"))
     models = [m for t in built_report["targets"] for m in t["models"]]

@@ -152,7 +152,7 @@ def test_targets_init_build_verify_from_the_wheel(fresh):
     header = next(line for line in md.splitlines() if line.startswith("| model |"))
     assert f"| {report.SPEED} |" in header and f"| {report.LATENCY} |" in header
     ref_row = next(line for line in md.splitlines() if line.startswith("| float reference"))
-    assert "float input, timed while gating" in ref_row
+    assert "float input, timed during gating" in ref_row
     assert "not the FP32 time the speed column divides by" in md
     for t in json.loads((out / "report.json").read_text(encoding="utf-8"))["targets"]:
         for m in t["models"]:  # the latency column is the speed evidence's batch-1 time, not a third timing
