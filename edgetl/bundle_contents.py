@@ -197,15 +197,15 @@ overrides the device). Exit codes: 0, 1 (golden check failed, bundle changed), 2
    colour its high byte; a palette its colours. Alpha (RGBA, grey+alpha, a palette with
    transparency) is composited over white with Pillow's integer `alpha_composite`; a colour-key
    transparency on grey/RGB is ignored. EXIF orientation is applied by `preprocess.py` (the C++
-   refuses an image whose orientation is not 1). JPEG: decoders differ; the C++ refuses it.
-2. Resize so the shorter side is {c['resize_size']}: scale = {c['resize_size']} / min(width, height), new width =
-   max({w}, round(width * scale)), new height = max({h}, round(height * scale)), rounding half to even; Pillow's
-   `{c['interpolation']}` resampling
-   (antialiased: the filter widens with the reduction; two one-dimensional passes, each rounded
-   to uint8; weights normalised then in fixed point, 22 fraction bits). Pillow 13 runs the vertical
-   pass first when the height shrinks by over twice as many pixels as the width; older Pillow the
-   horizontal first: `cpp/image_io.hpp` follows manifest.json's `versions.pillow`. An OpenCV-style
-   resize is not this: it differs by several levels.
+   refuses an image whose orientation is not 1). JPEG: decoders differ; the C++ refuses it. PPM: P6,
+   maxval 255; a header ending "255\\r\\n" is read by the C++ as one line end, by Pillow one byte off.
+2. Resize so the shorter side is {c['resize_size']}: scale = {c['resize_size']} / min(width, height); new width
+   max({w}, round(width * scale)), new height max({h}, round(height * scale)), rounding half to even.
+   Pillow's `{c['interpolation']}` resampling: antialiased (the filter widens with the reduction), two
+   one-dimensional passes each rounded to uint8, weights normalised then in fixed point (22 fraction
+   bits). Pillow 13 runs the vertical pass first when the height shrinks by over twice as many
+   pixels as the width, older Pillow the horizontal one: `cpp/image_io.hpp` follows manifest.json's
+   `versions.pillow`. An OpenCV-style resize is not this: it differs by several levels.
 3. Centre crop {w}x{h}: left = (new width - {w}) // 2, top = (new height - {h}) // 2.
 4. Feed uint8 RGB, NHWC [1, {h}, {w}, 3], rows top to bottom.
 """

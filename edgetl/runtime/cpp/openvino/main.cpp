@@ -63,7 +63,9 @@ class OpenVinoModel : public edgetl::Model {
     request_ = compiled.create_infer_request();
   }
 
-  std::string executed_by() const override { return "OpenVINO " + ov::get_openvino_version().buildNumber + " " + device_; }
+  std::string executed_by() const override {
+    return std::string("OpenVINO ") + ov::get_openvino_version().buildNumber + " " + device_;
+  }
 
   std::vector<float> logits(const edgetl::Image& image) override {
     ov::Tensor x(ov::element::u8, ov::Shape{1, static_cast<size_t>(height_), static_cast<size_t>(width_), 3},
