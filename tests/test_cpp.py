@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edgetl.cli import cli
+from edgetl.runtime.preprocess import load_contract, load_rgb, resize_crop
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +152,11 @@ def test_a_640x480_png_is_classified_as_predict_py_does(installed, name, tmp_pat
         for top in result["top"]:
             assert abs(got[labels.index(top["label"])] - top["probability"]) < 1e-5, (result, got)
     assert cpp["crlf.ppm"] == cpp["0.png"]
+    dump = tmp_path / "inputs.bin"  # the hidden --dump-input mode: the tensors fed, preprocess.py's exactly
+    assert _run(home / "bin" / "edgetl_classify", home / "bundle", "--dump-input", dump, *images).returncode == 0
+    contract = load_contract(bundle / "preprocess.json")
+    want = np.stack([np.asarray(resize_crop(load_rgb(p), contract)) for p in images])
+    assert np.array_equal(np.fromfile(dump, dtype=np.uint8).reshape(want.shape), want)
     assert len({int(np.argmax(p)) for p in cpp.values()}) > 1  # not one answer for everything
 
 

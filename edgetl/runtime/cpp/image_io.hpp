@@ -69,7 +69,7 @@ struct Image {
 
 constexpr uint64_t kMaxPixels = 89478485;  // Pillow's Image.MAX_IMAGE_PIXELS: predict.py refuses more
 
-inline std::string read_file(const std::string& path, uint64_t cap = uint64_t(1) << 31) {
+inline std::string read_file(const std::string& path, uint64_t cap = (uint64_t(1) << 31) - 1) {  // int-sized
   std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw InputError(path + ": cannot open");
   const std::streamoff size = in.tellg();
@@ -215,7 +215,8 @@ inline PngInfo png_info(const std::string& d, const std::string& path) {
     if (len > d.size() - pos - 12) throw InputError(path + ": truncated PNG (chunk '" + printable(type) + "')");
     if (crc32(p + pos + 4, len + 4) != be32(p + pos + 8 + len))
       throw InputError(path + ": broken PNG (CRC of chunk '" + printable(type) + "')");
-    const std::string data = d.substr(pos + 8, len);
+    const bool wanted = type == "eXIf" || type == "tEXt" || type == "zTXt" || type == "iTXt";
+    const std::string data = wanted ? d.substr(pos + 8, len) : std::string();
     if (type == "IHDR" && len == 13) {
       info.width = static_cast<int>(std::min<uint32_t>(be32(p + pos + 8), 1u << 30));
       info.height = static_cast<int>(std::min<uint32_t>(be32(p + pos + 12), 1u << 30));
