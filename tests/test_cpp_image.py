@@ -11,6 +11,7 @@ UndefinedBehaviorSanitizer where the compiler has them; each test feeds it many 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import struct
@@ -173,8 +174,9 @@ def _png(w: int, h: int, depth: int, colour: int, raw: bytes, extra: list[tuple[
 
 
 def test_cpp_reads_what_pillow_reads_and_refuses_what_it_cannot_match(harness, tmp_path):
-    """16-bit colour PNGs (the high byte, as Pillow), a PPM whose header ends "255\\r\\n", comments in
-    PPM headers; refused in one line: EXIF orientation 6, trailing bytes, maxval 65535, a JPEG, a bad CRC."""
+    """16-bit colour PNGs (the high byte, as Pillow), tRNS colour keys, a PPM whose header ends
+    "255\\r\\n", comments in PPM headers; refused in one line: EXIF orientation 6, trailing bytes,
+    maxval 65535, a JPEG, a bad CRC."""
     rng = np.random.default_rng(5)
     contract = CONTRACTS[0]
     rgb16 = rng.integers(0, 65536, (9, 7, 3)).astype(">u2")
@@ -185,6 +187,12 @@ def test_cpp_reads_what_pillow_reads_and_refuses_what_it_cannot_match(harness, t
             "la16.png": _png(7, 9, 16, 4, b"".join(b"\0" + row.tobytes() for row in rgb16[..., :2])),
             "exif1.png": _png(1, 1, 8, 2, b"\0abc", exif(1)),
             "comments.ppm": b"P6 # a comment\n# another\r\n3 # w\n2\n255\n" + bytes(range(18))}
+    for mode, key in (("RGB", (7, 8, 9)), ("L", 7)):  # a tRNS colour key: ignored, as Pillow ignores it
+        keyed = rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)
+        keyed[:10] = 7, 8, 9
+        buf = io.BytesIO()
+        Image.fromarray(keyed).convert(mode).save(buf, "PNG", transparency=key)
+        good[f"key-{mode}.png"] = buf.getvalue()
     pixels = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)
     crlf = b"P6\r\n4 5\r\n255\r\n" + pixels.tobytes()
     good["crlf.ppm"] = crlf
