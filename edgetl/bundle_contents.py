@@ -62,10 +62,10 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
     bundle.write_files(stage, files)
     expected_out = {"models": {m.precision: expected(m, stage, shipped, contract) for m in models}}
     golden_files = {"golden/expected.json": json.dumps(expected_out, indent=1) + "\n"}
-    if raw:  # "<ppm> <top-1 index>" per line: what the C++ consumer's --golden checks
-        golden_files["golden/golden.txt"] = "".join(
-            f"golden/{k:02d}.ppm {item['index']}\n"
-            for k, item in enumerate(expected_out["models"][default.precision]["items"]))
+    if raw:  # "<image> <top-1 index>" per line: what the C++ consumer's --golden checks (with expected.json's
+        golden_files["golden/golden.txt"] = "".join(  # logits), decoding, resizing and cropping as predict.py
+            f"{item['file']} {item['index']}\n"
+            for item in expected_out["models"][default.precision]["items"])
     bundle.write_files(stage, golden_files)
     created = bundle.created()  # SOURCE_DATE_EPOCH's; a bundle is a function of its inputs
     certified = all(m.certified for m in models)  # every model's drop tolerance certified by the test split
@@ -112,11 +112,16 @@ def ppm_bytes(img) -> bytes:
     return f"P6\n{arr.shape[1]} {arr.shape[0]}\n255\n".encode("ascii") + arr.tobytes()
 
 
+CPP_SHARED = ("bundle_io.hpp", "bundle_json.hpp", "image_io.hpp", "cmake/edgetl_bundle.cmake",
+              "third_party/stb_image.h", "third_party/LICENSE-stb_image.txt")
+
+
 def cpp_sources(folder: str) -> dict[str, Path]:
-    """The C++ consumer for a backend: its CMakeLists.txt and main.cpp, and the shared bundle_io.hpp."""
+    """The C++ consumer for a backend: its CMakeLists.txt and main.cpp, the shared headers and CMake
+    code, and the vendored PNG decoder (stb_image, public domain / MIT) with its licence."""
     root = Path(str(resources.files("edgetl").joinpath("runtime", "cpp")))
     return {"CMakeLists.txt": root / folder / "CMakeLists.txt", "main.cpp": root / folder / "main.cpp",
-            "bundle_io.hpp": root / "bundle_io.hpp"}
+            **{name: root / name for name in CPP_SHARED}}
 
 
 def png_bytes(img) -> bytes:
@@ -141,13 +146,69 @@ def input_section(c: dict, backend) -> str:
             f"divide by std {c['std']}, to NCHW): an application feeds camera pixels. `preprocess.py` "
             "implements the resize and crop.\n")
     if backend.cpp:
-        text += (f"\n## C++ (cpp/)\n\n`cpp/` holds a consumer on {backend.name}'s C++ API (source only): it reads\n"
-                 f"`labels.txt`, feeds one {w}x{h} binary PPM and prints the top-5, or runs the golden inputs:\n\n"
-                 "    cmake -S cpp -B build ...   # the first lines of cpp/CMakeLists.txt say what to pass\n"
-                 "    cmake --build build\n"
-                 "    build/edgetl_classify . IMAGE.ppm\n"
-                 "    build/edgetl_classify . --golden   # exit 1 when a top-1 differs from the build's\n")
+        text += cpp_section(backend, c)
     return text
+
+
+_CPP_RUNTIME = {
+    "ort": ("onnxruntime", "ORT=/path/to/onnxruntime-linux-x64-1.21.0   # onnxruntime's release archive "
+            "(1.21 or newer), unpacked", "-DCMAKE_PREFIX_PATH=$ORT"),
+    "openvino": ("OpenVINO", 'OV=$(python -c "from openvino.utils import get_cmake_path; print(get_cmake_path())")  '
+                 "# or an OpenVINO archive's runtime/cmake (2024.0 or newer)", "-DOpenVINO_DIR=$OV"),
+}
+
+
+def cpp_section(backend, c: dict) -> str:
+    """The README's C++ part: build and install out of the bundle, run, and the exact input contract."""
+    name, where, define = _CPP_RUNTIME[backend.cpp]
+    h, w = c["input_size"]
+    wheel = ("" if backend.cpp != "ort" else
+             "\nonnxruntime's Python wheel has the library (`onnxruntime/capi/libonnxruntime.so.1.x.y`) but no "
+             "headers: "
+             "a folder\n`include/` (the four `onnxruntime_*.h` of onnxruntime's `include/onnxruntime/core/session/` at "
+             "the same\nor an older version) + `lib/libonnxruntime.so.1.x.y` with the links `libonnxruntime.so.1` and "
+             "`libonnxruntime.so`\nto it serves as `$ORT`. CMake checks the headers' C API version (21 or newer); the "
+             "program refuses\na library older than its headers.\n")
+    return f"""
+## C++ (cpp/)
+
+`cpp/` holds a consumer on {name}'s C++ API (source only). It reads PNG or binary PPM (P6) images of
+any size, resizes and crops them itself, bit for bit as `preprocess.py` (the contract below), checks
+every file it reads against `manifest.json` (the model before loading it), and prints
+`<file> <label> <probability>` per image. Build outside the bundle (CMake refuses a build folder
+inside it: the bundle stays as published), from this folder:
+
+    {where}
+    cmake -S cpp -B ../build-{backend.cpp} {define}
+    cmake --build ../build-{backend.cpp}
+    cmake --install ../build-{backend.cpp} --prefix ../edgetl-{backend.cpp}
+    ../edgetl-{backend.cpp}/bin/edgetl_classify ../edgetl-{backend.cpp}/bundle --golden
+
+The installed folder (`bin/edgetl_classify`, its runtime libraries in `lib/`, this bundle in `bundle/`)
+runs wherever it is copied. `--golden` exits 1 when a golden image's top-1 or a logit differs from
+the build's (beyond `golden/expected.json`'s `logit_atol`); `IMAGE...` classifies (`--probs`: every
+class's probability); `--bench N` prints p50/p90 latency; `--no-verify` skips the sha256 checks.
+`runtime.json`'s model and settings apply (threads; OpenVINO device and hints, `EDGETL_DEVICE=GPU`
+overrides the device). Exit codes: 0, 1 (golden check failed, bundle changed), 2 (bad input, one line).
+{wheel}
+### Input contract, for those who write their own
+
+1. Decode to 8-bit RGB: grey is copied to R, G and B; 16-bit grey becomes round(v / 257), 16-bit
+   colour its high byte; a palette its colours. Alpha (RGBA, grey+alpha, a palette with
+   transparency) is composited over white with Pillow's integer `alpha_composite`; a colour-key
+   transparency on grey/RGB is ignored. EXIF orientation is applied by `preprocess.py` (the C++
+   refuses an image whose orientation is not 1). JPEG: decoders differ; the C++ refuses it. PPM: P6,
+   maxval 255; a header ending "255\\r\\n" is read by the C++ as one line end, by Pillow one byte off.
+2. Resize so the shorter side is {c['resize_size']}: scale = {c['resize_size']} / min(width, height); new width
+   max({w}, round(width * scale)), new height max({h}, round(height * scale)), rounding half to even.
+   Pillow's `{c['interpolation']}` resampling: antialiased (the filter widens with the reduction), two
+   one-dimensional passes each rounded to uint8, weights normalised then in fixed point (22 fraction
+   bits). Pillow 13 runs the vertical pass first when the height shrinks by over twice as many
+   pixels as the width, older Pillow the horizontal one: `cpp/image_io.hpp` follows manifest.json's
+   `versions.pillow`. An OpenCV-style resize is not this: it differs by several levels.
+3. Centre crop {w}x{h}: left = (new width - {w}) // 2, top = (new height - {h}) // 2.
+4. Feed uint8 RGB, NHWC [1, {h}, {w}, 3], rows top to bottom.
+"""
 
 
 def recipe_toml(recipe: BuildRecipe, profile: TargetProfile) -> str:
