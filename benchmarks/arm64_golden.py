@@ -1,0 +1,359 @@
+"""ARM64 evidence without an ARM machine: the cpu-arm64 bundle's C++ consumer, cross-compiled for aarch64
+and run under qemu-aarch64 (user-mode emulation of real aarch64 instructions), golden mode and logits.
+
+    python benchmarks/arm64_golden.py [BUNDLE] [--cache DIR] [--work DIR] [--cpu NAME ...] [--offline]
+
+BUNDLE: a built cpu-arm64 bundle (default: builds a small one in WORK with `edgetl build --target
+cpu-arm64` on the built-in shapes at 64 pixels). Steps:
+1. the aarch64 onnxruntime library of the installed onnxruntime's version: PyPI's aarch64 wheel
+   (pip download, kept in --cache) laid out like onnxruntime's release archive (include/ + lib/);
+   the headers are third_party/onnxruntime-1.21's (the wheel has none; older headers work with a
+   newer library);
+2. a CMake toolchain file for Debian's aarch64-linux-gnu cross compiler; the bundle's cpp/ configured
+   with -DCMAKE_PREFIX_PATH=<that folder> and -DONNXRUNTIME_INCLUDE_DIR/-DONNXRUNTIME_LIBRARY, built
+   in WORK (outside the bundle), plus a small logit probe (the model's raw logits on each golden PPM);
+3. for each --cpu (qemu CPU model; default neoverse-n1, with the dot-product instructions, and
+   cortex-a72, without: onnxruntime picks different INT8 kernels): `qemu-aarch64 -L
+   /usr/aarch64-linux-gnu -cpu NAME edgetl_classify BUNDLE --golden` (exit code and output as they
+   are), then the probe: max |logit difference| against golden/expected.json, judged by its logit_atol.
+
+qemu before 8.2 shows the guest the host's x86 /proc/cpuinfo; onnxruntime's CPU detection (cpuinfo)
+then crashes while the library loads (SIGSEGV). For those versions an LD_PRELOAD shim (built here for
+aarch64) hands the guest a /proc/cpuinfo for the emulated CPU model, which is what a real ARM kernel
+and qemu >= 8.2 give; the instruction set features still come from qemu's auxiliary vector.
+
+Exit codes: 0 passed, 1 golden mode or a logit beyond logit_atol failed, 2 usage (bad bundle), 3 a
+tool or the aarch64 library is missing (one line naming the Debian package or the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADERS = ROOT / "third_party" / "onnxruntime-1.21" / "include"
+SYSROOT = Path("/usr/aarch64-linux-gnu")
+TOOLS = {"cmake": "cmake", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+         "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}
+QEMUS = ("qemu-aarch64", "qemu-aarch64-static")
+# MIDR fields (implementer, variant, part, revision) of qemu's CPU models, and their Linux feature names
+CPUS = {"neoverse-n1": ("0x41", "0x4", "0xd0c", "1", "dot"), "cortex-a76": ("0x41", "0x4", "0xd0b", "1", "dot"),
+        "cortex-a72": ("0x41", "0x0", "0xd08", "3", "base"), "cortex-a57": ("0x41", "0x1", "0xd07", "0", "base"),
+        "cortex-a53": ("0x41", "0x0", "0xd03", "4", "base")}
+FEATURES = {"base": "fp asimd evtstrm aes pmull sha1 sha2 crc32 cpuid",
+            "dot": "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcp dcpop asimddp"}
+
+
+class Missing(Exception):
+    """A prerequisite is absent (exit 3)."""
+
+
+TOOLCHAIN = """\
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
+set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
+# the Debian cross sysroot and the onnxruntime folder: find_* look there only, never in the host's /usr
+set(CMAKE_FIND_ROOT_PATH {sysroot} {ort})
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
+"""
+
+PROBE = r"""// arm64_golden probe: the model's raw logits on binary PPMs ("P6 W H 255" then pixels, no comments)
+#include <onnxruntime_cxx_api.h>
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+int main(int argc, char** argv) {
+  if (argc < 3) { std::fprintf(stderr, "usage: %s MODEL.onnx IMAGE.ppm...\n", argv[0]); return 2; }
+  Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "arm64_golden");
+  Ort::SessionOptions options;  // $EDGETL_PROBE_OPT: graph optimisation level 0, 1, 2 or 99 (default 99: all)
+  if (const char* level = std::getenv("EDGETL_PROBE_OPT")) options.SetGraphOptimizationLevel(GraphOptimizationLevel(std::atoi(level)));
+  Ort::Session session(env, argv[1], options);
+  Ort::AllocatorWithDefaultOptions alloc;
+  const std::string in = session.GetInputNameAllocated(0, alloc).get(), out = session.GetOutputNameAllocated(0, alloc).get();
+  const char* ins[] = {in.c_str()};
+  const char* outs[] = {out.c_str()};
+  Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  for (int i = 2; i < argc; ++i) {
+    std::ifstream f(argv[i], std::ios::binary);
+    std::string magic; int64_t w = 0, h = 0; int maxval = 0;
+    f >> magic >> w >> h >> maxval;
+    f.get();
+    std::vector<uint8_t> rgb(static_cast<size_t>(w * h * 3));
+    f.read(reinterpret_cast<char*>(rgb.data()), static_cast<std::streamsize>(rgb.size()));
+    if (!f || magic != "P6" || maxval != 255) { std::fprintf(stderr, "%s: not a plain P6 PPM\n", argv[i]); return 2; }
+    const std::array<int64_t, 4> shape{1, h, w, 3};
+    Ort::Value x = Ort::Value::CreateTensor<uint8_t>(mem, rgb.data(), rgb.size(), shape.data(), shape.size());
+    std::vector<Ort::Value> y = session.Run(Ort::RunOptions{nullptr}, ins, &x, 1, outs, 1);
+    const float* p = y[0].GetTensorData<float>();
+    std::printf("%s", argv[i]);
+    for (size_t k = 0; k < y[0].GetTensorTypeAndShapeInfo().GetElementCount(); ++k) std::printf(" %.9g", p[k]);
+    std::printf("\n");
+  }
+  return 0;
+}
+"""
+
+SHIM = r"""// LD_PRELOAD for qemu < 8.2: open("/proc/cpuinfo") reads $EDGETL_ARM64_CPUINFO instead (test scaffolding)
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+static const char* swap(const char* p) {
+  const char* fake = getenv("EDGETL_ARM64_CPUINFO");
+  return fake && p && strcmp(p, "/proc/cpuinfo") == 0 ? fake : p;
+}
+#define MODE mode_t mode = 0; if (flags & O_CREAT) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
+#define REAL(name, type) static type real; if (!real) real = (type)dlsym(RTLD_NEXT, name)
+typedef int (*open_t)(const char*, int, ...);
+typedef int (*openat_t)(int, const char*, int, ...);
+typedef FILE* (*fopen_t)(const char*, const char*);
+int open(const char* p, int flags, ...) { MODE; REAL("open", open_t); return real(swap(p), flags, mode); }
+int open64(const char* p, int flags, ...) { MODE; REAL("open64", open_t); return real(swap(p), flags, mode); }
+int openat(int d, const char* p, int flags, ...) { MODE; REAL("openat", openat_t); return real(d, swap(p), flags, mode); }
+FILE* fopen(const char* p, const char* m) { REAL("fopen", fopen_t); return real(swap(p), m); }
+FILE* fopen64(const char* p, const char* m) { REAL("fopen64", fopen_t); return real(swap(p), m); }
+"""
+
+
+def run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+
+
+def prerequisites() -> tuple[str, tuple[int, int]]:
+    """The qemu program and its version; Missing names the Debian package of the first absent tool."""
+    for tool, package in TOOLS.items():
+        if shutil.which(tool) is None:
+            raise Missing(f"{tool} not found; fix: apt-get install {package}")
+    if not (SYSROOT / "lib" / "ld-linux-aarch64.so.1").is_file():
+        raise Missing(f"{SYSROOT}/lib/ld-linux-aarch64.so.1 not found; fix: apt-get install libc6-dev-arm64-cross")
+    qemu = next((q for q in QEMUS if shutil.which(q)), None)
+    if qemu is None:
+        raise Missing("qemu-aarch64 not found; fix: apt-get install qemu-user (or qemu-user-static)")
+    m = re.search(r"version (\d+)\.(\d+)", run([qemu, "--version"]).stdout)
+    return qemu, (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def onnxruntime_aarch64(version: str, cache: Path, offline: bool) -> Path:
+    """<cache>/onnxruntime-<version>-aarch64: include/ + lib/libonnxruntime.so{,.1,.<version>}."""
+    import zipfile
+
+    folder = cache / f"onnxruntime-{version}-aarch64"
+    library = folder / "lib" / f"libonnxruntime.so.{version}"
+    if not library.is_file():
+        wheels = sorted(cache.glob(f"onnxruntime-{version}-*aarch64.whl"))
+        if not wheels and offline:
+            raise Missing(f"no onnxruntime {version} aarch64 wheel in {cache}; fix: run without --offline "
+                          f"(pip download) or put onnxruntime-{version}-*-manylinux_*_aarch64.whl there")
+        if not wheels:
+            cache.mkdir(parents=True, exist_ok=True)
+            proc = run([sys.executable, "-m", "pip", "download", f"onnxruntime=={version}", "--no-deps",
+                        "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform",
+                        "manylinux2014_aarch64", "-d", cache], timeout=900)
+            wheels = sorted(cache.glob(f"onnxruntime-{version}-*aarch64.whl"))
+            if not wheels:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise Missing(f"pip download of the onnxruntime {version} aarch64 wheel failed: {tail}")
+        (folder / "lib").mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheels[-1]) as whl:
+            member = f"onnxruntime/capi/libonnxruntime.so.{version}"
+            partial = library.with_suffix(".part")
+            partial.write_bytes(whl.read(member))
+            partial.chmod(0o755)
+            partial.replace(library)
+    for link, target in (("libonnxruntime.so.1", library.name), ("libonnxruntime.so", "libonnxruntime.so.1")):
+        (folder / "lib" / link).unlink(missing_ok=True)
+        (folder / "lib" / link).symlink_to(target)
+    shutil.copytree(HEADERS, folder / "include", dirs_exist_ok=True)
+    return folder
+
+
+def cross_build(src: Path, build: Path, toolchain: Path, ort: Path) -> None:
+    for cmd in (["cmake", "-S", src, "-B", build, f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_PREFIX_PATH={ort}", f"-DONNXRUNTIME_INCLUDE_DIR={ort / 'include'}",
+                 f"-DONNXRUNTIME_LIBRARY={ort / 'lib' / 'libonnxruntime.so'}"],
+                ["cmake", "--build", build, "-j", "2"]):
+        proc = run(cmd, timeout=900)
+        if proc.returncode:
+            sys.exit(f"error: {' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+
+
+def build_probe(work: Path, ort: Path) -> tuple[Path, Path]:
+    """The logit probe and the /proc/cpuinfo shim, compiled for aarch64."""
+    (work / "probe.cpp").write_text(PROBE)
+    (work / "cpuinfo_shim.c").write_text(SHIM)
+    probe, shim = work / "arm64_probe", work / "cpuinfo_shim.so"
+    for cmd in (["aarch64-linux-gnu-g++", "-O2", "-std=c++17", "-I", ort / "include", work / "probe.cpp", "-o", probe,
+                 "-L", ort / "lib", "-lonnxruntime", f"-Wl,-rpath,{ort / 'lib'}"],
+                ["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", work / "cpuinfo_shim.c", "-o", shim, "-ldl"]):
+        proc = run(cmd, timeout=600)
+        if proc.returncode:
+            sys.exit(f"error: {' '.join(map(str, cmd))} failed:\n{proc.stderr[-3000:]}")
+    return probe, shim
+
+
+def small_bundle(work: Path) -> Path:
+    out = work / "bundle-build"
+    if not (out / "cpu-arm64" / "manifest.json").is_file():
+        proc = run([sys.executable, "-m", "edgetl.cli", "build", "--target", "cpu-arm64", "--image-size", "64",
+                    "--epochs", "5", "--seed", "0", "--out", out, "-q"], timeout=3600)
+        if proc.returncode:
+            sys.exit(f"error: edgetl build failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return out / "cpu-arm64"
+
+
+def fake_cpuinfo(work: Path, cpu: str) -> Path:
+    impl, var, part, rev, feats = CPUS[cpu]
+    blocks = [f"processor\t: {i}\nBogoMIPS\t: 50.00\nFeatures\t: {FEATURES[feats]}\nCPU implementer\t: {impl}\n"
+              f"CPU architecture: 8\nCPU variant\t: {var}\nCPU part\t: {part}\nCPU revision\t: {rev}\n"
+              for i in range(os.cpu_count() or 1)]
+    path = work / f"cpuinfo-{cpu}"
+    path.write_text("\n".join(blocks) + "\n")
+    return path
+
+
+def emulate(qemu: str, cpu: str, env: list[str], cmd: list) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = run([qemu, "-L", SYSROOT, "-cpu", cpu, *[a for e in env for a in ("-E", e)], *cmd], timeout=900)
+    return proc, time.perf_counter() - t0
+
+
+def x86_logits(bundle: Path) -> dict[str, list[list[float]]]:
+    """The installed onnxruntime's logits here (x86) on the golden PPMs at three graph optimisation levels:
+    how far two correct executions of the same QDQ model drift apart on one machine."""
+    import numpy as np
+    import onnxruntime
+    from PIL import Image
+
+    ppms = [bundle / line.split()[0] for line in (bundle / "golden" / "golden.txt").read_text().splitlines()]
+    out = {}
+    for name in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
+        opts = onnxruntime.SessionOptions()
+        opts.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, name)
+        sess = onnxruntime.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        feed = sess.get_inputs()[0].name
+        out[name] = [sess.run(None, {feed: np.asarray(Image.open(p).convert("RGB"))[None]})[0][0].tolist()
+                     for p in ppms]
+    return out
+
+
+def spread(a: list[list[float]], b: list[list[float]]) -> float:
+    return round(max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), 6)
+
+
+def check_cpu(qemu: str, shimmed: bool, cpu: str, work: Path, exe: Path, probe: Path, shim: Path,
+              bundle: Path) -> dict:
+    env = [f"LD_PRELOAD={shim}", f"EDGETL_ARM64_CPUINFO={fake_cpuinfo(work, cpu)}"] if shimmed else []
+    golden, seconds = emulate(qemu, cpu, env, [exe, bundle, "--golden"])
+    expected = json.loads((bundle / "golden" / "expected.json").read_text())["models"]["int8"]
+    ppms = [bundle / line.split()[0] for line in (bundle / "golden" / "golden.txt").read_text().splitlines()]
+    record = {"cpu": cpu, "golden_exit": golden.returncode, "golden_seconds": round(seconds, 2),
+              "golden_output": golden.stdout.strip().splitlines()[-12:] + golden.stderr.strip().splitlines()[-3:],
+              "golden_logit_lines": [ln for ln in golden.stdout.splitlines() if "logit" in ln.lower()]}
+    logits, _ = emulate(qemu, cpu, env, [probe, bundle / "model.onnx", *ppms])
+    rows = [[float(v) for v in ln.split()[1:]] for ln in logits.stdout.splitlines()]
+    if logits.returncode or len(rows) != len(expected["items"]):
+        record.update(probe_exit=logits.returncode, probe_error=logits.stderr.strip()[-500:], passed=False)
+        return record
+    diffs = [max(abs(a - b) for a, b in zip(row, item["logits"])) for row, item in zip(rows, expected["items"])]
+    top1 = [max(range(len(row)), key=row.__getitem__) == item["index"] for row, item in zip(rows, expected["items"])]
+    record.update(max_logit_diff=round(max(diffs), 6), logit_atol=expected["logit_atol"],
+                  top1_equal=f"{sum(top1)} of {len(top1)}", images=len(rows), logits=rows)
+    record["passed"] = golden.returncode == 0 and max(diffs) <= expected["logit_atol"] and all(top1)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", nargs="?", type=Path, help="a cpu-arm64 bundle (default: build a small one)")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("EDGETL_ARM64_CACHE",
+                                                                      Path.home() / ".cache" / "edgetl" / "arm64")),
+                    help="where the aarch64 wheel and library are kept ($EDGETL_ARM64_CACHE)")
+    ap.add_argument("--work", type=Path, default=Path("arm64-work"), help="build folder (outside the bundle)")
+    ap.add_argument("--cpu", action="append", choices=sorted(CPUS), help="qemu CPU model (repeatable)")
+    ap.add_argument("--ort-version", help="onnxruntime version (default: the installed one's)")
+    ap.add_argument("--offline", action="store_true", help="never pip download: the wheel must be in --cache")
+    ap.add_argument("--check", action="store_true", help="only check the prerequisites (exit 0 or 3)")
+    ap.add_argument("--json", type=Path, help="write the result object there")
+    args = ap.parse_args(argv)
+    cpus = args.cpu or ["neoverse-n1", "cortex-a72"]
+    if args.bundle is not None and not (args.bundle / "golden" / "expected.json").is_file():
+        print(f"error: {args.bundle}: not a built bundle (no golden/expected.json); fix: pass a cpu-arm64 bundle "
+              "folder", file=sys.stderr)
+        return 2
+    try:
+        qemu, qemu_version = prerequisites()
+        if args.ort_version is None:
+            import onnxruntime
+            args.ort_version = onnxruntime.__version__
+        ort = onnxruntime_aarch64(args.ort_version, args.cache.resolve(), args.offline)
+    except Missing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if args.check:
+        print(f"ready: {qemu} {'.'.join(map(str, qemu_version))}, onnxruntime {args.ort_version} aarch64 in {ort}")
+        return 0
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    bundle = (args.bundle or small_bundle(work)).resolve()
+    if work == bundle or work.is_relative_to(bundle):
+        print(f"error: --work {work} is inside the bundle; fix: a folder outside it", file=sys.stderr)
+        return 2
+    toolchain = work / "aarch64-toolchain.cmake"
+    toolchain.write_text(TOOLCHAIN.format(sysroot=SYSROOT, ort=ort))
+    t0 = time.perf_counter()
+    cross_build(bundle / "cpp", work / "build-ort", toolchain, ort)
+    probe, shim = build_probe(work, ort)
+    exe = next(p for p in sorted((work / "build-ort").rglob("edgetl_classify")) if p.is_file())
+    shimmed = qemu_version < (8, 2)
+    result = {"bundle": str(bundle), "onnxruntime": args.ort_version, "qemu": qemu,
+              "qemu_version": ".".join(map(str, qemu_version)), "cpuinfo_shim": shimmed,
+              "compiler": run(["aarch64-linux-gnu-g++", "--version"]).stdout.splitlines()[0],
+              "build_seconds": round(time.perf_counter() - t0, 1),
+              "runs": [check_cpu(qemu, shimmed, cpu, work, exe, probe, shim, bundle) for cpu in cpus]}
+    x86 = x86_logits(bundle)
+    result["x86_spread"] = {f"ORT_ENABLE_ALL vs {k}": spread(x86["ORT_ENABLE_ALL"], v) for k, v in x86.items()
+                            if k != "ORT_ENABLE_ALL"}
+    for r in result["runs"]:
+        if "logits" in r:
+            r["vs_x86"] = {k: spread(r["logits"], v) for k, v in x86.items()}
+    result["passed"] = all(r["passed"] for r in result["runs"])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"onnxruntime {args.ort_version} aarch64, {result['compiler']}, qemu {result['qemu_version']}"
+          f"{' (with the /proc/cpuinfo shim)' if shimmed else ''}; bundle {bundle}")
+    for r in result["runs"]:
+        print(f"  {r['cpu']}: golden exit {r['golden_exit']} ({r['golden_seconds']} s): "
+              f"{r['golden_output'][-1] if r['golden_output'] else 'no output'}")
+        for line in r["golden_logit_lines"]:
+            print(f"    {line}")
+        if "max_logit_diff" in r:
+            print(f"    probe: max |logit - expected| {r['max_logit_diff']} (logit_atol {r['logit_atol']}), "
+                  f"top-1 as expected {r['top1_equal']}; vs x86 at each optimisation level {r['vs_x86']}")
+        else:
+            print(f"    probe failed (exit {r['probe_exit']}): {r['probe_error']}")
+    print(f"  x86 here, same model, between optimisation levels: {result['x86_spread']}")
+    print(f"ARM64 golden: {'PASSED' if result['passed'] else 'FAILED'}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
