@@ -82,10 +82,12 @@ int main(int argc, char** argv) {
   if (argc < 3) { std::fprintf(stderr, "usage: %s MODEL.onnx IMAGE.ppm...\n", argv[0]); return 2; }
   Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "arm64_golden");
   Ort::SessionOptions options;  // $EDGETL_PROBE_OPT: graph optimisation level 0, 1, 2 or 99 (default 99: all)
-  if (const char* level = std::getenv("EDGETL_PROBE_OPT")) options.SetGraphOptimizationLevel(GraphOptimizationLevel(std::atoi(level)));
+  if (const char* level = std::getenv("EDGETL_PROBE_OPT"))
+    options.SetGraphOptimizationLevel(GraphOptimizationLevel(std::atoi(level)));
   Ort::Session session(env, argv[1], options);
   Ort::AllocatorWithDefaultOptions alloc;
-  const std::string in = session.GetInputNameAllocated(0, alloc).get(), out = session.GetOutputNameAllocated(0, alloc).get();
+  const std::string in = session.GetInputNameAllocated(0, alloc).get();
+  const std::string out = session.GetOutputNameAllocated(0, alloc).get();
   const char* ins[] = {in.c_str()};
   const char* outs[] = {out.c_str()};
   Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
@@ -121,14 +123,17 @@ static const char* swap(const char* p) {
   const char* fake = getenv("EDGETL_ARM64_CPUINFO");
   return fake && p && strcmp(p, "/proc/cpuinfo") == 0 ? fake : p;
 }
-#define MODE mode_t mode = 0; if (flags & O_CREAT) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
+#define MODE mode_t mode = 0; \
+  if (flags & O_CREAT) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
 #define REAL(name, type) static type real; if (!real) real = (type)dlsym(RTLD_NEXT, name)
 typedef int (*open_t)(const char*, int, ...);
 typedef int (*openat_t)(int, const char*, int, ...);
 typedef FILE* (*fopen_t)(const char*, const char*);
 int open(const char* p, int flags, ...) { MODE; REAL("open", open_t); return real(swap(p), flags, mode); }
 int open64(const char* p, int flags, ...) { MODE; REAL("open64", open_t); return real(swap(p), flags, mode); }
-int openat(int d, const char* p, int flags, ...) { MODE; REAL("openat", openat_t); return real(d, swap(p), flags, mode); }
+int openat(int d, const char* p, int flags, ...) {
+  MODE; REAL("openat", openat_t); return real(d, swap(p), flags, mode);
+}
 FILE* fopen(const char* p, const char* m) { REAL("fopen", fopen_t); return real(swap(p), m); }
 FILE* fopen64(const char* p, const char* m) { REAL("fopen64", fopen_t); return real(swap(p), m); }
 """
@@ -256,7 +261,7 @@ def x86_logits(bundle: Path) -> dict[str, list[list[float]]]:
 
 
 def spread(a: list[list[float]], b: list[list[float]]) -> float:
-    return round(max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), 6)
+    return round(max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)), 6)
 
 
 def check_cpu(qemu: str, shimmed: bool, cpu: str, work: Path, exe: Path, probe: Path, shim: Path,
@@ -273,11 +278,12 @@ def check_cpu(qemu: str, shimmed: bool, cpu: str, work: Path, exe: Path, probe: 
     if logits.returncode or len(rows) != len(expected["items"]):
         record.update(probe_exit=logits.returncode, probe_error=logits.stderr.strip()[-500:], passed=False)
         return record
-    diffs = [max(abs(a - b) for a, b in zip(row, item["logits"])) for row, item in zip(rows, expected["items"])]
-    top1 = [max(range(len(row)), key=row.__getitem__) == item["index"] for row, item in zip(rows, expected["items"])]
-    record.update(max_logit_diff=round(max(diffs), 6), logit_atol=expected["logit_atol"],
+    top1 = [max(range(len(row)), key=row.__getitem__) == item["index"]
+            for row, item in zip(rows, expected["items"], strict=True)]
+    record.update(max_logit_diff=spread(rows, [item["logits"] for item in expected["items"]]),
+                  logit_atol=expected["logit_atol"],
                   top1_equal=f"{sum(top1)} of {len(top1)}", images=len(rows), logits=rows)
-    record["passed"] = golden.returncode == 0 and max(diffs) <= expected["logit_atol"] and all(top1)
+    record["passed"] = golden.returncode == 0 and record["max_logit_diff"] <= expected["logit_atol"] and all(top1)
     return record
 
 
