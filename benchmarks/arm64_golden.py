@@ -61,25 +61,41 @@ set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
 set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
-# the Debian cross sysroot and the onnxruntime folder: find_* look there only, never in the host's /usr
-set(CMAKE_FIND_ROOT_PATH {sysroot} {ort})
+# the Debian cross sysroot and the runtime's aarch64 folder: find_* look there only, never in the host's /usr
+set(CMAKE_FIND_ROOT_PATH {sysroot} {lib})
 set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
 set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
 """
 
-PROBE = r"""// arm64_golden probe: the model's raw logits on binary PPMs ("P6 W H 255" then pixels, no comments)
-#include <onnxruntime_cxx_api.h>
+PROBE_HEAD = r"""// arm64_golden probe: the model's raw logits on binary PPMs ("P6 W H 255" then pixels, no comments)
 #include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
-#include <stdexcept>
 #include <string>
 #include <vector>
-int main(int argc, char** argv) {
-  if (argc < 3) { std::fprintf(stderr, "usage: %s MODEL.onnx IMAGE.ppm...\n", argv[0]); return 2; }
+static bool read_ppm(const char* path, int64_t& w, int64_t& h, std::vector<uint8_t>& rgb) {
+  std::ifstream f(path, std::ios::binary);
+  std::string magic;
+  int maxval = 0;
+  f >> magic >> w >> h >> maxval;
+  f.get();
+  rgb.resize(static_cast<size_t>(w * h * 3));
+  f.read(reinterpret_cast<char*>(rgb.data()), static_cast<std::streamsize>(rgb.size()));
+  if (!f || magic != "P6" || maxval != 255) std::fprintf(stderr, "%s: not a plain P6 PPM\n", path);
+  return f && magic == "P6" && maxval == 255;
+}
+static void print(const char* path, const float* p, size_t n) {
+  std::printf("%s", path);
+  for (size_t k = 0; k < n; ++k) std::printf(" %.9g", p[k]);
+  std::printf("\n");
+}
+"""
+
+PROBES = {"onnxruntime": PROBE_HEAD + r"""#include <onnxruntime_cxx_api.h>
+int main(int argc, char** argv) {  // MODEL.onnx IMAGE.ppm...
   Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "arm64_golden");
   Ort::SessionOptions options;  // $EDGETL_PROBE_OPT: graph optimisation level 0, 1, 2 or 99 (default 99: all)
   if (const char* level = std::getenv("EDGETL_PROBE_OPT"))
@@ -92,24 +108,34 @@ int main(int argc, char** argv) {
   const char* outs[] = {out.c_str()};
   Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   for (int i = 2; i < argc; ++i) {
-    std::ifstream f(argv[i], std::ios::binary);
-    std::string magic; int64_t w = 0, h = 0; int maxval = 0;
-    f >> magic >> w >> h >> maxval;
-    f.get();
-    std::vector<uint8_t> rgb(static_cast<size_t>(w * h * 3));
-    f.read(reinterpret_cast<char*>(rgb.data()), static_cast<std::streamsize>(rgb.size()));
-    if (!f || magic != "P6" || maxval != 255) { std::fprintf(stderr, "%s: not a plain P6 PPM\n", argv[i]); return 2; }
+    int64_t w = 0, h = 0;
+    std::vector<uint8_t> rgb;
+    if (!read_ppm(argv[i], w, h, rgb)) return 2;
     const std::array<int64_t, 4> shape{1, h, w, 3};
     Ort::Value x = Ort::Value::CreateTensor<uint8_t>(mem, rgb.data(), rgb.size(), shape.data(), shape.size());
     std::vector<Ort::Value> y = session.Run(Ort::RunOptions{nullptr}, ins, &x, 1, outs, 1);
-    const float* p = y[0].GetTensorData<float>();
-    std::printf("%s", argv[i]);
-    for (size_t k = 0; k < y[0].GetTensorTypeAndShapeInfo().GetElementCount(); ++k) std::printf(" %.9g", p[k]);
-    std::printf("\n");
+    print(argv[i], y[0].GetTensorData<float>(), y[0].GetTensorTypeAndShapeInfo().GetElementCount());
   }
   return 0;
 }
-"""
+""", "openvino": PROBE_HEAD + r"""#include <openvino/openvino.hpp>
+int main(int argc, char** argv) {  // MODEL.xml IMAGE.ppm... (CPU device, as the bundle's consumer)
+  ov::Core core;  // $EDGETL_PROBE_PRECISION: an inference_precision hint (f32, f16); default: the plugin's
+  ov::AnyMap config;
+  if (const char* p = std::getenv("EDGETL_PROBE_PRECISION")) config[ov::hint::inference_precision.name()] = p;
+  ov::InferRequest request = core.compile_model(argv[1], "CPU", config).create_infer_request();
+  for (int i = 2; i < argc; ++i) {
+    int64_t w = 0, h = 0;
+    std::vector<uint8_t> rgb;
+    if (!read_ppm(argv[i], w, h, rgb)) return 2;
+    request.set_input_tensor(ov::Tensor(ov::element::u8, ov::Shape{1, size_t(h), size_t(w), 3}, rgb.data()));
+    request.infer();
+    const ov::Tensor y = request.get_output_tensor();
+    print(argv[i], y.data<const float>(), y.get_size());
+  }
+  return 0;
+}
+"""}
 
 SHIM = r"""// LD_PRELOAD for qemu < 8.2: open("/proc/cpuinfo") reads $EDGETL_ARM64_CPUINFO instead (test scaffolding)
 #define _GNU_SOURCE
@@ -157,33 +183,51 @@ def prerequisites() -> tuple[str, tuple[int, int]]:
     return qemu, (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-def onnxruntime_aarch64(version: str, cache: Path, offline: bool) -> Path:
-    """<cache>/onnxruntime-<version>-aarch64: include/ + lib/libonnxruntime.so{,.1,.<version>}."""
+def wheel(package: str, version: str, cache: Path, offline: bool, platforms: tuple[str, ...]) -> Path:
+    """PyPI's aarch64 wheel of package==version, in cache (pip download unless offline)."""
+    found = sorted(cache.glob(f"{package}-{version}-*aarch64.whl"))
+    if not found and offline:
+        raise Missing(f"no {package} {version} aarch64 wheel in {cache}; fix: run without --offline "
+                      f"(pip download) or put {package}-{version}-*_aarch64.whl there")
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        proc = run([sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps",
+                    "--only-binary=:all:",
+                    *[a for p in platforms for a in ("--platform", p)], "-d", cache], timeout=900)
+        found = sorted(cache.glob(f"{package}-{version}-*aarch64.whl"))
+        if not found:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Missing(f"pip download of the {package} {version} aarch64 wheel failed: {tail}")
+    return found[-1]
+
+
+def unpack(whl: Path, members: str, folder: Path) -> None:
+    """The wheel's files under members/ into folder (whole or not at all)."""
     import zipfile
 
+    partial = folder.with_name(folder.name + ".part")
+    shutil.rmtree(partial, ignore_errors=True)
+    with zipfile.ZipFile(whl) as z:
+        for info in z.infolist():
+            if info.filename.startswith(members) and not info.is_dir():
+                target = partial / info.filename
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(info))
+                target.chmod(0o755)
+    partial.replace(folder)
+
+
+def onnxruntime_aarch64(version: str, cache: Path, offline: bool) -> Path:
+    """<cache>/onnxruntime-<version>-aarch64, laid out like onnxruntime's release archive: include/ (the
+    third_party headers) + lib/libonnxruntime.so{,.1,.<version>}."""
     folder = cache / f"onnxruntime-{version}-aarch64"
     library = folder / "lib" / f"libonnxruntime.so.{version}"
     if not library.is_file():
-        wheels = sorted(cache.glob(f"onnxruntime-{version}-*aarch64.whl"))
-        if not wheels and offline:
-            raise Missing(f"no onnxruntime {version} aarch64 wheel in {cache}; fix: run without --offline "
-                          f"(pip download) or put onnxruntime-{version}-*-manylinux_*_aarch64.whl there")
-        if not wheels:
-            cache.mkdir(parents=True, exist_ok=True)
-            proc = run([sys.executable, "-m", "pip", "download", f"onnxruntime=={version}", "--no-deps",
-                        "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform",
-                        "manylinux2014_aarch64", "-d", cache], timeout=900)
-            wheels = sorted(cache.glob(f"onnxruntime-{version}-*aarch64.whl"))
-            if not wheels:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise Missing(f"pip download of the onnxruntime {version} aarch64 wheel failed: {tail}")
+        whl = wheel("onnxruntime", version, cache, offline, ("manylinux_2_28_aarch64", "manylinux2014_aarch64"))
+        unpack(whl, f"onnxruntime/capi/libonnxruntime.so.{version}", cache / "onnxruntime-unpacked")
         (folder / "lib").mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[-1]) as whl:
-            member = f"onnxruntime/capi/libonnxruntime.so.{version}"
-            partial = library.with_suffix(".part")
-            partial.write_bytes(whl.read(member))
-            partial.chmod(0o755)
-            partial.replace(library)
+        (cache / "onnxruntime-unpacked" / "onnxruntime" / "capi" / library.name).replace(library)
+        shutil.rmtree(cache / "onnxruntime-unpacked")
     for link, target in (("libonnxruntime.so.1", library.name), ("libonnxruntime.so", "libonnxruntime.so.1")):
         (folder / "lib" / link).unlink(missing_ok=True)
         (folder / "lib" / link).symlink_to(target)
@@ -191,23 +235,48 @@ def onnxruntime_aarch64(version: str, cache: Path, offline: bool) -> Path:
     return folder
 
 
-def cross_build(src: Path, build: Path, toolchain: Path, ort: Path) -> None:
+def openvino_aarch64(version: str, cache: Path, offline: bool) -> Path:
+    """<cache>/openvino-<version>-aarch64/openvino: the wheel's cmake/ (OpenVINO_DIR), include/ and libs/."""
+    folder = cache / f"openvino-{version}-aarch64"
+    if not (folder / "openvino" / "cmake" / "OpenVINOConfig.cmake").is_file():
+        whl = wheel("openvino", version, cache, offline, ("manylinux_2_35_aarch64", "manylinux_2_31_aarch64",
+                                                          "manylinux_2_28_aarch64", "manylinux2014_aarch64"))
+        unpack(whl, "openvino/", folder)
+    return folder
+
+
+def runtime_folder(runtime: str, version: str | None, cache: Path, offline: bool) -> tuple[str, Path]:
+    """The runtime's version (default: the installed one's) and its aarch64 folder."""
+    if version is None:
+        module = __import__(runtime)
+        version = module.__version__ if runtime == "onnxruntime" else module.get_version().split("-")[0]
+    fetch = onnxruntime_aarch64 if runtime == "onnxruntime" else openvino_aarch64
+    return version, fetch(version, cache, offline)
+
+
+def cross_build(runtime: str, src: Path, build: Path, toolchain: Path, lib: Path) -> None:
+    where = ([f"-DCMAKE_PREFIX_PATH={lib}", f"-DONNXRUNTIME_INCLUDE_DIR={lib / 'include'}",
+              f"-DONNXRUNTIME_LIBRARY={lib / 'lib' / 'libonnxruntime.so'}"] if runtime == "onnxruntime"
+             else [f"-DOpenVINO_DIR={lib / 'openvino' / 'cmake'}"])
     for cmd in (["cmake", "-S", src, "-B", build, f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_PREFIX_PATH={ort}", f"-DONNXRUNTIME_INCLUDE_DIR={ort / 'include'}",
-                 f"-DONNXRUNTIME_LIBRARY={ort / 'lib' / 'libonnxruntime.so'}"],
-                ["cmake", "--build", build, "-j", "2"]):
+                 *where], ["cmake", "--build", build, "-j", "2"]):
         proc = run(cmd, timeout=900)
         if proc.returncode:
             sys.exit(f"error: {' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
 
 
-def build_probe(work: Path, ort: Path) -> tuple[Path, Path]:
+def build_probe(runtime: str, work: Path, lib: Path) -> tuple[Path, Path]:
     """The logit probe and the /proc/cpuinfo shim, compiled for aarch64."""
-    (work / "probe.cpp").write_text(PROBE)
+    (work / "probe.cpp").write_text(PROBES[runtime])
     (work / "cpuinfo_shim.c").write_text(SHIM)
-    probe, shim = work / "arm64_probe", work / "cpuinfo_shim.so"
-    for cmd in (["aarch64-linux-gnu-g++", "-O2", "-std=c++17", "-I", ort / "include", work / "probe.cpp", "-o", probe,
-                 "-L", ort / "lib", "-lonnxruntime", f"-Wl,-rpath,{ort / 'lib'}"],
+    probe, shim = work / f"arm64_probe_{runtime}", work / "cpuinfo_shim.so"
+    if runtime == "onnxruntime":
+        inc, libdir, link = lib / "include", lib / "lib", "-lonnxruntime"
+    else:
+        inc, libdir = lib / "openvino" / "include", lib / "openvino" / "libs"
+        link = "-l:" + next(libdir.glob("libopenvino.so.*")).name
+    for cmd in (["aarch64-linux-gnu-g++", "-O2", "-std=c++17", "-I", inc, work / "probe.cpp", "-o", probe,
+                 "-L", libdir, link, f"-Wl,-rpath,{libdir}"],
                 ["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", work / "cpuinfo_shim.c", "-o", shim, "-ldl"]):
         proc = run(cmd, timeout=600)
         if proc.returncode:
@@ -241,22 +310,30 @@ def emulate(qemu: str, cpu: str, env: list[str], cmd: list) -> tuple[subprocess.
     return proc, time.perf_counter() - t0
 
 
-def x86_logits(bundle: Path) -> dict[str, list[list[float]]]:
-    """The installed onnxruntime's logits here (x86) on the golden PPMs at three graph optimisation levels:
-    how far two correct executions of the same QDQ model drift apart on one machine."""
+def golden_ppms(bundle: Path) -> list[Path]:
+    return [bundle / line.split()[0] for line in (bundle / "golden" / "golden.txt").read_text().splitlines()]
+
+
+def x86_logits(runtime: str, bundle: Path, model: Path) -> dict[str, list[list[float]]]:
+    """The installed runtime's logits here (x86) on the golden PPMs; onnxruntime at three graph optimisation
+    levels: how far two correct executions of the same QDQ model drift apart on one machine."""
     import numpy as np
-    import onnxruntime
     from PIL import Image
 
-    ppms = [bundle / line.split()[0] for line in (bundle / "golden" / "golden.txt").read_text().splitlines()]
+    pixels = [np.asarray(Image.open(p).convert("RGB"))[None] for p in golden_ppms(bundle)]
+    if runtime == "openvino":
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(model), "CPU")
+        return {"OpenVINO CPU": [compiled(x)[0][0].tolist() for x in pixels]}
+    import onnxruntime
+
     out = {}
     for name in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_ALL"):
         opts = onnxruntime.SessionOptions()
         opts.graph_optimization_level = getattr(onnxruntime.GraphOptimizationLevel, name)
-        sess = onnxruntime.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        feed = sess.get_inputs()[0].name
-        out[name] = [sess.run(None, {feed: np.asarray(Image.open(p).convert("RGB"))[None]})[0][0].tolist()
-                     for p in ppms]
+        sess = onnxruntime.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        out[name] = [sess.run(None, {sess.get_inputs()[0].name: x})[0][0].tolist() for x in pixels]
     return out
 
 
@@ -265,15 +342,15 @@ def spread(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def check_cpu(qemu: str, shimmed: bool, cpu: str, work: Path, exe: Path, probe: Path, shim: Path,
-              bundle: Path) -> dict:
+              bundle: Path, model: Path) -> dict:
+    """Golden mode, then the probe's logits against expected.json, on one emulated CPU model."""
     env = [f"LD_PRELOAD={shim}", f"EDGETL_ARM64_CPUINFO={fake_cpuinfo(work, cpu)}"] if shimmed else []
     golden, seconds = emulate(qemu, cpu, env, [exe, bundle, "--golden"])
     expected = json.loads((bundle / "golden" / "expected.json").read_text())["models"]["int8"]
-    ppms = [bundle / line.split()[0] for line in (bundle / "golden" / "golden.txt").read_text().splitlines()]
     record = {"cpu": cpu, "golden_exit": golden.returncode, "golden_seconds": round(seconds, 2),
               "golden_output": golden.stdout.strip().splitlines()[-12:] + golden.stderr.strip().splitlines()[-3:],
               "golden_logit_lines": [ln for ln in golden.stdout.splitlines() if "logit" in ln.lower()]}
-    logits, _ = emulate(qemu, cpu, env, [probe, bundle / "model.onnx", *ppms])
+    logits, _ = emulate(qemu, cpu, env, [probe, model, *golden_ppms(bundle)])
     rows = [[float(v) for v in ln.split()[1:]] for ln in logits.stdout.splitlines()]
     if logits.returncode or len(rows) != len(expected["items"]):
         record.update(probe_exit=logits.returncode, probe_error=logits.stderr.strip()[-500:], passed=False)
@@ -281,21 +358,42 @@ def check_cpu(qemu: str, shimmed: bool, cpu: str, work: Path, exe: Path, probe: 
     top1 = [max(range(len(row)), key=row.__getitem__) == item["index"]
             for row, item in zip(rows, expected["items"], strict=True)]
     record.update(max_logit_diff=spread(rows, [item["logits"] for item in expected["items"]]),
-                  logit_atol=expected["logit_atol"],
-                  top1_equal=f"{sum(top1)} of {len(top1)}", images=len(rows), logits=rows)
+                  logit_atol=expected["logit_atol"], top1_equal=f"{sum(top1)} of {len(top1)}", images=len(rows),
+                  logits=rows)
     record["passed"] = golden.returncode == 0 and record["max_logit_diff"] <= expected["logit_atol"] and all(top1)
     return record
 
 
+def report(result: dict) -> None:
+    print(f"{result['runtime']} {result['version']} aarch64, {result['compiler']}, qemu {result['qemu_version']}"
+          f"{' (with the /proc/cpuinfo shim)' if result['cpuinfo_shim'] else ''}; bundle {result['bundle']}")
+    for r in result["runs"]:
+        print(f"  {r['cpu']}: golden exit {r['golden_exit']} ({r['golden_seconds']} s): "
+              f"{r['golden_output'][-1] if r['golden_output'] else 'no output'}")
+        for line in r["golden_logit_lines"]:
+            print(f"    {line}")
+        if "max_logit_diff" in r:
+            print(f"    probe: max |logit - expected| {r['max_logit_diff']} (logit_atol {r['logit_atol']}), "
+                  f"top-1 as expected {r['top1_equal']}; vs x86 here {r['vs_x86']}")
+        else:
+            print(f"    probe failed (exit {r['probe_exit']}): {r['probe_error']}")
+    if result["x86_spread"]:
+        print(f"  x86 here, same model, between optimisation levels: {result['x86_spread']}")
+    print(f"ARM64 golden: {'PASSED' if result['passed'] else 'FAILED'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundle", nargs="?", type=Path, help="a cpu-arm64 bundle (default: build a small one)")
+    ap.add_argument("bundle", nargs="?", type=Path, help="a cpu-arm64 (or openvino) bundle (default: build a "
+                    "small cpu-arm64 one)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("EDGETL_ARM64_CACHE",
                                                                       Path.home() / ".cache" / "edgetl" / "arm64")),
-                    help="where the aarch64 wheel and library are kept ($EDGETL_ARM64_CACHE)")
+                    help="where the aarch64 wheels and libraries are kept ($EDGETL_ARM64_CACHE)")
     ap.add_argument("--work", type=Path, default=Path("arm64-work"), help="build folder (outside the bundle)")
     ap.add_argument("--cpu", action="append", choices=sorted(CPUS), help="qemu CPU model (repeatable)")
-    ap.add_argument("--ort-version", help="onnxruntime version (default: the installed one's)")
+    ap.add_argument("--runtime", choices=("onnxruntime", "openvino"),
+                    help="default: the bundle's runtime.json backend (onnxruntime for the small build)")
+    ap.add_argument("--version", dest="version", help="runtime version (default: the installed one's)")
     ap.add_argument("--offline", action="store_true", help="never pip download: the wheel must be in --cache")
     ap.add_argument("--check", action="store_true", help="only check the prerequisites (exit 0 or 3)")
     ap.add_argument("--json", type=Path, help="write the result object there")
@@ -305,17 +403,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.bundle}: not a built bundle (no golden/expected.json); fix: pass a cpu-arm64 bundle "
               "folder", file=sys.stderr)
         return 2
+    runtime_json = json.loads((args.bundle / "runtime.json").read_text()) if args.bundle else {}
+    runtime = args.runtime or runtime_json.get("backend", "onnxruntime")
     try:
         qemu, qemu_version = prerequisites()
-        if args.ort_version is None:
-            import onnxruntime
-            args.ort_version = onnxruntime.__version__
-        ort = onnxruntime_aarch64(args.ort_version, args.cache.resolve(), args.offline)
+        version, lib = runtime_folder(runtime, args.version, args.cache.resolve(), args.offline)
     except Missing as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if args.check:
-        print(f"ready: {qemu} {'.'.join(map(str, qemu_version))}, onnxruntime {args.ort_version} aarch64 in {ort}")
+        print(f"ready: {qemu} {'.'.join(map(str, qemu_version))}, {runtime} {version} aarch64 in {lib}")
         return 0
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -323,41 +420,30 @@ def main(argv: list[str] | None = None) -> int:
     if work == bundle or work.is_relative_to(bundle):
         print(f"error: --work {work} is inside the bundle; fix: a folder outside it", file=sys.stderr)
         return 2
+    model = bundle / json.loads((bundle / "runtime.json").read_text())["models"]["int8"]
     toolchain = work / "aarch64-toolchain.cmake"
-    toolchain.write_text(TOOLCHAIN.format(sysroot=SYSROOT, ort=ort))
+    toolchain.write_text(TOOLCHAIN.format(sysroot=SYSROOT, lib=lib))
     t0 = time.perf_counter()
-    cross_build(bundle / "cpp", work / "build-ort", toolchain, ort)
-    probe, shim = build_probe(work, ort)
-    exe = next(p for p in sorted((work / "build-ort").rglob("edgetl_classify")) if p.is_file())
+    build = work / f"build-{runtime}"
+    cross_build(runtime, bundle / "cpp", build, toolchain, lib)
+    probe, shim = build_probe(runtime, work, lib)
+    exe = next(p for p in sorted(build.rglob("edgetl_classify")) if p.is_file())
     shimmed = qemu_version < (8, 2)
-    result = {"bundle": str(bundle), "onnxruntime": args.ort_version, "qemu": qemu,
+    result = {"bundle": str(bundle), "runtime": runtime, "version": version, "qemu": qemu,
               "qemu_version": ".".join(map(str, qemu_version)), "cpuinfo_shim": shimmed,
               "compiler": run(["aarch64-linux-gnu-g++", "--version"]).stdout.splitlines()[0],
-              "build_seconds": round(time.perf_counter() - t0, 1),
-              "runs": [check_cpu(qemu, shimmed, cpu, work, exe, probe, shim, bundle) for cpu in cpus]}
-    x86 = x86_logits(bundle)
+              "build_seconds": round(time.perf_counter() - t0, 1), "program": str(exe),
+              "runs": [check_cpu(qemu, shimmed, cpu, work, exe, probe, shim, bundle, model) for cpu in cpus]}
+    x86 = x86_logits(runtime, bundle, model)
     result["x86_spread"] = {f"ORT_ENABLE_ALL vs {k}": spread(x86["ORT_ENABLE_ALL"], v) for k, v in x86.items()
-                            if k != "ORT_ENABLE_ALL"}
+                            if k != "ORT_ENABLE_ALL"} if runtime == "onnxruntime" else {}
     for r in result["runs"]:
         if "logits" in r:
             r["vs_x86"] = {k: spread(r["logits"], v) for k, v in x86.items()}
     result["passed"] = all(r["passed"] for r in result["runs"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"onnxruntime {args.ort_version} aarch64, {result['compiler']}, qemu {result['qemu_version']}"
-          f"{' (with the /proc/cpuinfo shim)' if shimmed else ''}; bundle {bundle}")
-    for r in result["runs"]:
-        print(f"  {r['cpu']}: golden exit {r['golden_exit']} ({r['golden_seconds']} s): "
-              f"{r['golden_output'][-1] if r['golden_output'] else 'no output'}")
-        for line in r["golden_logit_lines"]:
-            print(f"    {line}")
-        if "max_logit_diff" in r:
-            print(f"    probe: max |logit - expected| {r['max_logit_diff']} (logit_atol {r['logit_atol']}), "
-                  f"top-1 as expected {r['top1_equal']}; vs x86 at each optimisation level {r['vs_x86']}")
-        else:
-            print(f"    probe failed (exit {r['probe_exit']}): {r['probe_error']}")
-    print(f"  x86 here, same model, between optimisation levels: {result['x86_spread']}")
-    print(f"ARM64 golden: {'PASSED' if result['passed'] else 'FAILED'}")
+    report(result)
     return 0 if result["passed"] else 1
 
 
