@@ -169,18 +169,18 @@ def run(cmd: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
 
 
-def prerequisites() -> tuple[str, tuple[int, int]]:
+def prerequisites(qemu: str | None = None) -> tuple[str, tuple[int, ...]]:
     """The qemu program and its version; Missing names the Debian package of the first absent tool."""
     for tool, package in TOOLS.items():
         if shutil.which(tool) is None:
             raise Missing(f"{tool} not found; fix: apt-get install {package}")
     if not (SYSROOT / "lib" / "ld-linux-aarch64.so.1").is_file():
         raise Missing(f"{SYSROOT}/lib/ld-linux-aarch64.so.1 not found; fix: apt-get install libc6-dev-arm64-cross")
-    qemu = next((q for q in QEMUS if shutil.which(q)), None)
+    qemu = shutil.which(qemu) if qemu else next((q for q in QEMUS if shutil.which(q)), None)
     if qemu is None:
         raise Missing("qemu-aarch64 not found; fix: apt-get install qemu-user (or qemu-user-static)")
-    m = re.search(r"version (\d+)\.(\d+)", run([qemu, "--version"]).stdout)
-    return qemu, (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    m = re.search(r"version (\d+(?:\.\d+)+)", run([qemu, "--version"]).stdout)
+    return qemu, tuple(int(v) for v in m.group(1).split(".")) if m else (0, 0)
 
 
 def wheel(package: str, version: str, cache: Path, offline: bool, platforms: tuple[str, ...]) -> Path:
@@ -394,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                     help="default: the bundle's runtime.json backend (onnxruntime for the small build)")
     ap.add_argument("--version", dest="version", help="runtime version (default: the installed one's)")
+    ap.add_argument("--qemu", help="the qemu-aarch64 program (default: qemu-aarch64 or qemu-aarch64-static on PATH)")
+    ap.add_argument("--cpuinfo-shim", choices=("auto", "on", "off"), default="auto",
+                    help="the /proc/cpuinfo shim: auto = for qemu before 8.2 only")
     ap.add_argument("--offline", action="store_true", help="never pip download: the wheel must be in --cache")
     ap.add_argument("--check", action="store_true", help="only check the prerequisites (exit 0 or 3)")
     ap.add_argument("--json", type=Path, help="write the result object there")
@@ -406,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime_json = json.loads((args.bundle / "runtime.json").read_text()) if args.bundle else {}
     runtime = args.runtime or runtime_json.get("backend", "onnxruntime")
     try:
-        qemu, qemu_version = prerequisites()
+        qemu, qemu_version = prerequisites(args.qemu)
         version, lib = runtime_folder(runtime, args.version, args.cache.resolve(), args.offline)
     except Missing as e:
         print(f"error: {e}", file=sys.stderr)
@@ -428,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     cross_build(runtime, bundle / "cpp", build, toolchain, lib)
     probe, shim = build_probe(runtime, work, lib)
     exe = next(p for p in sorted(build.rglob("edgetl_classify")) if p.is_file())
-    shimmed = qemu_version < (8, 2)
+    shimmed = qemu_version < (8, 2) if args.cpuinfo_shim == "auto" else args.cpuinfo_shim == "on"
     result = {"bundle": str(bundle), "runtime": runtime, "version": version, "qemu": qemu,
               "qemu_version": ".".join(map(str, qemu_version)), "cpuinfo_shim": shimmed,
               "compiler": run(["aarch64-linux-gnu-g++", "--version"]).stdout.splitlines()[0],
