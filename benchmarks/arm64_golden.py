@@ -176,6 +176,8 @@ def prerequisites(qemu: str | None = None) -> tuple[str, tuple[int, ...]]:
             raise Missing(f"{tool} not found; fix: apt-get install {package}")
     if not (SYSROOT / "lib" / "ld-linux-aarch64.so.1").is_file():
         raise Missing(f"{SYSROOT}/lib/ld-linux-aarch64.so.1 not found; fix: apt-get install libc6-dev-arm64-cross")
+    if qemu and shutil.which(qemu) is None:
+        raise Missing(f"--qemu {qemu}: not an executable program")
     qemu = shutil.which(qemu) if qemu else next((q for q in QEMUS if shutil.which(q)), None)
     if qemu is None:
         raise Missing("qemu-aarch64 not found; fix: apt-get install qemu-user (or qemu-user-static)")
