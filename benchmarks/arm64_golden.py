@@ -2,9 +2,11 @@
 and run under qemu-aarch64 (user-mode emulation of real aarch64 instructions), golden mode and logits.
 
     python benchmarks/arm64_golden.py [BUNDLE] [--cache DIR] [--work DIR] [--cpu NAME ...] [--offline]
+                                      [--json FILE] [--qemu PROGRAM] [--cpuinfo-shim auto|on|off] [--check]
 
 BUNDLE: a built cpu-arm64 bundle (default: builds a small one in WORK with `edgetl build --target
-cpu-arm64` on the built-in shapes at 64 pixels). Steps:
+cpu-arm64` on the built-in shapes at 64 pixels); an openvino bundle works too (OpenVINO's aarch64
+wheel and its ARM CPU plugin, -DOpenVINO_DIR). Steps:
 1. the aarch64 onnxruntime library of the installed onnxruntime's version: PyPI's aarch64 wheel
    (pip download, kept in --cache) laid out like onnxruntime's release archive (include/ + lib/);
    the headers are third_party/onnxruntime-1.21's (the wheel has none; older headers work with a
@@ -13,7 +15,7 @@ cpu-arm64` on the built-in shapes at 64 pixels). Steps:
    with -DCMAKE_PREFIX_PATH=<that folder> and -DONNXRUNTIME_INCLUDE_DIR/-DONNXRUNTIME_LIBRARY, built
    in WORK (outside the bundle), plus a small logit probe (the model's raw logits on each golden PPM);
 3. for each --cpu (qemu CPU model; default neoverse-n1, with the dot-product instructions, and
-   cortex-a72, without: onnxruntime picks different INT8 kernels): `qemu-aarch64 -L
+   cortex-a72, without them): `qemu-aarch64 -L
    /usr/aarch64-linux-gnu -cpu NAME edgetl_classify BUNDLE --golden` (exit code and output as they
    are), then the probe: max |logit difference| against golden/expected.json, judged by its logit_atol.
 
@@ -216,6 +218,7 @@ def unpack(whl: Path, members: str, folder: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(z.read(info))
                 target.chmod(0o755)
+    shutil.rmtree(folder, ignore_errors=True)
     partial.replace(folder)
 
 
@@ -395,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="append", choices=sorted(CPUS), help="qemu CPU model (repeatable)")
     ap.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                     help="default: the bundle's runtime.json backend (onnxruntime for the small build)")
-    ap.add_argument("--version", dest="version", help="runtime version (default: the installed one's)")
+    ap.add_argument("--runtime-version", dest="version", help="runtime version (default: the installed one's)")
     ap.add_argument("--qemu", help="the qemu-aarch64 program (default: qemu-aarch64 or qemu-aarch64-static on PATH)")
     ap.add_argument("--cpuinfo-shim", choices=("auto", "on", "off"), default="auto",
                     help="the /proc/cpuinfo shim: auto = for qemu before 8.2 only")
