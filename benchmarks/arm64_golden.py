@@ -13,15 +13,16 @@ wheel and its ARM CPU plugin, -DOpenVINO_DIR). Steps:
    newer library);
 2. a CMake toolchain file for Debian's aarch64-linux-gnu cross compiler; the bundle's cpp/ configured
    with -DCMAKE_PREFIX_PATH=<that folder> and -DONNXRUNTIME_INCLUDE_DIR/-DONNXRUNTIME_LIBRARY, built
-   in WORK (outside the bundle), plus a small logit probe (the model's raw logits on each golden PPM);
+   in WORK (outside the bundle), plus a small logit probe (arm64_golden.cpp: the model's raw logits on
+   each golden PPM);
 3. for each --cpu (qemu CPU model; default neoverse-n1, with the dot-product instructions, and
    cortex-a72, without them): `qemu-aarch64 -L
    /usr/aarch64-linux-gnu -cpu NAME edgetl_classify BUNDLE --golden` (exit code and output as they
    are), then the probe: max |logit difference| against golden/expected.json, judged by its logit_atol.
 
 qemu before 8.2 shows the guest the host's x86 /proc/cpuinfo; onnxruntime's CPU detection (cpuinfo)
-then crashes while the library loads (SIGSEGV). For those versions an LD_PRELOAD shim (built here for
-aarch64) hands the guest a /proc/cpuinfo for the emulated CPU model, which is what a real ARM kernel
+then crashes while the library loads (SIGSEGV). For those versions an LD_PRELOAD shim (arm64_golden.c,
+built here for aarch64) hands the guest a /proc/cpuinfo for the emulated CPU model, which is what a real ARM kernel
 and qemu >= 8.2 give; the instruction set features still come from qemu's auxiliary vector.
 
 Exit codes: 0 passed, 1 golden mode or a logit beyond logit_atol failed, 2 usage (bad bundle), 3 a
@@ -70,102 +71,6 @@ set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
 """
-
-PROBE_HEAD = r"""// arm64_golden probe: the model's raw logits on binary PPMs ("P6 W H 255" then pixels, no comments)
-#include <array>
-#include <cstdio>
-#include <cstdlib>
-#include <fstream>
-#include <string>
-#include <vector>
-static bool read_ppm(const char* path, int64_t& w, int64_t& h, std::vector<uint8_t>& rgb) {
-  std::ifstream f(path, std::ios::binary);
-  std::string magic;
-  int maxval = 0;
-  f >> magic >> w >> h >> maxval;
-  f.get();
-  rgb.resize(static_cast<size_t>(w * h * 3));
-  f.read(reinterpret_cast<char*>(rgb.data()), static_cast<std::streamsize>(rgb.size()));
-  if (!f || magic != "P6" || maxval != 255) std::fprintf(stderr, "%s: not a plain P6 PPM\n", path);
-  return f && magic == "P6" && maxval == 255;
-}
-static void print(const char* path, const float* p, size_t n) {
-  std::printf("%s", path);
-  for (size_t k = 0; k < n; ++k) std::printf(" %.9g", p[k]);
-  std::printf("\n");
-}
-"""
-
-PROBES = {"onnxruntime": PROBE_HEAD + r"""#include <onnxruntime_cxx_api.h>
-int main(int argc, char** argv) {  // MODEL.onnx IMAGE.ppm...
-  Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "arm64_golden");
-  Ort::SessionOptions options;  // $EDGETL_PROBE_OPT: graph optimisation level 0, 1, 2 or 99 (default 99: all)
-  if (const char* level = std::getenv("EDGETL_PROBE_OPT"))
-    options.SetGraphOptimizationLevel(GraphOptimizationLevel(std::atoi(level)));
-  Ort::Session session(env, argv[1], options);
-  Ort::AllocatorWithDefaultOptions alloc;
-  const std::string in = session.GetInputNameAllocated(0, alloc).get();
-  const std::string out = session.GetOutputNameAllocated(0, alloc).get();
-  const char* ins[] = {in.c_str()};
-  const char* outs[] = {out.c_str()};
-  Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  for (int i = 2; i < argc; ++i) {
-    int64_t w = 0, h = 0;
-    std::vector<uint8_t> rgb;
-    if (!read_ppm(argv[i], w, h, rgb)) return 2;
-    const std::array<int64_t, 4> shape{1, h, w, 3};
-    Ort::Value x = Ort::Value::CreateTensor<uint8_t>(mem, rgb.data(), rgb.size(), shape.data(), shape.size());
-    std::vector<Ort::Value> y = session.Run(Ort::RunOptions{nullptr}, ins, &x, 1, outs, 1);
-    print(argv[i], y[0].GetTensorData<float>(), y[0].GetTensorTypeAndShapeInfo().GetElementCount());
-  }
-  return 0;
-}
-""", "openvino": PROBE_HEAD + r"""#include <openvino/openvino.hpp>
-int main(int argc, char** argv) {  // MODEL.xml IMAGE.ppm... (CPU device, as the bundle's consumer)
-  ov::Core core;  // $EDGETL_PROBE_PRECISION: an inference_precision hint (f32, f16); default: the plugin's
-  ov::AnyMap config;
-  if (const char* p = std::getenv("EDGETL_PROBE_PRECISION")) config[ov::hint::inference_precision.name()] = p;
-  ov::InferRequest request = core.compile_model(argv[1], "CPU", config).create_infer_request();
-  for (int i = 2; i < argc; ++i) {
-    int64_t w = 0, h = 0;
-    std::vector<uint8_t> rgb;
-    if (!read_ppm(argv[i], w, h, rgb)) return 2;
-    request.set_input_tensor(ov::Tensor(ov::element::u8, ov::Shape{1, size_t(h), size_t(w), 3}, rgb.data()));
-    request.infer();
-    const ov::Tensor y = request.get_output_tensor();
-    print(argv[i], y.data<const float>(), y.get_size());
-  }
-  return 0;
-}
-"""}
-
-SHIM = r"""// LD_PRELOAD for qemu < 8.2: open("/proc/cpuinfo") reads $EDGETL_ARM64_CPUINFO instead (test scaffolding)
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <fcntl.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-static const char* swap(const char* p) {
-  const char* fake = getenv("EDGETL_ARM64_CPUINFO");
-  return fake && p && strcmp(p, "/proc/cpuinfo") == 0 ? fake : p;
-}
-#define MODE mode_t mode = 0; \
-  if (flags & O_CREAT) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
-#define REAL(name, type) static type real; if (!real) real = (type)dlsym(RTLD_NEXT, name)
-typedef int (*open_t)(const char*, int, ...);
-typedef int (*openat_t)(int, const char*, int, ...);
-typedef FILE* (*fopen_t)(const char*, const char*);
-int open(const char* p, int flags, ...) { MODE; REAL("open", open_t); return real(swap(p), flags, mode); }
-int open64(const char* p, int flags, ...) { MODE; REAL("open64", open_t); return real(swap(p), flags, mode); }
-int openat(int d, const char* p, int flags, ...) {
-  MODE; REAL("openat", openat_t); return real(d, swap(p), flags, mode);
-}
-FILE* fopen(const char* p, const char* m) { REAL("fopen", fopen_t); return real(swap(p), m); }
-FILE* fopen64(const char* p, const char* m) { REAL("fopen64", fopen_t); return real(swap(p), m); }
-"""
-
 
 def run(cmd: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
@@ -271,18 +176,17 @@ def cross_build(runtime: str, src: Path, build: Path, toolchain: Path, lib: Path
 
 
 def build_probe(runtime: str, work: Path, lib: Path) -> tuple[Path, Path]:
-    """The logit probe and the /proc/cpuinfo shim, compiled for aarch64."""
-    (work / "probe.cpp").write_text(PROBES[runtime])
-    (work / "cpuinfo_shim.c").write_text(SHIM)
+    """The logit probe (arm64_golden.cpp) and the /proc/cpuinfo shim (arm64_golden.c), compiled for aarch64."""
     probe, shim = work / f"arm64_probe_{runtime}", work / "cpuinfo_shim.so"
     if runtime == "onnxruntime":
-        inc, libdir, link = lib / "include", lib / "lib", "-lonnxruntime"
+        flags = ["-I", lib / "include", "-L", lib / "lib", "-lonnxruntime", f"-Wl,-rpath,{lib / 'lib'}"]
     else:
-        inc, libdir = lib / "openvino" / "include", lib / "openvino" / "libs"
-        link = "-l:" + next(libdir.glob("libopenvino.so.*")).name
-    for cmd in (["aarch64-linux-gnu-g++", "-O2", "-std=c++17", "-I", inc, work / "probe.cpp", "-o", probe,
-                 "-L", libdir, link, f"-Wl,-rpath,{libdir}"],
-                ["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", work / "cpuinfo_shim.c", "-o", shim, "-ldl"]):
+        libs = lib / "openvino" / "libs"
+        flags = ["-DEDGETL_PROBE_OPENVINO", "-I", lib / "openvino" / "include", "-L", libs,
+                 "-l:" + next(libs.glob("libopenvino.so.*")).name, f"-Wl,-rpath,{libs}"]
+    here = Path(__file__).resolve().parent
+    for cmd in (["aarch64-linux-gnu-g++", "-O2", "-std=c++17", here / "arm64_golden.cpp", "-o", probe, *flags],
+                ["aarch64-linux-gnu-gcc", "-O2", "-shared", "-fPIC", here / "arm64_golden.c", "-o", shim, "-ldl"]):
         proc = run(cmd, timeout=600)
         if proc.returncode:
             sys.exit(f"error: {' '.join(map(str, cmd))} failed:\n{proc.stderr[-3000:]}")
