@@ -257,7 +257,7 @@ def check_cpu(qemu: str, shimmed: bool, cpu: str, work: Path, exe: Path, probe: 
     golden, seconds = emulate(qemu, cpu, env, [exe, bundle, "--golden"])
     expected = json.loads((bundle / "golden" / "expected.json").read_text())["models"]["int8"]
     record = {"cpu": cpu, "golden_exit": golden.returncode, "golden_seconds": round(seconds, 2),
-              "golden_output": golden.stdout.strip().splitlines()[-12:] + golden.stderr.strip().splitlines()[-3:],
+              "golden_output": golden.stdout.strip().splitlines()[-12:], "golden_stderr": golden.stderr.strip()[-1000:],
               "golden_logit_lines": [ln for ln in golden.stdout.splitlines() if "logit" in ln.lower()]}
     logits, _ = emulate(qemu, cpu, env, [probe, model, *golden_ppms(bundle)])
     rows = [[float(v) for v in ln.split()[1:]] for ln in logits.stdout.splitlines()]
@@ -278,7 +278,7 @@ def report(result: dict) -> None:
           f"{' (with the /proc/cpuinfo shim)' if result['cpuinfo_shim'] else ''}; bundle {result['bundle']}")
     for r in result["runs"]:
         print(f"  {r['cpu']}: golden exit {r['golden_exit']} ({r['golden_seconds']} s): "
-              f"{r['golden_output'][-1] if r['golden_output'] else 'no output'}")
+              f"{r['golden_output'][-1] if r['golden_output'] else r['golden_stderr'] or 'no output'}")
         for line in r["golden_logit_lines"]:
             print(f"    {line}")
         if "max_logit_diff" in r:
