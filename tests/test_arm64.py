@@ -50,8 +50,7 @@ def test_cpu_arm64_golden_mode_passes_under_qemu(built, arm64):
     """The bundle's own C++ consumer, built for aarch64 against the aarch64 onnxruntime, passes its golden
     mode on both CPU models (with and without dot-product instructions); the logit probe's top-1 on every
     golden image is the one recorded on x86; the build left nothing in the bundle."""
-    binary = next(p for p in sorted((arm64["work"] / "build-ort").rglob("edgetl_classify")) if p.is_file())
-    header = binary.read_bytes()[:20]
+    header = Path(arm64["program"]).read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
     n_golden = len((built["bundles"]["cpu-arm64"] / "golden" / "golden.txt").read_text().splitlines())
     assert [r["cpu"] for r in arm64["runs"]] == ["neoverse-n1", "cortex-a72"]
