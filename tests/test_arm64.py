@@ -28,13 +28,15 @@ def _script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def arm64(built, tmp_path_factory) -> dict:
-    """One run of the script on the shared cpu-arm64 bundle, both default CPU models; its JSON result."""
+def arm64(request, tmp_path_factory) -> dict:
+    """One run of the script on the shared cpu-arm64 bundle, both default CPU models; its JSON result.
+    The prerequisites are checked first: a missing one skips before the shared build is made."""
     check = _script("--check")
     if check.returncode == 3:
         pytest.skip(f"ARM64 check not run: {check.stderr.strip()} (EDGETL_ARM64_FETCH=1 lets it pip-download "
                     "the wheel)")
     assert check.returncode == 0, check.stdout + check.stderr
+    built = request.getfixturevalue("built")
     bundle = built["bundles"]["cpu-arm64"]
     files_before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
     work = tmp_path_factory.mktemp("arm64")
@@ -46,13 +48,13 @@ def arm64(built, tmp_path_factory) -> dict:
     return result
 
 
-def test_cpu_arm64_golden_mode_passes_under_qemu(built, arm64):
+def test_cpu_arm64_golden_mode_passes_under_qemu(arm64):
     """The bundle's own C++ consumer, built for aarch64 against the aarch64 onnxruntime, passes its golden
     mode on both CPU models (with and without dot-product instructions); the logit probe's top-1 on every
     golden image is the one recorded on x86; the build left nothing in the bundle."""
     header = Path(arm64["program"]).read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
-    n_golden = len((built["bundles"]["cpu-arm64"] / "golden" / "golden.txt").read_text().splitlines())
+    n_golden = len((Path(arm64["bundle"]) / "golden" / "golden.txt").read_text().splitlines())
     assert [r["cpu"] for r in arm64["runs"]] == ["neoverse-n1", "cortex-a72"]
     for run in arm64["runs"]:
         assert run["golden_exit"] == 0, arm64["stdout"]
