@@ -38,6 +38,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,6 +169,7 @@ def cross_build(runtime: str, src: Path, build: Path, toolchain: Path, lib: Path
     where = ([f"-DCMAKE_PREFIX_PATH={lib}", f"-DONNXRUNTIME_INCLUDE_DIR={lib / 'include'}",
               f"-DONNXRUNTIME_LIBRARY={lib / 'lib' / 'libonnxruntime.so'}"] if runtime == "onnxruntime"
              else [f"-DOpenVINO_DIR={lib / 'openvino' / 'cmake'}"])
+    shutil.rmtree(build, ignore_errors=True)  # a fresh configure: the folder may hold another bundle's cache
     for cmd in (["cmake", "-S", src, "-B", build, f"-DCMAKE_TOOLCHAIN_FILE={toolchain}", "-DCMAKE_BUILD_TYPE=Release",
                  *where], ["cmake", "--build", build, "-j", "2"]):
         proc = run(cmd, timeout=900)
@@ -298,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("EDGETL_ARM64_CACHE",
                                                                       Path.home() / ".cache" / "edgetl" / "arm64")),
                     help="where the aarch64 wheels and libraries are kept ($EDGETL_ARM64_CACHE)")
-    ap.add_argument("--work", type=Path, default=Path("arm64-work"), help="build folder (outside the bundle)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "edgetl-arm64-work",
+                    help="build folder, outside the bundle (default: %(default)s)")
     ap.add_argument("--cpu", action="append", choices=sorted(CPUS), help="qemu CPU model (repeatable)")
     ap.add_argument("--runtime", choices=("onnxruntime", "openvino"),
                     help="default: the bundle's runtime.json backend (onnxruntime for the small build)")
