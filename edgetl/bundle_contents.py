@@ -60,7 +60,8 @@ def write(stage: Path, *, profile: TargetProfile, backend, models: list, prepare
         if raw:  # the pixels the model takes, for consumers without an image library (PPM, P6); named by
             files[f"golden/{k:02d}.ppm"] = ppm_bytes(resize_crop(img, contract))  # number: labels may hold spaces
     bundle.write_files(stage, files)
-    expected_out = {"models": {m.precision: expected(m, stage, shipped, contract) for m in models}}
+    other_arch = bool(profile.arch) and profile.arch != platform.machine().lower()
+    expected_out = {"models": {m.precision: expected(m, stage, shipped, contract, other_arch) for m in models}}
     golden_files = {"golden/expected.json": json.dumps(expected_out, indent=1) + "\n"}
     if raw:  # "<image> <top-1 index>" per line: what the C++ consumer's --golden checks (with expected.json's
         golden_files["golden/golden.txt"] = "".join(  # logits), decoding, resizing and cropping as predict.py
@@ -95,15 +96,43 @@ def golden_items(ds: data.Dataset, test_labels, reference_logits) -> list[tuple[
     return [(ds.classes[test_labels[i]], load_rgb(ds.split("test")[i].path)) for i in order]
 
 
-def expected(m, stage: Path, golden: list[tuple[str, str]], contract: dict) -> dict:
-    """Expected outputs of the bundle's own golden files through its own runtime."""
+def expected(m, stage: Path, golden: list[tuple[str, str]], contract: dict, other_arch: bool = False) -> dict:
+    """Expected outputs of the bundle's own golden files through its own runtime; for a bundle made for
+    another CPU architecture, a logit tolerance that covers another set of INT8 kernels (unfused_drift)."""
     items = []
     for rel, label in golden:
         logits = m.runner.logits(preprocess(load_rgb(stage / rel), contract)[None])[0]
         items.append({"file": rel, "label": label, "index": int(logits.argmax()),
                       "logits": [round(float(v), 6) for v in logits]})
     scale = max((abs(v) for it in items for v in it["logits"]), default=1.0)
-    return {"logit_atol": round(max(1e-3, 0.05 * scale), 6), "executed_by": m.runner.executed_by, "items": items}
+    atol = max(1e-3, 0.05 * scale)
+    out = {"logit_atol": round(atol, 6), "executed_by": m.runner.executed_by, "items": items}
+    if other_arch and m.artifact.path.suffix == ".onnx":  # INT8 kernels of another CPU architecture
+        batch = np.stack([preprocess(load_rgb(stage / rel), contract) for rel, _ in golden])
+        drift = unfused_drift(m.artifact.path, batch, np.array([it["logits"] for it in items]))
+        out.update(logit_atol=round(max(atol, CROSS_ARCH_MARGIN * drift), 6), x86_unfused_drift=round(drift, 6))
+    return out
+
+
+# aarch64 logits (qemu, onnxruntime 1.32, five bundles: docs/bundle.md, ARM64) sat 0.72-1.005x as far from
+# the x86 build's fused kernels as onnxruntime's unfused x86 execution of the same graph does: that
+# drift, measured at build time, times this margin is what another architecture's self-test allows.
+CROSS_ARCH_MARGIN = 1.5
+
+
+def unfused_drift(model_path: Path, batch: np.ndarray, fused: np.ndarray) -> float:
+    """max |logit difference| between the build's (fused) logits and onnxruntime's execution of the same
+    QDQ graph with every graph optimisation off (Dequantize -> float op -> Quantize, no fused INT8 kernel)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    unfused = np.concatenate([session.run(None, {name: batch[k:k + 1]})[0] for k in range(len(batch))])
+    return float(np.max(np.abs(unfused - fused))) if len(batch) else 0.0
 
 
 def ppm_bytes(img) -> bytes:

@@ -178,3 +178,33 @@ def test_every_builtin_target_publishes_a_bundle_that_checks_itself(built, name)
     res = CliRunner().invoke(cli, ["verify", str(b), "--selftest", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["selftest"]["n"] >= 1
+
+
+def test_a_bundle_for_another_architecture_allows_its_int8_kernels_drift(built):
+    """cpu-arm64 (built on x86_64): expected.json records how far onnxruntime's unfused execution of the
+    shipped graph lands from the build's fused logits, and logit_atol covers 1.5 times that (measured
+    here again, independently); a bundle for this machine's architecture keeps the plain 5 % rule."""
+    import platform
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgetl.runtime.preprocess import load_contract, load_rgb, preprocess
+
+    if platform.machine().lower() == "aarch64":
+        pytest.skip("the build machine is aarch64: cpu-arm64 is this machine's architecture")
+    bundle = built["bundles"]["cpu-arm64"]
+    exp = json.loads((bundle / "golden" / "expected.json").read_text())["models"]["int8"]
+    contract = load_contract(bundle / "preprocess.json")
+    batch = np.stack([preprocess(load_rgb(bundle / it["file"]), contract) for it in exp["items"]])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(bundle / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    unfused = np.concatenate([session.run(None, {session.get_inputs()[0].name: x[None]})[0] for x in batch])
+    drift = float(np.max(np.abs(unfused - np.array([it["logits"] for it in exp["items"]]))))
+    assert exp["x86_unfused_drift"] == pytest.approx(drift, abs=1e-5) and drift > 0
+    assert exp["logit_atol"] >= 1.5 * drift - 1e-6
+    cpu = json.loads((built["bundles"]["cpu"] / "golden" / "expected.json").read_text())["models"]["int8"]
+    assert "x86_unfused_drift" not in cpu
+    scale = max(abs(v) for it in cpu["items"] for v in it["logits"])
+    assert cpu["logit_atol"] == pytest.approx(max(1e-3, 0.05 * scale), abs=1e-6)
