@@ -138,7 +138,8 @@ def onnx_fold(model, input_name: str, contract: dict, choice: str = FIRST_LAYER)
         values = pad_pixels(mean).astype(np.int16) + shift
         amounts = put("pixels/pads", np.asarray([0, 0, t, left, 0, 0, bottom, right], np.int64))
         parts = [f"pixels/channel{c}" for c in range(3)]
-        nodes.append(helper.make_node("Split", [x], parts, axis=1, name="pixels/Split"))
+        nodes.append(helper.make_node("Split", [x, put("pixels/split", np.ones(3, np.int64))], parts, axis=1,
+                                      name="pixels/Split"))
         for c, part in enumerate(parts):
             nodes.append(helper.make_node("Pad", [part, amounts, put(f"pixels/pad{c}", zdt(values[c]))],
                                           [f"{part}/padded"], mode="constant", name=f"pixels/Pad{c}"))
