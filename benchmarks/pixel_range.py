@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--data", default="hard,digits")
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--variants", default="ort_static+refit", help="parity.py variants built beside the shipped")
+    ap.add_argument("--effort", choices=["low", "default", "max"], help="the recipe's quantize.effort")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -109,7 +110,9 @@ def main() -> None:
         for data in a.data.split(","):
             folder, extra = sets[data]
             current["data"] = data
-            args = ["build", "-q", "--json", "--backbone", a.backbone, "--seed", "0", *extra, *targets,
+            recipe = tmp / "recipe.toml"
+            recipe.write_text(f'[quantize]\neffort = "{a.effort}"\n' if a.effort else "")
+            args = ["build", str(recipe), "-q", "--json", "--backbone", a.backbone, "--seed", "0", *extra, *targets,
                     "--out", str(tmp / f"out-{data}")] + (["--data", str(folder)] if folder else [])
             _run(cli, args, current, data)
     print("\n| data | target | chosen | first layer | val agr | val logit MSE | test agr | test logit MSE | "

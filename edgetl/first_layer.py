@@ -12,8 +12,8 @@ evidence (docs/measurements.md, "Pixel input: first-layer quantization and laten
   Zero padding of the normalised tensor is padding with the mean pixel in pixel units: an explicit
   Pad before the DequantizeLinear puts round(255 * mean) per channel there (at most 0.47 of a
   level from the exact mean, in the padding ring only); the convolution's own pads become 0.
-  Weights are requantized per output channel (symmetric int8) from the weights the quantized model
-  used; the bias is the interior-exact b - sum(W' * 255 * mean).
+  Weights are requantized per output channel (symmetric, 7 bits: WEIGHT_MAX) from the weights the
+  quantized model used; the bias is the interior-exact b - sum(W' * 255 * mean).
 - "full_range": the input quantizer's range is set to the normalised range of every uint8 pixel
   (per tensor: the lowest (0 - mean)/std to the highest (1 - mean)/std of the channels); a step
   slightly coarser than one pixel level (0.0187 vs 0.0171-0.0175 at ImageNet's std).
@@ -31,6 +31,9 @@ import numpy as np
 
 FOLD, FULL_RANGE, CALIBRATED = "fold", "full_range", "calibrated"
 CHOICES = (FOLD, FULL_RANGE, CALIBRATED)
+# 7-bit weights: x86 CPUs without VNNI multiply u8 x s8 pairs into int16 with saturation
+# (255 x 127 x 2 > 32767); 255 x 63 x 2 fits. NNCF's overflow fix does the same for first layers.
+WEIGHT_MAX = 63
 FIRST_LAYER = FOLD  # what ships (benchmarks/pixel_range.py measures the others by setting this)
 
 
@@ -61,8 +64,8 @@ def fold(w: np.ndarray, b: np.ndarray | None, mean, std) -> tuple[np.ndarray, np
     mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     w2 = w / (255.0 * std)[None, :, None, None]
     peak = np.abs(w2).reshape(len(w2), -1).max(1)
-    scale = np.where(peak > 0, peak / 127.0, 1.0)
-    q = np.clip(np.rint(w2 / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    scale = np.where(peak > 0, peak / WEIGHT_MAX, 1.0)
+    q = np.clip(np.rint(w2 / scale[:, None, None, None]), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
     used = q.astype(np.float64) * scale[:, None, None, None]
     b0 = np.zeros(len(w2)) if b is None else np.asarray(b, np.float64)
     bias = b0 - (used * (255.0 * mean)[None, :, None, None]).sum((1, 2, 3))
