@@ -91,6 +91,11 @@ def _old_pixel_graph(src: Path, contract: dict, out: Path) -> Path:
 
 
 def pixel_input(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pixel-speed-") as tmp:
+        return _pixel_input(args, Path(tmp))
+
+
+def _pixel_input(args, tmp: Path) -> dict:
     """The cpu target's INT8 model (NNCF PTQ of the backbone at --size, random-pixel calibration:
     speed does not depend on the ranges) as onnxruntime runs it in a bundle: float input, pixel input
     before issue 23, pixel input now (first convolution reads the pixels); the FP32 model beside it."""
@@ -104,7 +109,6 @@ def pixel_input(args) -> dict:
     from edgetl.runtime.preprocess import sample_crops, to_tensor
     from edgetl.speed import inputs
 
-    tmp = Path(tempfile.mkdtemp(prefix="pixel-speed-"))
     spec = backbones.get(args.backbone)
     net = backbones.load_pretrained(spec, backbones.resolve_weights(spec, None), args.size)
     net.classifier[-1] = torch.nn.Linear(net.classifier[-1].in_features, 10)
