@@ -46,8 +46,12 @@ def test_contract_and_tensor_of_a_raw_model():
     assert x.dtype == np.uint8 and x.shape == (3, 24, 20, 3) and x.flags.writeable and np.array_equal(x, crops)
 
 
-def test_onnxruntime_pixels_in_gives_the_float_models_logits(fp32, tmp_path):
+def test_onnxruntime_pixels_in_gives_the_float_models_logits(fp32, tmp_path, monkeypatch):
+    """Bit for bit where the normalisation stays ops (FP32; INT8 with its calibrated input range); the
+    INT8 model whose first convolution reads the pixels (first_layer.py) within a few INT8 steps."""
     import onnx
+
+    from edgetl import first_layer
 
     backend, raw = OnnxRuntimeBackend(), model_input.contract_for(model_input.RAW, CONTRACT)
     crops = sample_crops(16, CONTRACT, seed=1)
@@ -56,14 +60,20 @@ def test_onnxruntime_pixels_in_gives_the_float_models_logits(fp32, tmp_path):
 
     int8 = backend.quantizers["ort_static"](fp32, QuantInputs(calib, calib[:4], np.zeros(4), np.zeros((4, 4)), 1.0,
                                                               0.97, 0), load_profile("cpu"), tmp_path)
-    for art, stem in ((fp32, "fp32"), (int8, "int8")):
+    for art, stem, choice in ((fp32, "fp32", first_layer.FOLD), (int8, "int8", first_layer.CALIBRATED),
+                              (int8, "int8-fold", first_layer.FOLD)):
+        monkeypatch.setattr(first_layer, "FIRST_LAYER", choice)
         pix = backend.with_raw_input(art, CONTRACT, tmp_path, stem)
         graph = onnx.load(str(pix.path)).graph
         assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
         assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [24, 20, 3]
+        assert not {n.op_type for n in graph.node} & {"Shape", "Expand"}
         a = _logits(OrtEngine(art.path, {}), CONTRACT, crops)
         b = _logits(OrtEngine(pix.path, {}), raw, crops)
-        assert np.array_equal(a, b), float(np.abs(a - b).max())
+        if stem == "int8-fold":
+            assert np.abs(a - b).max() < 0.02 and (a.argmax(1) == b.argmax(1)).mean() >= 0.9
+        else:
+            assert np.array_equal(a, b), float(np.abs(a - b).max())
 
 
 def test_openvino_pixels_in_gives_the_float_models_logits(fp32, tmp_path):

@@ -11,7 +11,6 @@ import numpy as np
 
 from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError, require
-from ..model_input import RAW
 from ..profiles import TargetProfile
 from . import QuantInputs, nncf_common, register, symmetric_int8_rows
 
@@ -156,19 +155,11 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
 
 
 def with_raw_input(art: Artifact, contract: dict, out: Path) -> Artifact:
-    """The IR with uint8 NHWC pixels in: OpenVINO's PrePostProcessor puts the conversion to f32, /255,
-    -mean, /std (the contract's float ops, in its order) and the layout change into the model."""
-    ov = _ov()
-    from openvino.preprocess import PrePostProcessor
+    """The IR with uint8 NHWC pixels in: the first convolution reads them (INT8, normalisation folded),
+    or OpenVINO's PrePostProcessor converts them (openvino_pixels.py)."""
+    from .openvino_pixels import with_raw_input as pixels_in
 
-    model = ov.Core().read_model(str(art.path))
-    ppp = PrePostProcessor(model)
-    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
-    ppp.input().model().set_layout(ov.Layout("NCHW"))
-    ppp.input().preprocess().convert_element_type(ov.Type.f32).scale(255.0).mean(
-        [float(v) for v in contract["mean"]]).scale([float(v) for v in contract["std"]])
-    meta = {k: v for k, v in art.meta.items() if k != "companions"}
-    return _save(ppp.build(), out, art.kind, **{**meta, "model_input": RAW})
+    return pixels_in(art, contract, out, _ov(), _save)
 
 
 def _weight_is_int8(op) -> bool:
