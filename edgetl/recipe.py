@@ -95,7 +95,8 @@ class QuantizeSection(_Section):
         "low: the first candidate that builds (seconds). default: the cheap (PTQ-based) candidates in order "
         "until one is feasible on val (passes the gate's rule and meets the search target); the "
         "expensive ones (QAT, mixed precision: minutes) only when no fully-INT8 candidate passes "
-        "the gate on val or the best fully-INT8 one misses the clear-image target. max: every candidate, the feasible one with the best agreement "
+        "the gate on val or the best fully-INT8 one misses the clear-image target. max: every candidate, "
+        "the feasible one with the best agreement "
         "ships. None: default, or low when escalate = false"))
     escalate: bool = Field(True, description="older form of effort: false = effort 'low' (effort wins when set)")
     evidence_views: int | None = Field(None, ge=0, le=64, description=(
