@@ -12,13 +12,14 @@ import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import (
     backbones,
+    budget,
     bundle_contents,
     data,
     features,
@@ -34,7 +35,7 @@ from . import (
 from .artifact import Artifact
 from .evidence import GateEvidence, SearchEvidence
 from .machine import Clock, machine_info
-from .prepare import Prepared, prepare
+from .prepare import Prepared, check, choose, configure, prepare, scan
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
@@ -72,11 +73,21 @@ def _build(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device:
     threads.fix_numerics()  # training, the float reference, QAT: the same sums on any machine
     clock = Clock()
     workers = loader.default_workers() if recipe.compute.workers is None else recipe.compute.workers
-    with _disk_full_explained(None):
-        p = prepare(recipe, progress, ranks, workers)
-    clock.lap("prepare")
+    if recipe.search.active:  # a budget search chooses the configuration, then the normal path builds it
+        with _disk_full_explained(None), interrupt.temporary_folder("edgetl-search-") as work:
+            build_inputs = scan(recipe, check(recipe, budget.space(recipe.search)), progress, ranks, workers)
+            clock.lap("prepare")
+            recipe, record = budget.search(build_inputs, progress, workers, _cache_dir(recipe.compute), device, work)
+            clock.lap("budget search")
+            p = choose(replace(build_inputs, recipe=recipe), configure(recipe), ranks.main)
+        search = record
+    else:
+        with _disk_full_explained(None):
+            p = prepare(recipe, progress, ranks, workers)
+        clock.lap("prepare")
+        search = None
     with _disk_full_explained(p.needs), interrupt.temporary_folder("edgetl-") as work:
-        return _stages(p, progress, ranks, device, workers, clock, work)
+        return _stages(p, progress, ranks, device, workers, clock, work, search)
 
 
 @dataclass
@@ -90,11 +101,11 @@ class Trained:
     device: str
     workers: int
     ranks: launch.Ranks = launch.SINGLE
-    search: dict | None = None  # the budget search's record, when one chose the configuration
+    search: budget.SearchRecord | None = None  # the budget search, when one chose the configuration
 
 
 def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, workers: int, clock: Clock,
-            work: Path, search: dict | None = None) -> BuildResult | None:
+            work: Path, search: budget.SearchRecord | None = None) -> BuildResult | None:
     recipe, ds, contract, cfg = p.recipe, p.dataset, p.contract, p.recipe.train
     x: dict[str, loader.Split] = {}
     if ranks.main:  # val and test decoded once, to uint8 crops on disk, read in batches from here on
@@ -162,7 +173,7 @@ def after_training(t: Trained, progress: Progress, clock: Clock) -> BuildResult:
     ref = float_reference(trained.model, t.x, progress, t.device)
     clock.lap("reference")
     calib, calib_items = calibration(p, t.work, t.workers)
-    prov = provenance.of(p, trained, calib_items, t.device, t.search)
+    prov = provenance.of(p, trained, calib_items, t.device, t.search.to_dict() if t.search else None)
     searching, gating, golden = evidence(t, ref, calib)
     out = Path(p.recipe.out)
     results, reference = _run_targets(p, target.Context(p, searching, gating, progress), trained.model, out, t.work,
@@ -174,7 +185,8 @@ def after_training(t: Trained, progress: Progress, clock: Clock) -> BuildResult:
     result = BuildResult(ok=all(r.published for r in results), out=str(out), targets=results,
                          data={**p.dataset.report(), "warnings": p.data_warnings}, training=training,
                          timings=clock.timings, recipe=p.recipe.to_toml_dict(), peak_rss_mb=clock.peak_rss,
-                         reference=reference, machine=machine_info(), search=t.search)
+                         reference=reference, machine=machine_info(),
+                         search=t.search.to_dict(report=True) if t.search else None)
     from . import report
 
     report.write(out, result)
