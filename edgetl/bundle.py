@@ -23,6 +23,9 @@ from .runtime.integrity import MANIFEST, SIGNATURE, IntegrityError, canonical, d
 REQUIRED_KEYS = ("target", "backend", "files", "versions", "seed", "data_sha256", "calibration_sha256", "metrics")
 # Evidence of the build machine: report.json keeps them; a bundle's manifest never does.
 MEASUREMENTS = frozenset({"seconds", "speed", "latency_ms", "latency_measured_with"})
+# ... except the budget search's latencies: they chose what ships, so they are an input of the build,
+# recorded (read from a device profile, or this machine's cached first measurement: docs/budget.md).
+INPUTS = frozenset({"search"})
 
 
 def staging_dir(out: Path, target: str) -> Path:
@@ -59,7 +62,7 @@ def write_files(stage: Path, files: dict[str, Path | str | bytes]) -> None:
 def without_measurements(obj):
     """`obj` with every build-machine measurement (MEASUREMENTS keys, at any depth) left out."""
     if isinstance(obj, dict):
-        return {k: without_measurements(v) for k, v in obj.items() if k not in MEASUREMENTS}
+        return {k: v if k in INPUTS else without_measurements(v) for k, v in obj.items() if k not in MEASUREMENTS}
     if isinstance(obj, list):
         return [without_measurements(v) for v in obj]
     return obj

@@ -109,3 +109,51 @@ def _plots(table: list[dict], classes: list[str], plt) -> dict[str, str]:
         out["accuracy vs latency vs size"] = _png(fig)
         plt.close(fig)
     return out
+
+
+def budget_plot(search: dict) -> dict[str, str]:
+    """{title: base64 PNG}: the budget search's Pareto plot: val accuracy vs batch-1 latency (worst
+    target) of every configuration, marker area ~ model size, the budget a vertical line, the Pareto
+    front a step line, the chosen configuration ringed. {} without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: report.html has no plots (pip install matplotlib)")
+        return {}
+    from .budget_report import PLOT
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        configs = search["configurations"]
+        lat = [c["latency_ms"] for c in configs]
+        acc = [c["val_accuracy"] for c in configs]
+        mb = [max(max(c["model_bytes"].values(), default=0) / 1e6, 0.1) for c in configs]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter(lat, acc, s=[60 * m for m in mb], alpha=0.6,
+                   c=["tab:blue" if c["fits"] else "tab:gray" for c in configs])
+        front, best = [], -1.0
+        for c in sorted(configs, key=lambda c: (c["latency_ms"], -c["val_accuracy"])):
+            if c["val_accuracy"] > best:
+                front.append(c)
+                best = c["val_accuracy"]
+        ax.step([c["latency_ms"] for c in front], [c["val_accuracy"] for c in front], where="post", color="tab:blue",
+                lw=1, alpha=0.5, label="Pareto front")
+        for c, m in zip(configs, mb, strict=True):
+            ax.annotate(f"{c['backbone']}@{c['image_size']}\n{m:.1f} MB", (c["latency_ms"], c["val_accuracy"]),
+                        fontsize=7, xytext=(5, 5), textcoords="offset points")
+        ax.axvline(search["latency_ms"], color="tab:red", ls="--", lw=1, label=f"budget {search['latency_ms']:g} ms")
+        ch = search["chosen"]
+        ax.scatter([ch["latency_ms"]], [ch["val_accuracy"]], s=400, facecolors="none", edgecolors="tab:green",
+                   linewidths=2, label=f"chosen: {ch['backbone']}@{ch['image_size']}")
+        ax.set_xlabel("latency, batch 1, ms (worst target; " + ("device profile" if search.get("device_profile")
+                                                               else "build machine") + ")")
+        ax.set_ylabel("val accuracy (feature-extract)")
+        ax.set_title("budget search (marker area ~ model size; grey: over the budget)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.margins(x=0.2, y=0.2)
+        try:
+            return {PLOT: _png(fig)}
+        finally:
+            plt.close(fig)

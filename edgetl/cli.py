@@ -122,6 +122,11 @@ def cli(verbose: int):
               help="a model whose test split cannot certify the drop tolerance (NOT CERTIFIED) misses the "
                    "gate: exit 1, nothing published for its target (recipe gate.require_certified; "
                    "float models too)")
+@click.option("--latency-ms", type=float,
+              help="batch-1 latency budget: search [search] backbones x image_sizes, build the most accurate "
+                   "that fits on every target (docs/budget.md)")
+@click.option("--device-profile", type=click.Path(path_type=Path),
+              help="with --latency-ms: latencies from this device profile (`edgetl bench --profile`)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON result object on stdout")
 @click.option("-q", "--quiet", is_flag=True, help="no progress output")
 def build(recipe_file, as_json, quiet, **flags):
@@ -256,7 +261,7 @@ def sign(bundle_dir: Path, key: Path, password_env: str | None, as_json: bool):
 
 
 @cli.command()
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("bundles", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1),
               help="batch size for the throughput figure")
 @click.option("--runs", default=100, show_default=True, type=click.IntRange(min=1),
@@ -266,13 +271,31 @@ def sign(bundle_dir: Path, key: Path, password_env: str | None, as_json: bool):
               help="bundles are measured in turn, this many rounds, so drift hits all alike")
 @click.option("--model", help="which model of each bundle (default: its default model)")
 @click.option("--no-verify", is_flag=True, help="measure bundles whose files differ from their manifest")
+@click.option("--profile", "profile_out", type=click.Path(path_type=Path),
+              help="instead: write a device profile of this machine (docs/budget.md) for --target over "
+                   "--backbones x --image-sizes, for `edgetl build --device-profile`")
+@click.option("--target", default="cpu", show_default=True, help="--profile: the target whose runtime is timed")
+@click.option("--backbones", default="mobilenet_v2,efficientnet_lite0", show_default=True,
+              help="--profile: comma-separated backbones")
+@click.option("--image-sizes", default="96,128,160,224", show_default=True,
+              help="--profile: comma-separated input sizes (each backbone up to its native size)")
+@click.option("--graphs", type=click.Path(path_type=Path),
+              help="--profile: also write the graphs here, for a device without torch (predict.py --profile)")
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str | None, no_verify: bool,
+          profile_out: Path | None, target: str, backbones: str, image_sizes: str, graphs: Path | None,
           as_json: bool):
     """Latency (p50/p90, batch 1), throughput at --batch, peak memory and cold-load time of BUNDLES,
-    each through its own runtime (predict.py + engine), interleaved in one process."""
+    each through its own runtime (predict.py + engine), interleaved in one process. With --profile:
+    a device profile instead."""
     from . import bundle
     from .bench import bench_bundles
+
+    if profile_out is not None:
+        _profile(profile_out, target, backbones, image_sizes, graphs, runs, as_json)
+        return
+    if not bundles:
+        _fail(UsageError("give BUNDLES to measure, or --profile OUT.json"), as_json)
 
     def go():
         for b in bundles:  # fail fast: tampered, missing runtime, damaged bundle
@@ -292,6 +315,27 @@ def bench(bundles, batch: int, runs: int, warmup: int, rounds: int, model: str |
                    f"{r['batch1_p90_ms']:8.2f} {r['throughput_ips']:10.1f} {r['cold_load_ms']:8.0f} {rss:7.0f}")
     click.echo(f"machine: {res['machine']['cpu']} ({res['machine']['cores']} cores); peak MB: the bundle's own "
                "predict.py --bench in a fresh process")
+
+
+def _profile(out: Path, target: str, backbones: str, image_sizes: str, graphs: Path | None, runs: int,
+             as_json: bool) -> None:
+    def go():
+        from .bench import parse_space, take_profile
+        from .features import default_dir
+
+        prof = take_profile(target, *parse_space(backbones, image_sizes), runs=runs, graphs_dir=graphs,
+                            cache_dir=default_dir(), progress=None if as_json else RichProgress())
+        out.write_text(json.dumps(prof, indent=1) + "\n", encoding="utf-8")
+        return prof
+
+    prof = _run(go, as_json)
+    if as_json:
+        click.echo(json.dumps(prof))
+        return
+    for r in prof["latencies"]:
+        click.echo(f"{r['backbone']:20s} {r['image_size']:4d} px {r['precision']:5s} {r['latency_ms']:8.3f} ms "
+                   f"(p90 {r['p90_ms']:.3f}, {r['runs']} runs)")
+    click.echo(f"wrote {out} ({prof['cpu']}, {prof['threads']} threads)" + (f"; graphs in {graphs}" if graphs else ""))
 
 
 @cli.command()

@@ -12,19 +12,21 @@ import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import (
-    __version__,
     backbones,
+    budget,
     bundle_contents,
     data,
     features,
     interrupt,
     launch,
     loader,
+    provenance,
     space,
     target,
     threads,
@@ -33,7 +35,7 @@ from . import (
 from .artifact import Artifact
 from .evidence import GateEvidence, SearchEvidence
 from .machine import Clock, machine_info
-from .prepare import Prepared, prepare
+from .prepare import Prepared, check, choose, configure, prepare, scan
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
@@ -71,15 +73,39 @@ def _build(recipe: BuildRecipe, progress: Progress, ranks: launch.Ranks, device:
     threads.fix_numerics()  # training, the float reference, QAT: the same sums on any machine
     clock = Clock()
     workers = loader.default_workers() if recipe.compute.workers is None else recipe.compute.workers
-    with _disk_full_explained(None):
-        p = prepare(recipe, progress, ranks, workers)
-    clock.lap("prepare")
+    if recipe.search.active:  # a budget search chooses the configuration, then the normal path builds it
+        with _disk_full_explained(None), interrupt.temporary_folder("edgetl-search-") as work:
+            build_inputs = scan(recipe, check(recipe, budget.space(recipe.search)), progress, ranks, workers)
+            clock.lap("prepare")
+            recipe, record = budget.search(build_inputs, progress, workers, _cache_dir(recipe.compute), device, work)
+            clock.lap("budget search")
+            p = choose(replace(build_inputs, recipe=recipe), configure(recipe), ranks.main)
+        search = record
+    else:
+        with _disk_full_explained(None):
+            p = prepare(recipe, progress, ranks, workers)
+        clock.lap("prepare")
+        search = None
     with _disk_full_explained(p.needs), interrupt.temporary_folder("edgetl-") as work:
-        return _stages(p, progress, ranks, device, workers, clock, work)
+        return _stages(p, progress, ranks, device, workers, clock, work, search)
+
+
+@dataclass
+class Trained:
+    """A build after training, on rank 0: what every target is made from. Tests may start here."""
+
+    prepared: Prepared
+    result: train.TrainResult
+    x: dict  # split -> loader.Split (val, test, and the val views of the search's evidence)
+    work: Path
+    device: str
+    workers: int
+    ranks: launch.Ranks = launch.SINGLE
+    search: budget.SearchRecord | None = None  # the budget search, when one chose the configuration
 
 
 def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, workers: int, clock: Clock,
-            work: Path) -> BuildResult | None:
+            work: Path, search: budget.SearchRecord | None = None) -> BuildResult | None:
     recipe, ds, contract, cfg = p.recipe, p.dataset, p.contract, p.recipe.train
     x: dict[str, loader.Split] = {}
     if ranks.main:  # val and test decoded once, to uint8 crops on disk, read in batches from here on
@@ -104,7 +130,7 @@ def _stages(p: Prepared, progress: Progress, ranks: launch.Ranks, device: str, w
         return None
     if ranks.world > 1:
         threads.alone()  # the other ranks are done: the engines get every allowed CPU, as in one process
-    return _targets(p, trained, x, work, device, workers, ranks, progress, clock)
+    return after_training(Trained(p, trained, x, work, device, workers, ranks, search), progress, clock)
 
 
 def _cache_dir(compute) -> Path | None:
@@ -113,50 +139,54 @@ def _cache_dir(compute) -> Path | None:
     return Path(compute.cache_dir).expanduser() if compute.cache_dir else features.default_dir()
 
 
-def _targets(p: Prepared, trained: train.TrainResult, x: dict, work: Path, device: str, workers: int,
-             ranks: launch.Ranks, progress: Progress, clock: Clock) -> BuildResult:
-    """Rank 0, after training: the float reference and the evidence, then every target, then the report."""
-    recipe, ds, contract, cfg = p.recipe, p.dataset, p.contract, p.recipe.train
-    net = trained.model
+def float_reference(net, x: dict, progress: Progress, device: str) -> dict[str, np.ndarray]:
+    """The fine-tuned float model's logits on every decoded split: what the gate compares against."""
     progress.stage("float reference")
-    ref = {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy() for s in x}
-    clock.lap("reference")
-    labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in data.SPLITS}
-    calib_items = data.calibration_subset(ds.split("train"), len(ds.classes), recipe.data.calibration_size,
-                                          recipe.seed)
-    calib = loader.Split.write(calib_items, contract, work / "calibration.crops", workers)[:]
-    common = {
-        "edgetl_version": __version__, "seed": recipe.seed, "data_sha256": ds.sha256,
-        "calibration_sha256": data.items_sha256(calib_items, ds.root), "calibration_size": len(calib_items),
-        "backbone": {"name": p.spec.name, "weights_origin": p.weights.origin, "weights_sha256": p.weights.sha256,
-                     "weights_file": p.weights.path.name},
-        "training": {"strategy": cfg.strategy, "best_epoch": trained.best_epoch,
-                     "best_val_accuracy": trained.best_val_accuracy, "epochs_run": len(trained.history),
-                     "device": device},
-        "classes": ds.classes,
-        "numerics": threads.record(),
-        "data": {"n_train": len(labels["train"]), "n_val": len(labels["val"]), "n_test": len(labels["test"]),
-                 "skipped": len(ds.skipped), "presplit": ds.presplit, "warnings": p.data_warnings},
-    }
-    head = net[-1]
-    views = trained.views or TrainViews(ds.split("train"), contract, cfg.augment_views, recipe.seed, workers)
-    searching = SearchEvidence(calib, x["val"], labels["val"], ref["val"], views,
-                               (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()), net,
-                               trained.view_logits, x.get("evidence"), ref.get("evidence"))
-    gating = GateEvidence(x["test"], labels["test"], ref["test"], [it.rel(ds.root) for it in ds.split("test")])
-    golden = bundle_contents.golden_items(ds, labels["test"], ref["test"])
+    return {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy() for s in x}
 
-    out = Path(recipe.out)
-    results, reference = _run_targets(p, target.Context(p, searching, gating, progress), net, out, work, common,
-                                      golden, clock)
+
+def calibration(p: Prepared, work: Path, workers: int) -> tuple[np.ndarray, list]:
+    """The class-balanced calibration subset of the training split, decoded: (crops, items)."""
+    ds = p.dataset
+    items = data.calibration_subset(ds.split("train"), len(ds.classes), p.recipe.data.calibration_size, p.recipe.seed)
+    return loader.Split.write(items, p.contract, work / "calibration.crops", workers)[:], items
+
+
+def evidence(t: Trained, ref: dict, calib: np.ndarray) -> tuple[SearchEvidence, GateEvidence, list]:
+    """The INT8 search's evidence (calibration, val, training views: never the test split), the gate's
+    (the test split) and the golden images."""
+    p, net, trained = t.prepared, t.result.model, t.result
+    ds, cfg = p.dataset, p.recipe.train
+    labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in ("val", "test")}
+    head = net[-1]
+    views = trained.views or TrainViews(ds.split("train"), p.contract, cfg.augment_views, p.recipe.seed, t.workers)
+    searching = SearchEvidence(calib, t.x["val"], labels["val"], ref["val"], views,
+                               (head.weight.detach().numpy().copy(), head.bias.detach().numpy().copy()), net,
+                               trained.view_logits, t.x.get("evidence"), ref.get("evidence"))
+    gating = GateEvidence(t.x["test"], labels["test"], ref["test"], [it.rel(ds.root) for it in ds.split("test")])
+    return searching, gating, bundle_contents.golden_items(ds, labels["test"], ref["test"])
+
+
+def after_training(t: Trained, progress: Progress, clock: Clock) -> BuildResult:
+    """Rank 0, after training: the float reference and the evidence, then every target, then the report."""
+    p, trained = t.prepared, t.result
+    ref = float_reference(trained.model, t.x, progress, t.device)
+    clock.lap("reference")
+    calib, calib_items = calibration(p, t.work, t.workers)
+    prov = provenance.of(p, trained, calib_items, t.device, t.search.to_dict() if t.search else None)
+    searching, gating, golden = evidence(t, ref, calib)
+    out = Path(p.recipe.out)
+    results, reference = _run_targets(p, target.Context(p, searching, gating, progress), trained.model, out, t.work,
+                                      prov, golden, clock)
     clock.total()
-    training = {**common["training"], "history": trained.history, "feature_seconds": trained.seconds_features,
-                "device_info": launch.device_info(device), "processes": ranks.world, "workers": workers,
+    training = {**asdict(prov.training), "history": trained.history, "feature_seconds": trained.seconds_features,
+                "device_info": launch.device_info(t.device), "processes": t.ranks.world, "workers": t.workers,
                 "feature_cache": trained.cache}
     result = BuildResult(ok=all(r.published for r in results), out=str(out), targets=results,
-                         data={**ds.report(), "warnings": p.data_warnings}, training=training, timings=clock.timings,
-                         recipe=recipe.to_toml_dict(), peak_rss_mb=clock.peak_rss, reference=reference,
-                         machine=machine_info())
+                         data={**p.dataset.report(), "warnings": p.data_warnings}, training=training,
+                         timings=clock.timings, recipe=p.recipe.to_toml_dict(), peak_rss_mb=clock.peak_rss,
+                         reference=reference, machine=machine_info(),
+                         search=t.search.to_dict(report=True) if t.search else None)
     from . import report
 
     report.write(out, result)
@@ -179,8 +209,8 @@ class _StagesOnly:
         self.inner.stage(name)
 
 
-def _run_targets(p: Prepared, ctx: target.Context, net, out: Path, work: Path, common: dict, golden: list,
-                 clock: Clock) -> tuple[list[TargetResult], dict]:
+def _run_targets(p: Prepared, ctx: target.Context, net, out: Path, work: Path, prov: provenance.Provenance,
+                 golden: list, clock: Clock) -> tuple[list[TargetResult], dict]:
     """Every target: gated (compute.jobs at a time, the cores shared among them), then — one after
     another, so that no timing shares the machine — its speed evidence and its bundle."""
     jobs = min(p.recipe.compute.jobs, len(p.profiles))
@@ -224,7 +254,7 @@ def _run_targets(p: Prepared, ctx: target.Context, net, out: Path, work: Path, c
         t0 = time.perf_counter()
         if isinstance(g, target.Gated):
             try:
-                g = target.finish(g, ctx, out, common, golden)
+                g = target.finish(g, ctx, out, prov, golden)
             except Exception as e:
                 g = target.failed(profile, e, p.needs)
         if not g.published:

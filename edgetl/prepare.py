@@ -22,19 +22,49 @@ MAX_EVIDENCE_VIEWS = 16
 
 
 @dataclass
-class Prepared:
-    """Everything validated before any heavy work starts (so bad input fails fast, writing nothing)."""
+class BuildInputs:
+    """What every configuration of a build shares: the recipe, the targets, the scanned data set."""
 
     recipe: BuildRecipe
     profiles: list[TargetProfile]
-    spec: backbones.BackboneSpec
-    weights: backbones.WeightsSource
-    model: object  # the pretrained ImageNet model (loaded here so a wrong checkpoint fails fast)
     dataset: data.Dataset
-    contract: dict
-    needs: space.Needs | None = None  # disk space a build needs (for a full disk's message)
     data_warnings: list[str] = field(default_factory=list)  # class imbalance, classes too small to judge
     evidence_views: int = 0  # augmented views per val image for the INT8 search's agreement evidence
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One choice of model: the backbone, its weights, the pretrained model at an input size, and the
+    preprocessing contract that size makes."""
+
+    spec: backbones.BackboneSpec
+    weights: backbones.WeightsSource
+    model: object  # the pretrained ImageNet model (loaded before any heavy work: a wrong checkpoint fails fast)
+    contract: dict
+
+    @property
+    def image_size(self) -> int:
+        return int(self.contract["input_size"][0])
+
+
+@dataclass
+class Prepared:
+    """Build inputs and the configuration chosen for them: everything validated before any heavy
+    work starts (so bad input fails fast, writing nothing)."""
+
+    inputs: BuildInputs
+    config: Configuration
+    needs: space.Needs | None = None  # disk space a build needs (for a full disk's message)
+
+    recipe = property(lambda self: self.inputs.recipe)
+    profiles = property(lambda self: self.inputs.profiles)
+    dataset = property(lambda self: self.inputs.dataset)
+    data_warnings = property(lambda self: self.inputs.data_warnings)
+    evidence_views = property(lambda self: self.inputs.evidence_views)
+    spec = property(lambda self: self.config.spec)
+    weights = property(lambda self: self.config.weights)
+    model = property(lambda self: self.config.model)
+    contract = property(lambda self: self.config.contract)
 
 
 def evidence_views(recipe: BuildRecipe, profiles: list[TargetProfile], n_val: int) -> int:
@@ -71,11 +101,33 @@ def check_profiles(recipe: BuildRecipe) -> list[TargetProfile]:
 def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: launch.Ranks = launch.SINGLE,
             workers: int = 0) -> Prepared:
     """Every check, then the scan: a Prepared build, or a typed error before any heavy work."""
+    profiles = check(recipe)
+    config = configure(recipe)  # a wrong checkpoint fails before the scan
+    return choose(scan(recipe, profiles, progress, ranks, workers), config, ranks.main)
+
+
+def configure(recipe: BuildRecipe, backbone: str | None = None, image_size: int | None = None) -> Configuration:
+    """The recipe's [model] (or `backbone` at `image_size`): its weights found, the pretrained model loaded."""
+    spec = backbones.get(backbone or recipe.model.backbone)
+    weights = backbones.resolve_weights(spec, recipe.model.weights if backbone is None else None)
+    size = image_size if backbone is not None else recipe.model.image_size
+    model = backbones.load_pretrained(spec, weights, size)
+    return Configuration(spec, weights, model, spec.contract(size))
+
+
+def check(recipe: BuildRecipe, space_of: list[tuple[str, int]] = ()) -> list[TargetProfile]:
+    """The targets checked, the build's time stamp, and the weights of every backbone in `space_of`
+    (a budget search's (backbone, image size) pairs) found: bad input fails before any scan."""
     profiles = check_profiles(recipe)
     bundle.created()  # a bad SOURCE_DATE_EPOCH fails now, not after the build
-    spec = backbones.get(recipe.model.backbone)
-    weights = backbones.resolve_weights(spec, recipe.model.weights)
-    model = backbones.load_pretrained(spec, weights, recipe.model.image_size)
+    for name in dict.fromkeys(b for b, _ in space_of):
+        backbones.resolve_weights(backbones.get(name))
+    return profiles
+
+
+def scan(recipe: BuildRecipe, profiles: list[TargetProfile], progress: Progress = NullProgress(),
+         ranks: launch.Ranks = launch.SINGLE, workers: int = 0) -> BuildInputs:
+    """The data folder scanned and split: the build's inputs."""
     progress.stage("scan data")
     folder = recipe.data.path
     if folder is None:
@@ -88,19 +140,24 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
                             seed=recipe.seed, workers=workers + 1)  # + this process's core
         check_out(Path(recipe.out), Path(folder))
     dataset = ranks.broadcast(dataset, waiting=True)
-    contract = spec.contract(recipe.model.image_size)
     d = recipe.data
     warnings = data.balance_warnings(dataset, ratio=d.imbalance_ratio, min_judged=d.min_judged_images)
+    views = evidence_views(recipe, profiles, len(dataset.split("val")))
+    return BuildInputs(recipe, profiles, dataset, warnings, views)
+
+
+def choose(build: BuildInputs, config: Configuration, main: bool = True) -> Prepared:
+    """The build's inputs with one configuration: what it needs on disk (warned about when short)."""
+    recipe, dataset, d = build.recipe, build.dataset, build.recipe.data
     n_val = len(dataset.split("val"))
-    views = evidence_views(recipe, profiles, n_val)
-    needs = space.needs(n_crops=n_val * (1 + views) + len(dataset.split("test")) + d.calibration_size,
-                        input_size=tuple(contract["input_size"]),
-                        fp32_bytes=4 * sum(t.numel() for t in model.parameters()),
-                        precisions=[list(p.precisions) for p in profiles], out=Path(recipe.out))
-    if ranks.main:
-        for w in [*warnings, *space.shortfalls(needs)]:
+    needs = space.needs(n_crops=n_val * (1 + build.evidence_views) + len(dataset.split("test")) + d.calibration_size,
+                        input_size=tuple(config.contract["input_size"]),
+                        fp32_bytes=4 * sum(t.numel() for t in config.model.parameters()),
+                        precisions=[list(p.precisions) for p in build.profiles], out=Path(recipe.out))
+    if main:
+        for w in [*build.data_warnings, *space.shortfalls(needs)]:
             log.warning("%s", w)
-    return Prepared(recipe, profiles, spec, weights, model, dataset, contract, needs, warnings, views)
+    return Prepared(build, config, needs)
 
 
 def check_out(out: Path, data_root: Path) -> None:

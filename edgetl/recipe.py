@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UsageError
 from .runtime.integrity import one_line  # messages stay one line (shared with the bundle's own check)
@@ -131,6 +131,41 @@ class ComputeSection(_Section):
         "--nproc: how long the other processes wait for rank 0's scan and decoding before training"))
 
 
+class SearchSection(_Section):
+    """The latency-budget search (docs/budget.md): every (backbone, image size) of the space trained
+    (feature-extract, cached), its val accuracy and its latency through each target's runtime measured;
+    the most accurate one that fits `latency_ms` on every target is built. Off while latency_ms is unset."""
+
+    latency_ms: float | None = Field(None, gt=0, description="batch-1 latency budget per image, ms; None = no search")
+    backbones: list[str] = Field(default_factory=lambda: ["mobilenet_v2", "efficientnet_lite0"], min_length=1)
+    image_sizes: list[int] = Field(default_factory=lambda: [96, 128, 160, 224], min_length=1)
+    device_profile: FilePath | None = Field(None, description=(
+        "latencies measured on the device (`edgetl bench --profile`) instead of on this machine"))
+    runs: int = Field(60, ge=5, le=10000, description="timed batch-1 runs per configuration (the median is used)")
+
+    @field_validator("backbones")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from . import backbones
+
+        unknown = [b for b in v if b not in backbones.names()]
+        if unknown:
+            raise ValueError(f"unknown backbone {unknown[0]!r}; choose from {', '.join(backbones.names())}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("image_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 32 <= s <= 1024]
+        if bad:
+            raise ValueError(f"image size {bad[0]} is outside 32..1024")
+        return sorted(set(v))
+
+    @property
+    def active(self) -> bool:
+        return self.latency_ms is not None
+
+
 class BuildRecipe(_Section):
     seed: int = Field(0, ge=0, lt=2**32, description="split, training, calibration subset, bootstrap")
     out: FilePath = Field(Path("edgetl-out"), description="output folder: bundles at OUT/<target>/, the report beside")
@@ -142,6 +177,15 @@ class BuildRecipe(_Section):
     gate: GateSection = Field(default_factory=GateSection)
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     compute: ComputeSection = Field(default_factory=ComputeSection)
+    search: SearchSection = Field(default_factory=SearchSection)
+
+    @model_validator(mode="after")
+    def _search_runs_alone(self) -> BuildRecipe:
+        if self.search.device_profile is not None and not self.search.active:
+            raise ValueError("search.device_profile needs a budget: set search.latency_ms (--latency-ms)")
+        if self.search.active and self.compute.nproc > 1:
+            raise ValueError("a budget search (search.latency_ms) runs in one process: set compute.nproc = 1")
+        return self
 
     @field_validator("targets")
     @classmethod
@@ -185,6 +229,8 @@ CLI_KEYS = {
     "cache": "compute.cache",
     "require_certified": "gate.require_certified",
     "effort": "quantize.effort",
+    "latency_ms": "search.latency_ms",
+    "device_profile": "search.device_profile",
 }
 
 
@@ -286,7 +332,8 @@ def check_json_values(value: dict[str, Any]) -> dict[str, Any]:
 
 
 # Paths written in a recipe file are relative to that file (flags stay relative to the working dir).
-_PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"), ("compute", "cache_dir"))
+_PATH_KEYS = (("data", "path"), ("model", "weights"), (None, "out"), ("compute", "cache_dir"),
+              ("search", "device_profile"))
 
 
 def _relative_to(raw: dict, base: Path, source: str) -> None:

@@ -14,6 +14,8 @@ import numbers
 import re
 from pathlib import Path
 
+from . import budget_report
+
 log = logging.getLogger(__name__)
 
 
@@ -269,6 +271,7 @@ def markdown(result) -> str:
         text += "\nWarnings of published targets:\n\n" + "".join(
             f"- `{t.target}` ({_md(t.status)}): {_md(w)}\n" for t in warned for w in t.warnings)
     text += "\n" + "".join(f"{_md(line)}\n\n" for line in legend(result))
+    text += budget_report.markdown(getattr(result, "search", None))
     try:
         text += markdown_changed(result)
     except Exception as e:  # the list is a debugging aid: it must never cost the report
@@ -281,7 +284,10 @@ def plots(result) -> dict[str, str]:
     from it, the accuracy/latency/size scatter."""
     from . import charts
 
-    return charts.plots(rows(result), result.data["classes"])
+    images = charts.plots(rows(result), result.data["classes"])
+    if getattr(result, "search", None):  # the budget search's Pareto plot (its own section)
+        images.update(charts.budget_plot(result.search))
+    return images
 
 
 def thumbnail(path) -> str:
@@ -342,7 +348,9 @@ def html_page(result, images: dict[str, str]) -> str:
     tbody = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells(result))
     paragraphs = "".join(f"<p>{esc(line)}</p>" for line in notes(result))
     figs = "".join(f'<figure><img alt="{esc(k)}" src="data:image/png;base64,{v}">'
-                   f"<figcaption>{esc(k)}</figcaption></figure>" for k, v in images.items())
+                   f"<figcaption>{esc(k)}</figcaption></figure>" for k, v in images.items()
+                   if k != budget_report.PLOT)
+    figs += budget_report.html_section(getattr(result, "search", None), images)
     try:
         changed = changed_html(result)
     except Exception as e:  # a debugging aid: it must never cost the report

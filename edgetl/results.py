@@ -163,6 +163,7 @@ class BuildResult:
     peak_rss_mb: dict = field(default_factory=dict)  # process peak RSS after each stage
     reference: dict = field(default_factory=dict)  # the float model: accuracy, FP32 ONNX size/latency, confusion
     machine: dict = field(default_factory=dict)
+    search: dict | None = None  # the budget search (budget.py), when one chose the configuration
 
     def to_dict(self) -> dict:
         d = self.__dict__.copy()

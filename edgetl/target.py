@@ -29,6 +29,7 @@ from .evidence import GateEvidence, SearchEvidence
 from .prepare import Prepared
 from .profiles import TargetProfile
 from .progress import Progress
+from .provenance import Provenance
 from .recipe import BuildRecipe
 from .refine import refiners
 from .results import ModelResult, QuantizationRecord, TargetResult, failed_target
@@ -181,7 +182,7 @@ def validated_with(runner, profile: TargetProfile) -> str:
             "architectures; run its self-test there)")
 
 
-def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> TargetResult:
+def finish(g: Gated, ctx: Context, out: Path, provenance: Provenance, golden: list) -> TargetResult:
     """Speed evidence (alone on the machine), then the bundle when every model passed."""
     p, progress = ctx.prepared, ctx.progress
     ds, contract = p.dataset, p.contract
@@ -204,8 +205,8 @@ def finish(g: Gated, ctx: Context, out: Path, common: dict, golden: list) -> Tar
     stage = bundle.staging_dir(out, profile.name)
     try:
         files = bundle_contents.write(stage, profile=profile, backend=backend, models=models, prepared=p,
-                                      contract=g.contract, golden=golden, common=common, quantization=quant.to_dict(),
-                                      warnings=result.warnings)
+                                      contract=g.contract, golden=golden, common=provenance.to_dict(),
+                                      quantization=quant.to_dict(), warnings=result.warnings)
         bundle.publish(stage, final)
     except BaseException:
         bundle.discard(stage)

@@ -14,7 +14,7 @@ CATS, COFFEE = {281, 282, 283, 284, 285}, {504, 967, 968}
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
 def test_pretrained_weights_recognise_imagenet_photos(name, tmp_path, monkeypatch):
     import skimage.data as skdata  # a dev dependency: a broken install fails here, it does not skip
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the offline package must serve
@@ -35,6 +35,9 @@ def test_registry_and_contracts():
         backbones.get("mobilenet_v22")
     lite = backbones.get("efficientnet_lite0").contract(192)
     assert lite["mean"] == [0.5] * 3 and lite["std"] == [0.5] * 3 and lite["input_size"] == [192, 192]
+    for name, native in (("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):  # TF's crop: size / (size + 32)
+        c = backbones.get(name).contract()
+        assert c["input_size"] == [native, native] and c["resize_size"] == native + 32 and c["mean"] == [0.5] * 3
     b0 = backbones.get("efficientnet_b0").contract()
     assert b0["interpolation"] == "bicubic" and b0["resize_size"] == 256
 
@@ -72,6 +75,14 @@ def test_wrong_checkpoint_is_rejected(tmp_path):
     spec = backbones.get("mobilenet_v3_small")
     with pytest.raises(WeightsError, match="does not fit backbone 'mobilenet_v3_small'"):
         backbones.load_pretrained(spec, backbones.resolve_weights(spec, bad))
+
+
+def test_lite_variants_match_their_checkpoints_layout():
+    from edgetl.models.efficientnet_lite import lite_stages
+
+    # Channels and repeats of TF's efficientnet_lite_builder (width 1.1 rounds 40 -> 48, 112 -> 120, ...).
+    assert [(c, r) for *_, c, r in lite_stages(1)] == [(16, 1), (24, 3), (40, 3), (80, 4), (112, 4), (192, 5), (320, 1)]
+    assert [(c, r) for *_, c, r in lite_stages(2)] == [(16, 1), (24, 3), (48, 3), (88, 4), (120, 4), (208, 5), (352, 1)]
 
 
 def test_lite0_same_padding_any_size():

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 (no squeeze-excite, ReLU6, fixed stem/head) with TensorFlow "same" padding.
+"""EfficientNet-Lite0/1/2 (no squeeze-excite, ReLU6, fixed stem/head) with TensorFlow "same" padding.
 
 Padding is computed statically from the input size at construction, so the exported ONNX graph
 has plain Pad nodes. The layout mirrors torchvision (`features`, `avgpool`, `classifier`) so the
@@ -75,12 +75,31 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
+# (width, depth) multipliers of the Lite variants (TF's efficientnet_lite_builder); Lite keeps the
+# stem (32), the head (1280) and the first and last stages' repeats fixed.
+LITE_SCALING = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}
+
+
+def _round_filters(c: int, width: float, divisor: int = 8) -> int:
+    scaled = c * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return int(new + divisor) if new < 0.9 * scaled else int(new)
+
+
+def lite_stages(variant: int) -> list[tuple[int, int, int, int, int]]:
+    """LITE0_STAGES scaled for EfficientNet-Lite`variant`."""
+    width, depth = LITE_SCALING[variant]
+    last = len(LITE0_STAGES) - 1
+    return [(e, k, s, _round_filters(c, width), r if i in (0, last) else math.ceil(r * depth))
+            for i, (e, k, s, c, r) in enumerate(LITE0_STAGES)]
+
+
 class EfficientNetLite(nn.Module):
-    def __init__(self, num_classes: int = 1000, image_size: int = 224, dropout: float = 0.2):
+    def __init__(self, num_classes: int = 1000, image_size: int = 224, dropout: float = 0.2, variant: int = 0):
         super().__init__()
         layers: list[nn.Module] = [ConvBNAct(3, 32, 3, 2, image_size)]
         size, cin = layers[0].out_size, 32
-        for expand, k, stride, cout, repeats in LITE0_STAGES:
+        for expand, k, stride, cout, repeats in lite_stages(variant):
             for r in range(repeats):
                 block = MBConv(cin, cout, expand, k, stride if r == 0 else 1, size)
                 layers.append(block)
@@ -99,9 +118,19 @@ def efficientnet_lite0(image_size: int = 224) -> EfficientNetLite:
     return EfficientNetLite(1000, image_size)
 
 
+def efficientnet_lite1(image_size: int = 240) -> EfficientNetLite:
+    """EfficientNet-Lite1 at `image_size` (weights loaded separately)."""
+    return EfficientNetLite(1000, image_size, variant=1)
+
+
+def efficientnet_lite2(image_size: int = 260) -> EfficientNetLite:
+    """EfficientNet-Lite2 at `image_size` (weights loaded separately); dropout 0.3 as in TF."""
+    return EfficientNetLite(1000, image_size, dropout=0.3, variant=2)
+
+
 def remap_lukemelas(state: dict) -> dict:
-    """Key names of lukemelas-style EfficientNet-Lite checkpoints -> EfficientNetLite's."""
-    n_blocks = sum(s[-1] for s in LITE0_STAGES)
+    """Key names of lukemelas-style EfficientNet-Lite checkpoints -> EfficientNetLite's (any variant)."""
+    n_blocks = len({int(m[1]) for key in state if (m := re.match(r"_blocks\.(\d+)\.", key))})
     out = {}
     for key, value in state.items():
         new = key

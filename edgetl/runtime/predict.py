@@ -6,6 +6,7 @@ file (engine_<name>.py) that runs the model. Needs numpy, Pillow and that engine
     python predict.py --json IMAGE...
     python predict.py --selftest            # golden inputs shipped in the bundle must give the recorded outputs
     python predict.py --bench [--batch 8]   # latency/throughput through this runtime
+    python predict.py --profile GRAPHS [--out device.json]  # a device profile for `edgetl build --device-profile`
     python predict.py --model fp16 ...      # another model of the bundle (runtime.json "models")
     python predict.py --set device=GPU ...  # override a runtime setting (runtime.json "settings")
     python predict.py --no-verify ...       # skip the check of every file against manifest.json
@@ -216,6 +217,74 @@ def _timed(predictor, x, warmup: int, runs: int) -> np.ndarray:
     return out
 
 
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "openvino", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _cpu() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def device_profile(graphs: Path, bundle: Path = HERE, settings: dict | None = None, runs: int = 60,
+                   warmup: int = 5, rounds: int = 5) -> dict:
+    """A device profile (edgetl's device_profile.py reads it): batch-1 latency of every graph in
+    `graphs` (written by `edgetl bench --profile ... --graphs DIR`) through this bundle's engine and
+    settings, timed in turn for `rounds` rounds; with this device's CPU, threads and runtime versions."""
+    graphs = Path(graphs)
+    try:
+        index = json.loads((graphs / "index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{graphs}: no readable index.json ({type(e).__name__}); fix: pass the folder that "
+                          "`edgetl bench --profile OUT.json --graphs DIR` wrote") from None
+    runtime = read_runtime(bundle)
+    if index.get("engine") != runtime.get("engine"):
+        raise BundleError(f"{graphs}: graphs for the {index.get('engine')} runtime, this bundle runs "
+                          f"{runtime.get('engine')}; fix: export the graphs for this bundle's target")
+    merged = {**runtime.get("settings", {}), **(settings or {})}
+    module = load_engine(runtime["engine"])
+    engines, inputs, times = [], [], []
+    for g in index["graphs"]:
+        engines.append(module.Engine(graphs / g["folder"] / g["files"][0], merged))
+        inputs.append(np.ascontiguousarray(to_tensor(sample_crops(1, g["contract"], 0), g["contract"]),
+                                           dtype=input_dtype(g["contract"])))
+        times.append([])
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for engine, x, t in zip(engines, inputs, times, strict=True):
+            for _ in range(warmup):
+                engine.run(x)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                engine.run(x)
+                t.append(time.perf_counter() - t0)
+    rows = []
+    for g, engine, t in zip(index["graphs"], engines, times, strict=True):
+        ms = np.asarray(t) * 1e3
+        rows.append({**{k: g[k] for k in ("backbone", "image_size", "precision", "model_input")},
+                     "latency_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
+                     "runs": len(ms), "executed_by": engine.executed_by})
+    import os
+
+    return {"format": "edgetl-device-profile/1", "engine": runtime["engine"], "backend": runtime.get("backend"),
+            "target": index.get("target"), "runtime_versions": _versions(), "cpu": _cpu(), "cores": os.cpu_count(),
+            "threads": merged.get("threads") or os.cpu_count(), "settings": merged,
+            "taken_by": "predict.py --profile", "latencies": rows}
+
+
 def _settings(pairs) -> dict:
     out = {}
     for pair in pairs or []:
@@ -248,6 +317,10 @@ def main(argv=None) -> int:
                     help="override a runtime setting, e.g. device=GPU, performance_hint=THROUGHPUT")
     ap.add_argument("--no-verify", action="store_true",
                     help="run even if the bundle's files differ from manifest.json")
+    ap.add_argument("--profile", metavar="GRAPHS", type=Path,
+                    help="time the graphs `edgetl bench --profile ... --graphs GRAPHS` wrote: a device profile")
+    ap.add_argument("--out", type=Path, help="--profile: write the profile here (default: stdout)")
+    ap.add_argument("--runs", type=_positive, default=60, help="--profile: timed batch-1 runs per graph")
     args = ap.parse_args(argv)
     settings = _settings(args.set)
     if not args.no_verify:  # once, before any model is loaded (and outside --bench's cold-load time)
@@ -263,6 +336,18 @@ def main(argv=None) -> int:
         except BundleError as e:
             ap.error(str(e))
 
+    if args.profile is not None:
+        try:
+            prof = device_profile(args.profile, HERE, settings, runs=args.runs)
+        except BundleError as e:
+            print(f"predict.py: error: {e}", file=sys.stderr)
+            return 2
+        text = json.dumps(prof, indent=1) + "\n"
+        if args.out:
+            args.out.write_text(text, encoding="utf-8")
+        else:
+            print(text, end="")
+        return 0
     if args.bench:
         result = benchmark(load, batch=args.batch)
         print(json.dumps(result) if args.json else "\n".join(f"{k}\t{v}" for k, v in result.items()))
