@@ -137,8 +137,10 @@ class SearchSection(_Section):
     the most accurate one that fits `latency_ms` on every target is built. Off while latency_ms is unset."""
 
     latency_ms: float | None = Field(None, gt=0, description="batch-1 latency budget per image, ms; None = no search")
-    backbones: list[str] = Field(default_factory=lambda: ["mobilenet_v2", "efficientnet_lite0"], min_length=1)
-    image_sizes: list[int] = Field(default_factory=lambda: [96, 128, 160, 224], min_length=1)
+    backbones: list[str] = Field(default_factory=lambda: ["mobilenet_v2", "efficientnet_lite0"], min_length=1,
+                                 description="backbones the search tries (`edgetl backbones`)")
+    image_sizes: list[int] = Field(default_factory=lambda: [96, 128, 160, 224], min_length=1, description=(
+        "input sizes the search tries, each up to a backbone's native size"))
     device_profile: FilePath | None = Field(None, description=(
         "latencies measured on the device (`edgetl bench --profile`) instead of on this machine"))
     runs: int = Field(60, ge=5, le=10000, description="timed batch-1 runs per configuration (the median is used)")
