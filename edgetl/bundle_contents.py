@@ -227,7 +227,7 @@ overrides the device). Exit codes: 0, 1 (golden check failed, bundle changed), 2
    transparency) is composited over white with Pillow's integer `alpha_composite`; a colour-key
    transparency on grey/RGB is ignored. EXIF orientation is applied by `preprocess.py` (the C++
    refuses an image whose orientation is not 1). JPEG: decoders differ; the C++ refuses it. PPM: P6,
-   maxval 255; a header ending "255\\r\\n" is read by the C++ as one line end, by Pillow one byte off.
+   maxval 255; a header ending "255\\r\\n" is one line end when the file size says so (C++ and predict.py).
 2. Resize so the shorter side is {c['resize_size']}: scale = {c['resize_size']} / min(width, height); new width
    max({w}, round(width * scale)), new height max({h}, round(height * scale)), rounding half to even.
    Pillow's `{c['interpolation']}` resampling: antialiased (the filter widens with the reduction), two

@@ -165,3 +165,19 @@ def test_duplicate_files_never_cross_splits(tmp_path):
     assert any(s["file"] == "test/blue/leak.png" and "duplicate of train/" in s["reason"] for s in ds.skipped)
     hashes = [{it.sha256 for it in ds.split(s)} for s in data.SPLITS]
     assert not (hashes[0] & hashes[2]) and not (hashes[1] & hashes[2])
+
+
+def test_a_ppm_whose_header_ends_with_crlf_is_read_right(tmp_path):
+    """"255\r\n" with one byte too many for "\r" alone: a line ending (Pillow alone would start the pixels
+    at the "\n" and rotate the channels); with the size of "\r" + pixels, the "\n" is the first pixel."""
+    import numpy as np
+
+    from edgetl.runtime.preprocess import load_rgb
+
+    px = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    (tmp_path / "crlf.ppm").write_bytes(b"P6\n# a comment\n7 5\n255\r\n" + px.tobytes())
+    assert (np.asarray(load_rgb(tmp_path / "crlf.ppm")) == px).all()
+    first_is_lf = px.copy()
+    first_is_lf[0, 0, 0] = 10
+    (tmp_path / "cr.ppm").write_bytes(b"P6 7 5 255\r" + first_is_lf.tobytes())
+    assert (np.asarray(load_rgb(tmp_path / "cr.ppm")) == first_is_lf).all()

@@ -6,7 +6,9 @@ exact code the model was trained and validated with. It imports only numpy and P
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(_crlf_ppm(path) or path) as img:
                 img.load()  # full decode: Image.verify() misses truncated data
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img).copy()
@@ -68,6 +70,32 @@ def load_rgb(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         reason = "truncated image" if "truncated" in str(e) else f"cannot decode ({e})"
         raise ImageDecodeError(reason) from None
+
+
+_PPM_TOKEN = re.compile(rb"(?:\s|#[^\r\n]*[\r\n])*([0-9]{1,10})")
+
+
+def _crlf_ppm(path: Path) -> io.BytesIO | None:
+    """A binary PPM whose header ends "maxval\r\n" and whose size says the "\r\n" is one line ending:
+    Pillow takes the "\r" as the one whitespace that ends the header and the "\n" as the first pixel
+    byte (the channels rotate). Its bytes with that "\r" removed; None for every other file. The C++
+    consumer reads such files the same way (image_io.hpp)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"P6":
+            return None
+        raw = b"P6" + f.read()
+    pos, values = 2, []
+    for _ in range(3):
+        m = _PPM_TOKEN.match(raw, pos)
+        if m is None:
+            return None
+        values.append(int(m.group(1)))
+        pos = m.end()
+    w, h, maxval = values
+    need = w * h * 3 * (2 if maxval > 255 else 1)
+    if raw[pos:pos + 2] == b"\r\n" and len(raw) - pos - 2 == need:
+        return io.BytesIO(raw[:pos] + raw[pos + 1:])
+    return None
 
 
 def resize_crop(img: Image.Image, contract: dict) -> Image.Image:
