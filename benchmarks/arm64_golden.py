@@ -222,7 +222,9 @@ def emulate(qemu: str, cpu: str, env: list[str], cmd: list) -> tuple[subprocess.
 
 
 def golden_ppms(bundle: Path) -> list[Path]:
-    return [bundle / line.split()[0] for line in (bundle / "golden" / "golden.txt").read_text().splitlines()]
+    """golden/<k>.ppm: the k-th golden image (golden.txt's and expected.json's order) as the model takes it."""
+    n = len((bundle / "golden" / "golden.txt").read_text().splitlines())
+    return [bundle / "golden" / f"{k:02d}.ppm" for k in range(n)]
 
 
 def x86_logits(runtime: str, bundle: Path, model: Path) -> dict[str, list[list[float]]]:
