@@ -37,6 +37,7 @@ from .prepare import Prepared, prepare
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
+from .reference import float_logits
 from .results import BuildResult, TargetResult
 from .views import EvidenceCrops, TrainViews
 
@@ -119,7 +120,7 @@ def _targets(p: Prepared, trained: train.TrainResult, x: dict, work: Path, devic
     recipe, ds, contract, cfg = p.recipe, p.dataset, p.contract, p.recipe.train
     net = trained.model
     progress.stage("float reference")
-    ref = {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy() for s in x}
+    ref = float_logits(net, x, p, work, device, progress, _cache_dir(recipe.compute))  # reference.py
     clock.lap("reference")
     labels = {s: np.asarray([it.label for it in ds.split(s)], dtype=np.int64) for s in data.SPLITS}
     calib_items = data.calibration_subset(ds.split("train"), len(ds.classes), recipe.data.calibration_size,
