@@ -5,13 +5,7 @@ its statistics are frozen by construction) is quantized by `nncf.quantize` on th
 images (per-channel symmetric weights, per-tensor activations, as the PTQ path), then trained for
 at most `qat_max_steps` steps (`qat_epochs` epochs over the training views when fewer) to
 reproduce the teacher's logits (MSE, the refit's objective; optionally plus a KL term on softened
-logits). What trains is the *tail*: the trunk's blocks at 1/16 of the input size and below (their
-weights and quantizer scales) and the head; the blocks before it (the high-resolution ones, which
-hold most of the activations a backward pass keeps) stay as calibrated and run without gradients.
-Their output — the tail's input — is computed once for the val split (every checkpoint runs the
-tail alone) and per step, without a graph, for the training views: a step costs the front's
-forward and the tail's forward and backward, and memory holds the tail's activations only. The
-checkpoint is chosen on the
+logits) — every weight and every quantizer scale trains. The checkpoint is chosen on the
 validation split by its logit error against the float model (a continuous score: agreement on a
 hundred images moves in steps of one image); "no training" is one of the choices. Nothing here
 reads a clock except an optional limit that drops the whole candidate. The result is exported as
@@ -45,7 +39,6 @@ from . import SHARED, RefineInputs
 log = logging.getLogger(__name__)
 BATCH = 16
 CALIB_BATCH = 16
-VAL_BATCH = 32
 
 
 def _torch_modules():
@@ -60,83 +53,7 @@ def _torch_modules():
         def forward(self, x):
             return self.head(self.trunk(x))
 
-    class Blocks(nn.Sequential):
-        """trunk.features (same children, same names: NNCF's op names, and so its quantizers, are
-        unchanged) with two entry points: `stop` ends the forward after block stop-1 (raising
-        _Front with its output); `inject` replaces the output of the blocks before `start`."""
-
-        start, stop, inject = 0, None, None
-
-        def forward(self, x):
-            first = self.start if self.inject is not None else 0
-            if self.inject is not None:
-                x = self.inject
-            for i, block in enumerate(self):
-                if i >= first:
-                    x = block(x)
-                if self.stop is not None and i == self.stop - 1:
-                    raise _Front(x)
-            return x
-
-    return Student, Blocks
-
-
-class _Front(Exception):  # noqa: N818 (not an error: the front's output, carried out of the forward)
-    def __init__(self, x):
-        super().__init__()
-        self.x = x
-
-
-TAIL_STRIDE = 16  # QAT trains the blocks whose input is at 1/TAIL_STRIDE of the image size or below
-
-
-def tail_start(features, input_size) -> int:
-    """Index of the first block of `features` whose input is at 1/TAIL_STRIDE of the input size or
-    below (0: train everything)."""
-    import torch
-
-    x = torch.zeros(1, 3, *input_size)
-    limit = min(input_size) / TAIL_STRIDE
-    with torch.no_grad():
-        for i, block in enumerate(features):
-            if i and min(x.shape[-2:]) <= limit:
-                return i
-            x = block(x)
-    return 0
-
-
-class Stages:
-    """The quantized student run in two parts: front(x) (no gradients) and tail(front output).
-    front + tail is the whole model, the same ops with the same quantizers."""
-
-    def __init__(self, qm, blocks, start: int):
-        self.qm, self.blocks, self.start = qm, blocks, start
-
-    def front(self, x):
-        import torch
-
-        if not self.start:
-            return x
-        self.blocks.stop = self.start
-        try:
-            with torch.no_grad():
-                self.qm(x)
-        except _Front as f:
-            return f.x.detach()
-        finally:
-            self.blocks.stop = None
-        raise RuntimeError("the front of the QAT student never ended")  # pragma: no cover
-
-    def tail(self, f):
-        import torch
-
-        if not self.start:
-            return self.qm(f)
-        self.blocks.start, self.blocks.inject = self.start, f
-        try:  # the model input is not read: a one-pixel stand-in carries the batch size
-            return self.qm(torch.zeros(f.shape[0], 3, 1, 1))
-        finally:
-            self.blocks.inject = None
+    return Student
 
 
 def fold_batchnorm(model):
@@ -210,22 +127,13 @@ def _quantize(student, inp: RefineInputs, profile):
                                  "performance": nncf.QuantizationPreset.PERFORMANCE}[preset])
 
 
-def _val_score(stages: Stages, fronts: list, inp: RefineInputs) -> tuple[float, float]:
-    """(agreement, logit MSE) on the val split from its front outputs (computed once: the front is frozen)."""
+def _val_score(qm, inp: RefineInputs) -> tuple[float, float]:
     import torch
 
-    ref = inp.data.val_reference_logits
+    x, ref = inp.data.val_x, inp.data.val_reference_logits
     with torch.no_grad():
-        out = np.concatenate([stages.tail(f).numpy() for f in fronts])
+        out = np.concatenate([qm(torch.from_numpy(x[s:s + 32])).numpy() for s in range(0, len(x), 32)])
     return float((out.argmax(1) == ref.argmax(1)).mean()), float(((out - ref) ** 2).mean())
-
-
-def _val_fronts(stages: Stages, inp: RefineInputs) -> list:
-    import torch
-
-    x = inp.data.val_x
-    return [stages.front(torch.from_numpy(np.ascontiguousarray(x[s:s + VAL_BATCH])))
-            for s in range(0, len(x), VAL_BATCH)]
 
 
 def plan(n_views: int, epochs: int, max_steps: int, checkpoints: int) -> tuple[int, list[int]]:
@@ -248,7 +156,7 @@ def _loss(student, teacher, q):
     return loss
 
 
-def _train(qm, stages: Stages, inp: RefineInputs, profile, deadline: float | None) -> dict:
+def _train(qm, inp: RefineInputs, profile, deadline: float | None) -> dict:
     """Distillation steps; returns the history and leaves the val-best checkpoint loaded. The model
     stays in eval mode while it trains: no BatchNorm is left to update, and dropout would only add
     noise to a deterministic teacher (gradients flow through the fake quantizers either way)."""
@@ -260,11 +168,10 @@ def _train(qm, stages: Stages, inp: RefineInputs, profile, deadline: float | Non
     torch.manual_seed(inp.data.seed)
     qm.eval()
     teacher = torch.from_numpy(inp.teacher_logits())
-    opt = torch.optim.AdamW(qm.parameters(), lr=q.qat_lr, weight_decay=0.0)  # the front gets no gradient
+    opt = torch.optim.AdamW(qm.parameters(), lr=q.qat_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(inp.data.seed)
     total, marks = plan(len(inp.views), q.qat_epochs, q.qat_max_steps, q.qat_checkpoints)
-    fronts = _val_fronts(stages, inp)
-    agree, mse = _val_score(stages, fronts, inp)
+    agree, mse = _val_score(qm, inp)
     history = [{"step": 0, "val_agreement": agree, "val_mse": round(mse, 6)}]
     best, best_state = (-mse, 0), copy.deepcopy(qm.state_dict())
     step = 0
@@ -274,7 +181,7 @@ def _train(qm, stages: Stages, inp: RefineInputs, profile, deadline: float | Non
             idx = torch.as_tensor(order[s:s + BATCH])
             if len(idx) < 2:
                 continue
-            loss = _loss(stages.tail(stages.front(torch.from_numpy(x))), teacher[idx], q)
+            loss = _loss(qm(torch.from_numpy(x)), teacher[idx], q)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -284,7 +191,7 @@ def _train(qm, stages: Stages, inp: RefineInputs, profile, deadline: float | Non
                 raise BudgetExceeded(f"qat passed its {q.qat_budget_s:g} s limit at step {step} of {total} "
                                      "(quantization.qat_budget_s); the whole candidate is dropped")
             if step in marks:
-                agree, mse = _val_score(stages, fronts, inp)
+                agree, mse = _val_score(qm, inp)
                 history.append({"step": step, "val_agreement": agree, "val_mse": round(mse, 6)})
                 if (-mse, -step) > best:
                     best, best_state = (-mse, -step), copy.deepcopy(qm.state_dict())
@@ -378,16 +285,11 @@ def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Ar
     with SHARED:
         if key not in inp.shared:
             t0 = time.perf_counter()
-            Student, Blocks = _torch_modules()  # noqa: N806
+            Student = _torch_modules()  # noqa: N806
             trunk, head = copy.deepcopy(inp.model[0]), copy.deepcopy(inp.model[1])
-            trunk = fold_batchnorm(trunk)
-            trunk.features = Blocks(*trunk.features)
-            start = tail_start(trunk.features, inp.views.contract["input_size"])
-            student = Student(trunk, head).eval().requires_grad_(True)
+            student = Student(fold_batchnorm(trunk), head).eval().requires_grad_(True)
             qm = _quantize(student, inp, profile)
-            info = _train(qm, Stages(qm, qm.trunk.features, start), inp, profile,
-                          deadline=None if q.qat_budget_s is None else t0 + q.qat_budget_s)
-            info["trained"] = f"trunk.features[{start}:] and the head"
+            info = _train(qm, inp, profile, deadline=None if q.qat_budget_s is None else t0 + q.qat_budget_s)
             qdq = export_qdq(qm, inp.views.contract["input_size"], workdir / "qat.qdq.onnx", profile.opset)
             info.update(seconds=round(time.perf_counter() - t0, 2), n_views=len(inp.views), lr=q.qat_lr)
             inp.shared[key] = (qdq, info)
