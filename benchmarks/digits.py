@@ -31,7 +31,7 @@ def write_digits(root: Path) -> Path:
 
 
 def write_hard_digits(root: Path, train_per_class: int = 30, val_per_class: int = 8, size: int = 64,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, noise: float = 28.0) -> Path:
     """The hard real case: scikit-learn's digits cut to few training images per class, degraded the way
     cheap cameras degrade (low contrast, sensor noise, a random shift and a tinted background), as a
     pre-split folder: train/ 30, val/ 8 images a class; test/ the rest (about 1,400 images). Float top-1
@@ -55,7 +55,7 @@ def write_hard_digits(root: Path, train_per_class: int = 30, val_per_class: int 
                 canvas[dy:dy + glyph.shape[0], dx:dx + glyph.shape[1]] = glyph
                 tint = rng.uniform(60, 160, 3)
                 ink = tint + rng.uniform(40, 70) * np.sign(rng.uniform(-1, 1))
-                rgb = tint * (1 - canvas[..., None]) + ink * canvas[..., None] + rng.normal(0, 28, (size, size, 3))
+                rgb = tint * (1 - canvas[..., None]) + ink * canvas[..., None] + rng.normal(0, noise, (size, size, 3))
                 Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
     return root
 

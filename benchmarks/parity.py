@@ -29,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import write_digits, write_hard_digits  # noqa: E402
 
 HEAD_OP = {"onnxruntime": "Gemm", "openvino": "MatMul"}
+# The hard case, calibrated on its *val* split (never on test) so that the float model sits near 0.8
+# top-1 (0.77 on val, feature-extract MobileNetV2, seed 0): low contrast, a random tint and ink
+# polarity and a random shift, no sensor noise. As first generated (30 / 8 a class, 64 px, noise 28)
+# the float model reached 0.19 on val, and no INT8 model could agree with it (0.57 on val evidence).
+HARD = {"train_per_class": 80, "val_per_class": 20, "size": 96, "noise": 0.0}
 # variant -> (candidate list, head kept float, other quantization settings)
 VARIANTS = {
     "ptq": (["nncf_ptq"], False, {}),
@@ -180,8 +185,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sets = {"shapes": (None, []), "digits": (write_digits(tmp / "digits"), ["--image-size", "128"]),
-                # the hard real case: 10 classes, 30 train / 8 val a class, 1,417 test, degraded, 64 px
-                "hard": (write_hard_digits(tmp / "hard"), ["--image-size", "64"])}
+                # the hard real case: 10 classes, 80 train / 20 val a class, 797 test, degraded, 96 px
+                "hard": (write_hard_digits(tmp / "hard", **HARD), ["--image-size", str(HARD["size"])])}
         if a.determinism:
             determinism(sets["hard"], tmp, a.backbones.split(",")[0])
             return

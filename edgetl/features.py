@@ -10,6 +10,8 @@ key per row) + namespace.json (what the digest stands for). A build writes its m
 shard, atomically (temporary names, then rename: data first, keys last — a shard is visible only
 once complete), so concurrent builds and interrupted ones never leave a half-written row. Rows
 are always float16, also with the cache off, so a cached build and an uncached one are the same.
+A namespace may hold float32 rows instead (`dtype`; its digest says so): the float reference's
+trunk rows (edgetl/reference.py), which the float model's logits are computed from exactly.
 
 Default DIR: edgetl's cache folder ($EDGETL_CACHE, else $XDG_CACHE_HOME/edgetl, else ~/.cache/edgetl)
 / features.
@@ -63,7 +65,10 @@ class CacheStats:
 class FeatureCache:
     """One namespace of the cache (see the module docstring)."""
 
-    def __init__(self, root: Path, namespace: dict):
+    def __init__(self, root: Path, namespace: dict, dtype=np.float16):
+        self.dtype = np.dtype(dtype)
+        if self.dtype != np.float16:  # float16 namespaces keep the digests they always had
+            namespace = {**namespace, "dtype": self.dtype.name}
         self.namespace = namespace
         digest = hashlib.sha256(json.dumps(namespace, sort_keys=True).encode()).hexdigest()[:24]
         self.dir = Path(root) / digest
@@ -119,7 +124,7 @@ class FeatureCache:
             _atomic(meta, lambda f: f.write(json.dumps(self.namespace, indent=1, sort_keys=True).encode()))
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         data = self.dir / f"{name}.npy"
-        _atomic(data, lambda f: np.save(f, np.ascontiguousarray(rows, dtype=np.float16), allow_pickle=False))
+        _atomic(data, lambda f: np.save(f, np.ascontiguousarray(rows, dtype=self.dtype), allow_pickle=False))
         _atomic(self.dir / f"{name}.keys.npy", lambda f: np.save(f, np.asarray(keys, dtype="S32"), allow_pickle=False))
         return data
 
@@ -140,10 +145,11 @@ Compute = Callable[[Sequence[int]], Iterable[tuple[Sequence[int], np.ndarray]]]
 
 
 def rows(parts: Sequence[str], compute: Compute, cache: FeatureCache | None, ranks=None,
-         stats: CacheStats | None = None) -> np.ndarray | None:
-    """float16 rows for `parts` (one key part per row): cached rows read, the others computed by
-    `compute(indices)` (batches of (indices, float32 rows)) — split across ranks when several run —
-    and written to the cache as one shard. Returns the rows on the main rank, None on the others."""
+         stats: CacheStats | None = None, dtype=None) -> np.ndarray | None:
+    """Rows for `parts` (one key part per row; float16 unless `dtype` or the cache's dtype says
+    otherwise): cached rows read, the others computed by `compute(indices)` (batches of (indices,
+    float32 rows)) — split across ranks when several run — and written to the cache as one shard.
+    Returns the rows on the main rank, None on the others."""
     from .launch import SINGLE
 
     ranks = ranks or SINGLE
@@ -156,7 +162,8 @@ def rows(parts: Sequence[str], compute: Compute, cache: FeatureCache | None, ran
     missing = [i for i in range(len(parts)) if i not in have]
     stats.seconds_read = time.perf_counter() - t0
     t1 = time.perf_counter()
-    mine = [(list(idx), np.asarray(x, dtype=np.float16)) for idx, x in compute(ranks.share(missing))] \
+    dtype = cache.dtype if cache is not None else np.dtype(dtype or np.float16)
+    mine = [(list(idx), np.asarray(x, dtype=dtype)) for idx, x in compute(ranks.share(missing))] \
         if missing else []
     computed = ranks.gather(mine)
     stats.seconds_computed = time.perf_counter() - t1
@@ -164,7 +171,7 @@ def rows(parts: Sequence[str], compute: Compute, cache: FeatureCache | None, ran
         return None
     computed = [b for part in computed for b in part]
     dim = computed[0][1].shape[1] if computed else _dim(found)
-    out = np.empty((len(parts), dim), dtype=np.float16)
+    out = np.empty((len(parts), dim), dtype=dtype)
     t2 = time.perf_counter()
     for data, pairs in found.items():
         FeatureCache.read_into(out, data, pairs)

@@ -39,6 +39,7 @@ from .prepare import Prepared, check, choose, configure, prepare, scan
 from .profiles import TargetProfile, load_profile
 from .progress import NullProgress, Progress
 from .recipe import BuildRecipe
+from .reference import float_logits
 from .results import BuildResult, TargetResult
 from .views import EvidenceCrops, TrainViews
 
@@ -139,12 +140,6 @@ def _cache_dir(compute) -> Path | None:
     return Path(compute.cache_dir).expanduser() if compute.cache_dir else features.default_dir()
 
 
-def float_reference(net, x: dict, progress: Progress, device: str) -> dict[str, np.ndarray]:
-    """The fine-tuned float model's logits on every decoded split: what the gate compares against."""
-    progress.stage("float reference")
-    return {s: train.forward_batches(net, x[s], 8, progress, f"float reference ({s})", device).numpy() for s in x}
-
-
 def calibration(p: Prepared, work: Path, workers: int) -> tuple[np.ndarray, list]:
     """The class-balanced calibration subset of the training split, decoded: (crops, items)."""
     ds = p.dataset
@@ -170,7 +165,8 @@ def evidence(t: Trained, ref: dict, calib: np.ndarray) -> tuple[SearchEvidence, 
 def after_training(t: Trained, progress: Progress, clock: Clock) -> BuildResult:
     """Rank 0, after training: the float reference and the evidence, then every target, then the report."""
     p, trained = t.prepared, t.result
-    ref = float_reference(trained.model, t.x, progress, t.device)
+    progress.stage("float reference")
+    ref = float_logits(trained.model, t.x, p, t.work, t.device, progress, _cache_dir(p.recipe.compute))
     clock.lap("reference")
     calib, calib_items = calibration(p, t.work, t.workers)
     prov = provenance.of(p, trained, calib_items, t.device, t.search.to_dict() if t.search else None)

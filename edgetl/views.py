@@ -126,6 +126,10 @@ class EvidenceCrops(_Decoder):
     def __len__(self) -> int:
         return len(self.items) * self.n_views
 
+    def keys(self) -> list[str]:
+        """A cache key part per row: the image's content and its evidence view."""
+        return [f"{it.sha256}:evidence{v + 1}:seed{self.seed}" for it in self.items for v in range(self.n_views)]
+
     def __getitem__(self, k: int):
         i, view = divmod(int(k), self.n_views)
         img = self.augmented_image(i, _EVIDENCE, view + 1, self.seed)
