@@ -281,11 +281,15 @@ def readme(profile: TargetProfile, p, models: list, backend, c: dict) -> str:
     """The bundle's README: how to run it, its input contract and its parity table."""
     rows = "\n".join(
         f"| `{m.stem}` ({m.precision}) | {m.metrics.accuracy:.4f} | {m.metrics.accuracy_drop_pp:+.2f} | "
+        f"{m.metrics.drop_upper95_pp:+.2f} | {published_status(True, m.certified)} | "
         f"{m.metrics.top1_agreement:.4f} | {m.sizes['model_bytes'] / 1e6:.2f} MB | {m.validated_with} |"
         for m in models)
     quant = next((m.quantization for m in models if m.quantization), None)
     qline = (f"INT8 quantizer: `{quant.chosen}`; layers kept in float: {len(quant.float_nodes)}.\n"
              if quant else "")
+    cert = (f"NOT CERTIFIED: the model passed its gate, but the test split is too small to prove the drop "
+            f"tolerance ({profile.tolerances.max_accuracy_drop_pp} pp): its 95 % upper bound is above it.\n\n"
+            if any(m.certified is False for m in models) else "")
     return f"""# edgetl bundle: {profile.name}
 
 {profile.description}
@@ -306,13 +310,13 @@ Backbone `{p.spec.name}` fine-tuned on {len(p.dataset.classes)} classes ({", ".j
 (providers / device, performance hint); `--set` overrides them on the device.
 
 {input_section(c, backend)}
-## Parity (test split, n={models[0].metrics.n_test}; float PyTorch {models[0].metrics.reference_accuracy:.4f})
+## Parity (test split, n={models[0].metrics.n_test}; float model {models[0].metrics.reference_accuracy:.4f})
 
-| model | top-1 accuracy | drop (pp) | agreement | size | validated with |
-|---|---|---|---|---|---|
+| model | top-1 accuracy | drop (pp) | drop 95 % upper bound (pp) | status | agreement | size | validated with |
+|---|---|---|---|---|---|---|---|
 {rows}
 
-{qline}Validation ran on the build machine through the runtime named in the last column; where that
+{qline}{cert}Validation ran on the build machine through the runtime named in the last column; where that
 is not the provider/device this bundle prefers, the numbers are numerical checks of the same
 model file, not measurements on the target hardware.
 

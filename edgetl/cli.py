@@ -168,16 +168,17 @@ def _print_summary(result) -> None:
     ref = result.reference
     if ref:
         click.echo(f"float reference: accuracy {ref['accuracy']:.4f}, n_test {ref['n_test']}, "
-                   f"FP32 ONNX {ref['fp32_onnx_bytes'] / 1e6:.2f} MB, {ref['latency_ms']:.2f} ms (batch 1, CPU)")
+                   f"FP32 ONNX {ref['fp32_onnx_bytes'] / 1e6:.2f} MB, {ref['latency_ms']:.2f} ms "
+                   "(batch 1, float input, rough: timed during gating; each model's speed vs FP32 is the measure)")
     for t in result.targets:
         click.echo(f"{t.target}: {t.status}" + (f" ({t.bundle})" if t.published else ""))
         for m in t.models:
             met, q = m.metrics, m.quantization
-            lo, hi = met.accuracy_drop_ci95_pp
             pace = ", ".join(f"{v['ratio']:.2f}x at batch {k.removeprefix('batch_')}"
                              for k, v in m.speed.items() if k.startswith("batch_"))
             click.echo(
-                f"  {m.summary()}, drop 95% CI {lo:+.2f}..{hi:+.2f} pp, {len(met.changed)} predictions changed, "
+                f"  {m.summary()}, drop 95 % upper bound {met.drop_upper95_pp:+.2f} pp, "
+                f"{len(met.changed)} predictions changed, "
                 f"{m.sizes['ratio']:.2f}x fp32 size, {m.latency_ms:.2f} ms"
                 + (f", {q.chosen} ({len(q.float_nodes)} float layers)" if q else "")
                 + f"; speed vs FP32 {pace or '-'}; validated with {m.validated_with}"
