@@ -126,6 +126,9 @@ def onnx_fold(model, input_name: str, contract: dict, choice: str = FIRST_LAYER)
         return FULL_RANGE
 
     # choice == FOLD: pixels (uint8 NCHW) -> [int8: shift by 128] -> Pad (mean pixel) -> DQ(1, zp)
+    pads = [_attr(c, "pads", [0, 0, 0, 0]) for c in convs]
+    if any(p != pads[0] for p in pads):
+        return None  # before anything is added: the model stays untouched
     nodes, x, shift = [], input_name, -128 if signed else 0
     if signed:
         nodes += [helper.make_node("Cast", [x], ["pixels/float"], to=1, name="pixels/Cast"),
@@ -133,9 +136,6 @@ def onnx_fold(model, input_name: str, contract: dict, choice: str = FIRST_LAYER)
                                                       put("pixels/shift", np.int8(-128))], ["pixels/int8"],
                                    name="pixels/ToInt8")]
         x = "pixels/int8"
-    pads = [_attr(c, "pads", [0, 0, 0, 0]) for c in convs]
-    if any(p != pads[0] for p in pads):
-        return None
     t, left, bottom, right = pads[0]
     if any(pads[0]):
         values = pad_pixels(mean).astype(np.int16) + shift

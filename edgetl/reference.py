@@ -1,8 +1,9 @@
 """The float reference: the trained float model's logits on the val, val-view evidence and test rows.
 
-Every agreement, drop and teacher signal of the build is measured against these logits: the
-search's evidence (val and its augmented views) and the gate (test). One function computes all
-of them, the same way, so that the parity evidence never mixes two float references.
+Every agreement and drop of the build is measured against these logits: the search's evidence
+(val and its augmented views) and the gate (test). (The head refit's and QAT's teacher on the
+*training* views, `view_logits`, is still the head on the feature cache's float16 training rows.)
+One function computes all of them, the same way, so that the parity evidence never mixes two float references.
 
 On the CPU the float model runs in onnxruntime as its FP32 ONNX twin (the exporter of
 `edgetl/export.py`, checked against torch on real rows), not in eager PyTorch: the same function

@@ -259,7 +259,7 @@ def export_checked(net, work: Path, profile: TargetProfile, p: Prepared, val_x) 
 
 
 def reference_row(fp32: Artifact, p: Prepared, g: GateEvidence) -> dict:
-    """The float model's row of the parity table: PyTorch accuracy, FP32 ONNX size and latency on
+    """The float model's row of the parity table: the float reference's accuracy, FP32 ONNX size and latency on
     onnxruntime's CPU provider (the speed baseline), timed by speed.py's one loop."""
     from .runtime.engine_ort import Engine
     from .runtime.predict import Predictor
