@@ -116,8 +116,11 @@ def pick(tried: list[Tried], budget: float, source: str) -> tuple[Tried, str]:
 
 
 def pinned(recipe: BuildRecipe, chosen: Tried) -> BuildRecipe:
-    """The recipe that rebuilds the chosen configuration without searching (the bundle's recipe.toml)."""
-    model = ModelSection(backbone=chosen.backbone, image_size=chosen.image_size)
+    """The recipe that rebuilds the chosen configuration without searching (the bundle's recipe.toml);
+    the recipe's --weights stay when the chosen backbone is theirs (prepare.check refuses a search
+    over other backbones with --weights)."""
+    weights = recipe.model.weights if chosen.backbone == recipe.model.backbone else None
+    model = ModelSection(backbone=chosen.backbone, image_size=chosen.image_size, weights=weights)
     return recipe.model_copy(update={"model": model, "search": SearchSection()})
 
 
@@ -165,6 +168,8 @@ def search(build: BuildInputs, progress: Progress, workers: int, cache_dir: Path
     recipe, s = build.recipe, build.recipe.search
     pairs = space(s)
     dp = device_profile.load(s.device_profile, build.profiles) if s.device_profile is not None else None
+    if dp is not None:
+        dp.covers(pairs, build.profiles)  # a missing configuration fails now, not after every training
     source = dp.describe() if dp else "measured on the build machine through each target's runtime"
     cache = None if cache_dir is None else cache_dir / "budget"
     fit = train.Fit(device, workers, launch.SINGLE, cache_dir, progress)

@@ -8,8 +8,10 @@ Two ways to take one (docs/budget.md):
   copy DIR and any bundle of target T to the device, and run `python BUNDLE/predict.py --profile DIR
   --out OUT.json` there (the bundle's own engine times each graph).
 
-A profile records the device's CPU, cores, the engine's threads and runtime versions; a build refuses
-a profile taken with another runtime than a target's."""
+A profile records the device's CPU, cores, the engine's threads and runtime versions, and the target
+its graphs were made for. A profile applies to a target of the same name only (the same runtime is not
+enough: `cpu` and `cpu-arm64` both run onnxruntime INT8 on uint8 pixels, on different CPUs); a build
+refuses any other, and a profile that lacks a configuration of the space, before anything is trained."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import UsageError
 from .latency import Graph
@@ -66,6 +70,33 @@ def make(graphs: list[Graph], measured: dict[str, dict], backend, profile: Targe
             "latencies": rows}
 
 
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    backbone: str
+    image_size: int = Field(ge=1)
+    precision: str
+    model_input: str | None = None
+    latency_ms: float = Field(gt=0)
+    p90_ms: float | None = None
+    runs: int | None = None
+    executed_by: str | None = None
+
+
+class _Profile(BaseModel):
+    """What load() checks of a profile's JSON (other keys are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    engine: str
+    target: str
+    latencies: list[_Row]
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    return f"{where}: {err['msg']}"
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     path: Path
@@ -75,10 +106,21 @@ class DeviceProfile:
     def engine(self) -> str:
         return self.data["engine"]
 
+    @property
+    def target(self) -> str:
+        return self.data["target"]
+
     def describe(self) -> str:
         versions = ", ".join(f"{k} {v}" for k, v in self.data.get("runtime_versions", {}).items())
         return (f"device profile {self.path.name} ({self.data.get('cpu', '?')}, {self.data.get('threads', '?')} "
                 f"threads, {versions or self.engine})")
+
+    def covers(self, pairs: list[tuple[str, int]], profiles: list[TargetProfile]) -> None:
+        """UsageError (one line) unless every (backbone, size) x target is in the profile: checked
+        before any configuration is trained."""
+        for p in profiles:
+            for b, s in pairs:
+                self.latency(b, s, p)
 
     def latency(self, backbone: str, size: int, profile: TargetProfile) -> dict:
         """The profile's measurement of (backbone, size) at the precision and input `profile` ships."""
@@ -94,7 +136,8 @@ class DeviceProfile:
 
 
 def load(path: Path, profiles: list[TargetProfile]) -> DeviceProfile:
-    """The profile at `path`, checked: its format, and the runtime of every target (one line otherwise)."""
+    """The profile at `path`, checked: its format and fields, and that each target of `profiles` is the
+    one it was taken for (same runtime, same target name); one line naming the file otherwise."""
     from . import backends
 
     try:
@@ -107,11 +150,21 @@ def load(path: Path, profiles: list[TargetProfile]) -> DeviceProfile:
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("latencies"), list):
         raise UsageError(f"--device-profile {path}: not an edgetl device profile (format {FORMAT}); fix: take one "
                          "with `edgetl bench --profile` or the bundle's `predict.py --profile`")
+    try:
+        _Profile.model_validate(data)
+    except ValidationError as e:
+        raise UsageError(f"--device-profile {path}: {_first_error(e)}; fix: take the profile again with "
+                         "`edgetl bench --profile` or the bundle's `predict.py --profile` (do not edit it by hand)"
+                         ) from None
     dp = DeviceProfile(Path(path), data)
     for p in profiles:
         engine = backends.get(p).engine
+        take = (f"fix: take the profile with a {p.name} bundle's predict.py --profile (or `edgetl bench --profile "
+                f"OUT.json --target {p.name}`), or build target {dp.target} alone")
         if dp.engine != engine:
             raise UsageError(f"--device-profile {path}: measured with the {dp.engine} runtime, but target {p.name} "
-                             f"runs {engine}; fix: take the profile with a {p.name} bundle's predict.py --profile "
-                             f"(or `edgetl bench --profile OUT.json --target {p.name}`), or build that target alone")
+                             f"runs {engine}; {take}")
+        if dp.target != p.name:
+            raise UsageError(f"--device-profile {path}: taken for target {dp.target}, but the build applies it to "
+                             f"target {p.name} (a profile holds one device's timings); {take}")
     return dp

@@ -107,9 +107,11 @@ def prepare(recipe: BuildRecipe, progress: Progress = NullProgress(), ranks: lau
 
 
 def configure(recipe: BuildRecipe, backbone: str | None = None, image_size: int | None = None) -> Configuration:
-    """The recipe's [model] (or `backbone` at `image_size`): its weights found, the pretrained model loaded."""
+    """The recipe's [model] (or `backbone` at `image_size`): its weights found (the recipe's --weights
+    when the backbone is the recipe's), the pretrained model loaded."""
     spec = backbones.get(backbone or recipe.model.backbone)
-    weights = backbones.resolve_weights(spec, recipe.model.weights if backbone is None else None)
+    mine = backbone is None or backbone == recipe.model.backbone
+    weights = backbones.resolve_weights(spec, recipe.model.weights if mine else None)
     size = image_size if backbone is not None else recipe.model.image_size
     model = backbones.load_pretrained(spec, weights, size)
     return Configuration(spec, weights, model, spec.contract(size))
@@ -117,11 +119,19 @@ def configure(recipe: BuildRecipe, backbone: str | None = None, image_size: int 
 
 def check(recipe: BuildRecipe, space_of: list[tuple[str, int]] = ()) -> list[TargetProfile]:
     """The targets checked, the build's time stamp, and the weights of every backbone in `space_of`
-    (a budget search's (backbone, image size) pairs) found: bad input fails before any scan."""
+    (a budget search's (backbone, image size) pairs) found: bad input fails before any scan. --weights
+    and a search over other backbones than model.backbone do not mix (the file is for one backbone)."""
     profiles = check_profiles(recipe)
     bundle.created()  # a bad SOURCE_DATE_EPOCH fails now, not after the build
-    for name in dict.fromkeys(b for b, _ in space_of):
-        backbones.resolve_weights(backbones.get(name))
+    names = list(dict.fromkeys(b for b, _ in space_of))
+    others = [n for n in names if n != recipe.model.backbone]
+    if recipe.model.weights is not None and others:
+        raise UsageError(f"--weights {recipe.model.weights}: the file is for model.backbone "
+                         f"{recipe.model.backbone}, but the latency search also tries {', '.join(others)}; fix: "
+                         f"search that backbone only ([search] backbones = [\"{recipe.model.backbone}\"]), "
+                         "or drop --weights")
+    for name in names:
+        backbones.resolve_weights(backbones.get(name), recipe.model.weights if name == recipe.model.backbone else None)
     return profiles
 
 

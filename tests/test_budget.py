@@ -45,6 +45,12 @@ def _recipe(tmp: Path, extra: str = "") -> Path:
 
 
 @pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """This module's feature cache (never the user's): shared by its searches, so a repeat reads it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict:
     """A device profile of THIS machine over the space (`edgetl bench --profile`, real timings) and the
     graphs for a torch-free device; the budget sits between its second and third fastest configurations."""
@@ -68,15 +74,14 @@ def _reversed(prof: dict, path: Path) -> Path:
     return path
 
 
-def _search(recipe_path: Path, data: Path | None, budget_ms: float, profile: Path | None, tmp: Path):
+def _search(recipe_path: Path, data: Path | None, budget_ms: float, profile: Path | None, tmp: Path,
+            cache: Path):
     overrides = {"search.latency_ms": budget_ms, "search.device_profile": profile, "out": tmp / "out"}
     if data is not None:
         overrides["data.path"] = data
     recipe = load_recipe(recipe_path, overrides)
     build = prepare.scan(recipe, prepare.check(recipe, budget.space(recipe.search)))
-    from edgetl.features import default_dir
-
-    return budget.search(build, NullProgress(), 0, default_dir(), "cpu", tmp)
+    return budget.search(build, NullProgress(), 0, cache, "cpu", tmp)
 
 
 def _most_accurate_that_fits(search: dict) -> dict:
@@ -101,7 +106,7 @@ def test_profile_records_the_device(measured):
 
 
 @pytest.fixture(scope="module")
-def searched(measured, tmp_path_factory) -> dict:
+def searched(measured, cache, tmp_path_factory) -> dict:
     """Two identical search builds on the built-in data, picking by the measured device profile."""
     tmp = tmp_path_factory.mktemp("searched")
     recipe = _recipe(tmp)
@@ -109,7 +114,7 @@ def searched(measured, tmp_path_factory) -> dict:
     for name in ("one", "two"):
         res = CliRunner().invoke(cli, ["build", str(recipe), "--latency-ms", str(measured["budget"]),
                                        "--device-profile", str(measured["path"]), "--out", str(tmp / name),
-                                       "--json", "-q"])
+                                       "--cache-dir", str(cache), "--json", "-q"])
         assert res.exit_code == 0, res.output
         outs.append(tmp / name)
     return {"outs": outs, "result": json.loads(res.stdout), "tmp": tmp}
@@ -157,6 +162,13 @@ def test_bundle_takes_a_device_profile_without_torch(searched, measured, tmp_pat
     assert prof["taken_by"] == "predict.py --profile" and prof["engine"] == "ort" and len(prof["latencies"]) == 4
     dp = device_profile.load(out, [prepare.check_profiles(load_recipe(None, {"targets": ["cpu"]}))[0]])
     assert dp.latency("mobilenet_v2", 32, dp_profile("cpu"))["latency_ms"] > 0
+    for extra, says in ((["--runs", "3"], "--runs 3: below the 5 rounds"),
+                        (["--out", str(tmp_path / "missing" / "d.json")], "cannot write")):
+        res = subprocess.run([sys.executable, str(searched["outs"][0] / "cpu" / "predict.py"), "--profile",
+                              str(measured["graphs"]), "--runs", "5", *extra], capture_output=True, text=True,
+                             timeout=600)
+        assert res.returncode == 2 and res.stderr.startswith("predict.py: error: ") and says in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "missing").exists()
 
 
 def dp_profile(name: str):
@@ -165,10 +177,11 @@ def dp_profile(name: str):
     return load_profile(name)
 
 
-def test_budget_below_the_fastest_exits_2_naming_it(measured, tmp_path):
+def test_budget_below_the_fastest_exits_2_naming_it(measured, cache, tmp_path):
     fastest = min(measured["profile"]["latencies"], key=lambda r: r["latency_ms"])
     res = CliRunner().invoke(cli, ["build", str(_recipe(tmp_path)), "--latency-ms", "0.0001", "--device-profile",
-                                   str(measured["path"]), "--out", str(tmp_path / "out"), "-q"])
+                                   str(measured["path"]), "--out", str(tmp_path / "out"), "--cache-dir", str(cache),
+                                   "-q"])
     assert res.exit_code == 2
     line = res.output.strip().splitlines()[-1]
     assert line.startswith("edgetl: error: --latency-ms 0.0001: no configuration fits")
@@ -176,18 +189,28 @@ def test_budget_below_the_fastest_exits_2_naming_it(measured, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_profile_of_another_runtime_is_refused(measured, tmp_path):
+def test_a_profile_of_another_runtime_or_target_is_refused(measured, tmp_path):
     res = CliRunner().invoke(cli, ["build", str(_recipe(tmp_path)), "--target", "openvino", "--latency-ms", "5",
-                                   "--device-profile", str(measured["path"]), "--out", str(tmp_path / "out"), "-q"])
+                                   "--device-profile", str(measured["path"]), "--out", str(tmp_path / "out"),
+                                   "--cache-dir", str(tmp_path / "cache"), "-q"])
     assert res.exit_code == 2
     assert "measured with the ort runtime, but target openvino runs openvino" in res.output
+    # same runtime, precision and input, another device: an x86 profile is not an ARM64 one
+    res = CliRunner().invoke(cli, ["build", str(_recipe(tmp_path)), "--target", "cpu", "--target", "cpu-arm64",
+                                   "--latency-ms", "5", "--device-profile", str(measured["path"]), "--out",
+                                   str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "-q"])
+    assert res.exit_code == 2
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith(f"edgetl: error: --device-profile {measured['path']}: taken for target cpu, but the "
+                           "build applies it to target cpu-arm64") and "fix:" in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_reversed_device_latencies_change_the_choice(measured, tmp_path):
+def test_reversed_device_latencies_change_the_choice(measured, cache, tmp_path):
     recipe = _recipe(tmp_path)
-    _, here = _search(recipe, None, measured["budget"], measured["path"], tmp_path)
+    _, here = _search(recipe, None, measured["budget"], measured["path"], tmp_path, cache)
     _, there = _search(recipe, None, measured["budget"], _reversed(measured["profile"], tmp_path / "rev.json"),
-                       tmp_path)
+                       tmp_path, cache)
     a, b = here.to_dict(), there.to_dict()
     assert _key(a["chosen"]) == _key(_most_accurate_that_fits(a))
     assert _key(b["chosen"]) == _key(_most_accurate_that_fits(b))
@@ -197,24 +220,28 @@ def test_reversed_device_latencies_change_the_choice(measured, tmp_path):
     assert _key(a["chosen"]) != _key(b["chosen"])
 
 
-def test_search_on_digits_measured_on_this_machine(tmp_path):
+def test_search_on_digits_measured_on_this_machine(cache, tmp_path):
     """scikit-learn's digits, latencies measured here (no profile): the pick is the most accurate that
-    fits by the recorded table; a second search reads the cached measurements and picks the same."""
+    fits by the recorded table; a repeated search reads the cached measurements and picks the same."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from digits import write_digits
 
     data = write_digits(tmp_path / "digits")
     recipe = _recipe(tmp_path)
-    _, first = _search(recipe, data, 1e9, None, tmp_path)
+    _, first = _search(recipe, data, 1e9, None, tmp_path, cache)
     lat = sorted(c.latency_ms for c in first.configurations)
     budget_ms = (lat[1] + lat[2]) / 2
-    pinned, record = _search(recipe, data, budget_ms, None, tmp_path)
+    pinned, record = _search(recipe, data, budget_ms, None, tmp_path, cache)
     s = record.to_dict()
     assert min(lat) < budget_ms < max(lat)
     assert [c["latency_ms"] for c in s["configurations"]] == [c.latency_ms for c in first.configurations]  # cached
     assert _key(s["chosen"]) == _key(_most_accurate_that_fits(s)) and s["chosen"]["latency_ms"] <= budget_ms
     assert (pinned.model.backbone, pinned.model.image_size) == _key(s["chosen"])
     assert "build machine" in s["latency_source"]
+    # no profile: the same inputs and the same cached measurements choose the same configuration
+    _, again = _search(recipe, data, budget_ms, None, tmp_path, cache)
+    assert again.to_dict()["configurations"] == s["configurations"] and _key(again.to_dict()["chosen"]) == \
+        _key(s["chosen"])
 
 
 def _tried(name: str, size: int, acc: float, ms: float) -> budget.Tried:
@@ -245,3 +272,99 @@ def test_search_recipe_is_validated(tmp_path):
     bad.write_text("{}")
     with pytest.raises(UsageError, match="not an edgetl device profile"):
         device_profile.load(bad, [])
+
+
+def _profile_json(tmp: Path, name: str = "p", **changes) -> Path:
+    """A hand-written profile of the test space for target cpu (what load() checks, not timings)."""
+    rows = [{"backbone": b, "image_size": s, "precision": "int8", "model_input": "uint8-nhwc", "latency_ms": 1.0 + i}
+            for i, (b, s) in enumerate((b, s) for b in SPACE["backbones"] for s in SPACE["image_sizes"])]
+    data = {"format": device_profile.FORMAT, "engine": "ort", "backend": "onnxruntime", "target": "cpu",
+            "latencies": rows, **changes}
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}), encoding="utf-8")
+    return path
+
+
+def test_a_malformed_profile_is_one_line_naming_the_file(tmp_path):
+    cpu = [dp_profile("cpu")]
+    good = json.loads(_profile_json(tmp_path).read_text())
+    cases = {"engine": _profile_json(tmp_path, "a", engine=None),
+             "latencies.0.image_size": _profile_json(tmp_path, "b", latencies=[
+                 {k: v for k, v in good["latencies"][0].items() if k != "image_size"}]),
+             "latencies.1.latency_ms": _profile_json(tmp_path, "c", latencies=[
+                 good["latencies"][0], {**good["latencies"][1], "latency_ms": "fast"}]),
+             "target": _profile_json(tmp_path, "d", target=None)}
+    for where, path in cases.items():
+        with pytest.raises(UsageError) as e:
+            device_profile.load(path, cpu)
+        assert str(e.value).startswith(f"--device-profile {path}: {where}: ") and "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="taken for target cpu, but the build applies it to target cpu-arm64"):
+        device_profile.load(_profile_json(tmp_path), [dp_profile("cpu"), dp_profile("cpu-arm64")])
+    dp = device_profile.load(_profile_json(tmp_path), cpu)
+    dp.covers([(b, s) for b in SPACE["backbones"] for s in SPACE["image_sizes"]], cpu)
+    with pytest.raises(UsageError, match="no latency of mobilenet_v2 at 64 px"):
+        dp.covers([("mobilenet_v2", 32), ("mobilenet_v2", 64)], cpu)
+
+
+def test_a_profile_missing_a_configuration_fails_before_any_training(tmp_path):
+    """The coverage check runs before the first configuration is trained: nothing reaches the cache."""
+    good = json.loads(_profile_json(tmp_path).read_text())
+    path = _profile_json(tmp_path, latencies=good["latencies"][:-1])
+    with pytest.raises(UsageError, match=r"no latency of efficientnet_lite0 at 48 px"):
+        _search(_recipe(tmp_path), None, 5.0, path, tmp_path, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_weights_are_kept_for_their_backbone_and_refused_across_backbones(tmp_path):
+    from edgetl import backbones
+
+    mine = tmp_path / "my_mobilenet.pth"
+    mine.write_bytes(backbones.resolve_weights(backbones.get("mobilenet_v2")).path.read_bytes())
+    one = load_recipe(None, {"model.weights": mine, "search.latency_ms": 5, "search.backbones": ["mobilenet_v2"],
+                             "search.image_sizes": [32]})
+    prepare.check(one, budget.space(one.search))
+    config = prepare.configure(one, "mobilenet_v2", 32)  # what the search trains with
+    assert config.weights.path == mine and config.weights.origin == "--weights"
+    chosen = budget.Tried("mobilenet_v2", 32, 1.0, 1.0)
+    assert budget.pinned(one, chosen).model.weights == mine and not budget.pinned(one, chosen).search.active
+    both = load_recipe(None, {"model.weights": mine, "search.latency_ms": 5, "search.image_sizes": [32]})
+    with pytest.raises(UsageError, match=r"--weights .*my_mobilenet.pth: the file is for model.backbone mobilenet_v2, "
+                                         r"but the latency search also tries efficientnet_lite0; fix: "):
+        prepare.check(both, budget.space(both.search))
+    assert budget.pinned(both, budget.Tried("efficientnet_lite0", 32, 1.0, 1.0)).model.weights is None
+
+
+def test_predict_profile_refuses_bad_input_in_one_line(measured, tmp_path):
+    """predict.py --profile's errors (bad --runs, a malformed index entry, a graph the engine cannot
+    load, graphs of another target) are BundleErrors: one line, exit 2 in main(); --runs is exact."""
+    from edgetl.runtime.predict import BundleError
+    from edgetl.runtime.predict import device_profile as time_graphs
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "runtime.json").write_text(json.dumps({"engine": "ort", "settings": {}}), encoding="utf-8")
+    graphs = measured["graphs"]
+    with pytest.raises(BundleError, match=r"--runs 3: below the 5 rounds"):
+        time_graphs(graphs, bundle, runs=3)
+    index = json.loads((graphs / "index.json").read_text())
+    one = {**index, "graphs": index["graphs"][:1]}
+    prof = time_graphs(_graph_copy(graphs, tmp_path / "g1", one), bundle, runs=7, warmup=1)
+    assert [r["runs"] for r in prof["latencies"]] == [7]
+    bad = {**index, "graphs": [{k: v for k, v in index["graphs"][0].items() if k != "contract"}]}
+    with pytest.raises(BundleError, match=r"index.json: graph entry 0 is malformed \(KeyError"):
+        time_graphs(_graph_copy(graphs, tmp_path / "g2", bad), bundle, runs=5)
+    broken = _graph_copy(graphs, tmp_path / "g3", one)
+    (broken / one["graphs"][0]["folder"] / one["graphs"][0]["files"][0]).write_bytes(b"not onnx")
+    with pytest.raises(BundleError, match=r"the ort engine cannot load it .*fix: copy the graph folder"):
+        time_graphs(broken, bundle, runs=5)
+    (bundle / "manifest.json").write_text(json.dumps({"target": "cpu-arm64"}), encoding="utf-8")
+    with pytest.raises(BundleError, match=r"graphs for target cpu, this bundle is target cpu-arm64"):
+        time_graphs(graphs, bundle, runs=5)
+
+
+def _graph_copy(graphs: Path, to: Path, index: dict) -> Path:
+    import shutil
+
+    shutil.copytree(graphs, to)
+    (to / "index.json").write_text(json.dumps(index), encoding="utf-8")
+    return to

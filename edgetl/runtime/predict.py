@@ -250,20 +250,45 @@ def device_profile(graphs: Path, bundle: Path = HERE, settings: dict | None = No
     except (OSError, ValueError) as e:
         raise BundleError(f"{graphs}: no readable index.json ({type(e).__name__}); fix: pass the folder that "
                           "`edgetl bench --profile OUT.json --graphs DIR` wrote") from None
+    graph_list = index.get("graphs") if isinstance(index, dict) else None
+    if not isinstance(graph_list, list) or not graph_list:
+        raise BundleError(f"{graphs / 'index.json'}: no list of graphs; fix: pass the folder that "
+                          "`edgetl bench --profile OUT.json --graphs DIR` wrote")
+    if runs < rounds:
+        raise BundleError(f"--runs {runs}: below the {rounds} rounds the graphs are timed in; fix: --runs {rounds} "
+                          "or more")
     runtime = read_runtime(bundle)
     if index.get("engine") != runtime.get("engine"):
         raise BundleError(f"{graphs}: graphs for the {index.get('engine')} runtime, this bundle runs "
                           f"{runtime.get('engine')}; fix: export the graphs for this bundle's target")
+    mine = _bundle_target(bundle)
+    if mine is not None and index.get("target") != mine:
+        raise BundleError(f"{graphs}: graphs for target {index.get('target')}, this bundle is target {mine}; fix: "
+                          f"`edgetl bench --profile OUT.json --graphs DIR --target {mine}`, or a bundle of that target")
     merged = {**runtime.get("settings", {}), **(settings or {})}
     module = load_engine(runtime["engine"])
     engines, inputs, times = [], [], []
-    for g in index["graphs"]:
-        engines.append(module.Engine(graphs / g["folder"] / g["files"][0], merged))
-        inputs.append(np.ascontiguousarray(to_tensor(sample_crops(1, g["contract"], 0), g["contract"]),
-                                           dtype=input_dtype(g["contract"])))
+    for i, g in enumerate(graph_list):
+        try:
+            missing = [k for k in ("backbone", "image_size", "precision", "model_input") if k not in g]
+            if missing:
+                raise KeyError(missing[0])
+            file = graphs / g["folder"] / g["files"][0]
+            x = to_tensor(sample_crops(1, g["contract"], 0), g["contract"])
+            inputs.append(np.ascontiguousarray(x, dtype=input_dtype(g["contract"])))
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"{graphs / 'index.json'}: graph entry {i} is malformed ({type(e).__name__}: {e}); "
+                              "fix: write the folder again with `edgetl bench --profile OUT.json --graphs DIR`"
+                              ) from None
+        try:
+            engines.append(module.Engine(file, merged))
+        except Exception as e:  # each runtime raises its own types for a missing or broken model
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise BundleError(f"{file}: the {runtime['engine']} engine cannot load it ({type(e).__name__}: {first}); "
+                              "fix: copy the graph folder from the build machine again, whole") from None
         times.append([])
-    per_round = max(1, runs // rounds)
-    for _ in range(rounds):
+    counts = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]  # `runs` in all
+    for per_round in counts:
         for engine, x, t in zip(engines, inputs, times, strict=True):
             for _ in range(warmup):
                 engine.run(x)
@@ -272,7 +297,7 @@ def device_profile(graphs: Path, bundle: Path = HERE, settings: dict | None = No
                 engine.run(x)
                 t.append(time.perf_counter() - t0)
     rows = []
-    for g, engine, t in zip(index["graphs"], engines, times, strict=True):
+    for g, engine, t in zip(graph_list, engines, times, strict=True):
         ms = np.asarray(t) * 1e3
         rows.append({**{k: g[k] for k in ("backbone", "image_size", "precision", "model_input")},
                      "latency_ms": round(float(np.median(ms)), 3), "p90_ms": round(float(np.percentile(ms, 90)), 3),
@@ -283,6 +308,14 @@ def device_profile(graphs: Path, bundle: Path = HERE, settings: dict | None = No
             "target": index.get("target"), "runtime_versions": _versions(), "cpu": _cpu(), "cores": os.cpu_count(),
             "threads": merged.get("threads") or os.cpu_count(), "settings": merged,
             "taken_by": "predict.py --profile", "latencies": rows}
+
+
+def _bundle_target(bundle: Path) -> str | None:
+    """The target this bundle was built for (manifest.json), or None where it cannot be read."""
+    try:
+        return json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8")).get("target")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _settings(pairs) -> dict:
@@ -320,7 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="GRAPHS", type=Path,
                     help="time the graphs `edgetl bench --profile ... --graphs GRAPHS` wrote: a device profile")
     ap.add_argument("--out", type=Path, help="--profile: write the profile here (default: stdout)")
-    ap.add_argument("--runs", type=_positive, default=60, help="--profile: timed batch-1 runs per graph")
+    ap.add_argument("--runs", type=_positive, default=60,
+                    help="--profile: timed batch-1 runs per graph (5 or more: they are spread over 5 rounds)")
     args = ap.parse_args(argv)
     settings = _settings(args.set)
     if not args.no_verify:  # once, before any model is loaded (and outside --bench's cold-load time)
@@ -344,7 +378,12 @@ def main(argv=None) -> int:
             return 2
         text = json.dumps(prof, indent=1) + "\n"
         if args.out:
-            args.out.write_text(text, encoding="utf-8")
+            try:
+                args.out.write_text(text, encoding="utf-8")
+            except OSError as e:
+                print(f"predict.py: error: --out {args.out}: cannot write ({e.strerror or type(e).__name__}); "
+                      "fix: choose a writable path", file=sys.stderr)
+                return 2
         else:
             print(text, end="")
         return 0
