@@ -10,11 +10,13 @@
 //                                             golden/expected.json's logit_atol (what predict.py --selftest checks)
 //   edgetl_classify BUNDLE_DIR --bench N      N timed runs at batch 1 (random pixels): p50/p90 latency
 //   --no-verify                               skip the sha256 checks against manifest.json
-// Every file read from the bundle (the model first, before it is loaded) is checked against
-// manifest.json's sha256 and refused (exit 1) when it differs or is not listed. runtime.json's default
+// manifest.json's own digest is checked (as integrity.py takes it), then every file read from the
+// bundle (the model first, before it is loaded) against its sha256: refused (exit 1) when it differs
+// or is not listed. Files added to the bundle are not looked for (predict.py does). runtime.json's default
 // model and settings are honoured (onnxruntime: threads, spinning; OpenVINO: device, performance_hint,
 // config); EDGETL_DEVICE overrides the OpenVINO device. Exit codes: 0 done, 1 a golden check failed or
-// the bundle differs from its manifest, 2 bad usage or input (one line on stderr).
+// the bundle differs from its manifest, 2 bad usage or input, a folder without manifest.json included
+// (one line on stderr).
 #pragma once
 
 #include <algorithm>
