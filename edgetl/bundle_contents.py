@@ -203,7 +203,8 @@ def cpp_section(backend, c: dict) -> str:
 
 `cpp/` holds a consumer on {name}'s C++ API (source only). It reads PNG or binary PPM (P6) images of
 any size, resizes and crops them itself, bit for bit as `preprocess.py` (the contract below), checks
-every file it reads against `manifest.json` (the model before loading it), and prints
+`manifest.json`'s own digest and every file it reads against it (the model before loading it; unlike
+`predict.py` it does not look for files added to the bundle), and prints
 `<file> <label> <probability>` per image. Build outside the bundle (CMake refuses a build folder
 inside it: the bundle stays as published), from this folder:
 
@@ -218,7 +219,8 @@ runs wherever it is copied. `--golden` exits 1 when a golden image's top-1 or a 
 the build's (beyond `golden/expected.json`'s `logit_atol`); `IMAGE...` classifies (`--probs`: every
 class's probability); `--bench N` prints p50/p90 latency; `--no-verify` skips the sha256 checks.
 `runtime.json`'s model and settings apply (threads; OpenVINO device and hints, `EDGETL_DEVICE=GPU`
-overrides the device). Exit codes: 0, 1 (golden check failed, bundle changed), 2 (bad input, one line).
+overrides the device). Exit codes: 0, 1 (golden check failed, bundle changed), 2 (bad input or a
+folder without `manifest.json`, one line).
 {wheel}
 ### Input contract, for those who write their own
 

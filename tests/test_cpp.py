@@ -162,8 +162,8 @@ def test_a_640x480_png_is_classified_as_predict_py_does(installed, name, tmp_pat
 
 def test_golden_mode_checks_what_predict_py_checks(installed, tmp_path):
     """A logit beyond logit_atol: exit 1 (--no-verify); the same edit without it: refused by the manifest
-    check; a changed model: refused before loading; golden.txt paths out of the bundle and loose indices:
-    exit 2 in one line."""
+    check; a changed model: refused before loading; an edited manifest: refused by its digest; a
+    mistyped bundle folder, golden.txt paths out of the bundle and loose indices: exit 2 in one line."""
     home = installed["cpu"]
     program = home / "bin" / "edgetl_classify"
     bundle = shutil.copytree(home / "bundle", tmp_path / "b")
@@ -183,6 +183,16 @@ def test_golden_mode_checks_what_predict_py_checks(installed, tmp_path):
     proc = _run(program, bundle, "--golden")
     assert proc.returncode == 1 and "model.onnx: changed since the build" in proc.stderr, proc.stderr
     (bundle / "model.onnx").write_bytes(model_bytes)
+    manifest_path = bundle / "manifest.json"  # a hand edit of the manifest itself: its digest no longer matches
+    manifest_text = manifest_path.read_text()
+    manifest = json.loads(manifest_text)
+    manifest["target"] += "-edited"
+    manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    proc = _run(program, bundle, "--golden")
+    assert proc.returncode == 1 and "its digest does not match its content" in proc.stderr, proc.stderr
+    manifest_path.write_text(manifest_text)
+    proc = _run(program, tmp_path / "no-such-bundle", "--golden")  # a mistyped folder: usage, not "changed"
+    assert proc.returncode == 2 and "not a bundle folder (no manifest.json)" in proc.stderr, proc.stderr
     listed = bundle / "golden" / "golden.txt"
     for line, needle in (("/etc/hostname 0", "leaves the bundle"), ("../b/golden/00_blue.png 0", "leaves the bundle"),
                          ("golden/00_blue.png 2abc", "index '2abc'"), ("golden/00_blue.png -1", "index '-1'"),

@@ -67,11 +67,12 @@ def _compile(where: Path, flags: list[str]) -> Path | None:
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> tuple[Path, bool]:
-    """(program, sanitized): with -fsanitize=address,undefined where the compiler links it."""
+    """(program, sanitized): with -fsanitize=address,undefined,float-cast-overflow where the compiler links it."""
     if shutil.which("c++") is None:
         pytest.fail("no C++ compiler: the C++ image tests need one (Debian: apt install g++)")
     where = tmp_path_factory.mktemp("harness")
-    exe = _compile(where, ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"])
+    exe = _compile(where, ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all",
+                           "-fno-omit-frame-pointer"])
     if exe is not None:
         return exe, True
     exe = _compile(where, [])
@@ -309,3 +310,15 @@ def test_cpp_resize_follows_the_pass_order_of_the_pillow_that_made_the_bundle(ha
         got = np.fromfile(tmp_path / f"{major}.bin", dtype=np.uint8).reshape(len(files), 64, 64, 3)
         assert np.array_equal(got, np.stack(want[major])), major
     assert not np.array_equal(np.stack(want[12]), np.stack(want[13]))  # the orders differ on these sizes
+
+
+def test_cpp_refuses_a_resize_beyond_the_pixel_limit_in_one_line(harness, tmp_path):
+    """A 1-pixel-wide strip scaled so its short side becomes resize_size: a side beyond INT_MAX (1x300000
+    at resize_size 8192: 2.46e9 rows), or a resized image over the 89478485-pixel limit (1x1460000 at 73:
+    73x106580000 pixels), is refused in one line before any cast or allocation."""
+    for name, height, resize in (("int.ppm", 300_000, 8192), ("limit.ppm", 1_460_000, 73)):
+        (tmp_path / name).write_bytes(b"P6\n1 %d\n255\n" % height + bytes(3 * height))
+        contract = {"input_size": [8, 8], "resize_size": resize, "interpolation": "bilinear"}
+        lines = _run(harness, [tmp_path / name], contract, tmp_path / "t.bin")
+        assert lines[0].startswith(f"error: an image: 1x{height}, resized to {resize}x") and \
+            "over the 89478485-pixel limit" in lines[0], lines

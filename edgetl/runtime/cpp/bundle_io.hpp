@@ -10,11 +10,13 @@
 //                                             golden/expected.json's logit_atol (what predict.py --selftest checks)
 //   edgetl_classify BUNDLE_DIR --bench N      N timed runs at batch 1 (random pixels): p50/p90 latency
 //   --no-verify                               skip the sha256 checks against manifest.json
-// Every file read from the bundle (the model first, before it is loaded) is checked against
-// manifest.json's sha256 and refused (exit 1) when it differs or is not listed. runtime.json's default
+// manifest.json's own digest is checked (as integrity.py takes it), then every file read from the
+// bundle (the model first, before it is loaded) against its sha256: refused (exit 1) when it differs
+// or is not listed. Files added to the bundle are not looked for (predict.py does). runtime.json's default
 // model and settings are honoured (onnxruntime: threads, spinning; OpenVINO: device, performance_hint,
 // config); EDGETL_DEVICE overrides the OpenVINO device. Exit codes: 0 done, 1 a golden check failed or
-// the bundle differs from its manifest, 2 bad usage or input (one line on stderr).
+// the bundle differs from its manifest, 2 bad usage or input, a folder without manifest.json included
+// (one line on stderr).
 #pragma once
 
 #include <algorithm>
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
 #include <iostream>
 #include <memory>
@@ -67,11 +70,14 @@ class Bundle {
   Bundle(std::string dir, bool verify) : dir_(std::move(dir)), verify_(verify) {
     while (dir_.size() > 1 && dir_.back() == '/') dir_.pop_back();
     const std::string path = dir_ + "/manifest.json";
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir_, ec) || (verify_ && !std::filesystem::exists(path, ec)))
+      throw InputError("not a bundle folder (no manifest.json): " + dir_);  // a mistyped path, exit 2
     try {
       manifest_ = parse_json(read_file(path));
     } catch (const InputError&) {
       if (!verify_) return;
-      throw IntegrityError(path + ": missing or unreadable; fix: rebuild the bundle (or pass --no-verify)");
+      throw IntegrityError(path + ": unreadable; fix: rebuild the bundle (or pass --no-verify)");
     } catch (const std::runtime_error& e) {
       if (!verify_) return;
       throw IntegrityError(path + ": " + e.what() + "; fix: rebuild the bundle");
@@ -79,6 +85,19 @@ class Bundle {
     if (!verify_) return;
     if (manifest_.get("files") == nullptr || manifest_.get("files")->kind != Json::Object)
       throw IntegrityError(path + ": has no 'files' table; fix: rebuild the bundle");
+    // Its own digest, as integrity.py takes it: sha256 of the canonical body, every key but "digest".
+    const Json* digest = manifest_.get("digest");
+    if (digest == nullptr || digest->kind != Json::String)
+      throw IntegrityError(path + ": not sealed (no digest: made by an older edgetl, or edited); fix: rebuild the bundle");
+    Json body = manifest_;
+    body.members.erase(std::remove_if(body.members.begin(), body.members.end(),
+                                      [](const auto& m) { return m.first == "digest"; }),
+                       body.members.end());
+    std::string text;
+    canonical(body, text);
+    if (digest->text != "sha256:" + sha256_hex(text))
+      throw IntegrityError(path + ": changed since the build (its digest does not match its content); fix: restore or "
+                           "rebuild the bundle (or pass --no-verify)");
   }
 
   const std::string& dir() const { return dir_; }
@@ -89,7 +108,7 @@ class Bundle {
     const Json* p = v ? v->get("pillow") : nullptr;
     if (p == nullptr || p->kind != Json::String || p->text.empty() || !std::isdigit(static_cast<unsigned char>(p->text[0])))
       return 13;
-    return std::atoi(p->text.c_str());
+    return std::atoi(p->text.substr(0, 4).c_str());  // at most 4 digits: atoi cannot overflow
   }
   std::string path(const std::string& rel) const { return dir_ + "/" + rel; }
 
@@ -179,16 +198,17 @@ inline Contract read_contract(const Bundle& bundle) {
   const Json& size = member(c, "input_size", Json::Array, where);
   if (size.items.size() != 2 || size.items[0].kind != Json::Number || size.items[1].kind != Json::Number)
     throw InputError(where + ": input_size is not [height, width]");
+  const auto side = [&where](const Json& v) {  // the double's range first: a cast beyond int's is undefined
+    if (!(v.number >= 1 && v.number <= 8192)) throw InputError(where + ": input_size / resize_size out of range");
+    return static_cast<int>(v.number);
+  };
   Contract out;
-  out.height = static_cast<int>(size.items[0].number);
-  out.width = static_cast<int>(size.items[1].number);
-  out.resize_size = static_cast<int>(member(c, "resize_size", Json::Number, where).number);
+  out.height = side(size.items[0]);
+  out.width = side(size.items[1]);
+  out.resize_size = side(member(c, "resize_size", Json::Number, where));
   const Json* interp = c.get("interpolation");
   out.filter = filter_named(interp && interp->kind == Json::String ? interp->text : "bilinear", where);
   out.pillow_major = bundle.pillow_major();
-  if (out.height < 1 || out.width < 1 || out.resize_size < 1 || out.height > 8192 || out.width > 8192 ||
-      out.resize_size > 8192)
-    throw InputError(where + ": input_size / resize_size out of range");
   return out;
 }
 
@@ -256,7 +276,7 @@ inline int golden(Model& model, const Session& s, const std::string& model_name)
       if (it.get("file") && it.get("file")->text == file) item = &it;
     if (item == nullptr) throw InputError(where + ": '" + printable(file) + "' has no entry in golden/expected.json");
     const Json& want = member(*item, "logits", Json::Array, expected_path);
-    const Image x = resize_crop(load_rgb_bytes(s.bundle.read(file), s.bundle.path(file)), s.contract);
+    const Image x = resize_crop(load_rgb_bytes(s.bundle.read(file), s.bundle.path(file)), s.contract, s.bundle.path(file));
     const std::vector<float> z = checked_logits(model, x, s.labels.size());
     if (want.items.size() != z.size()) throw InputError(expected_path + ": '" + printable(file) + "': logits of another size");
     double diff = 0;
@@ -284,7 +304,8 @@ inline int golden(Model& model, const Session& s, const std::string& model_name)
 
 inline int classify(Model& model, const Session& s, const std::vector<std::string>& paths, bool probs) {
   for (const std::string& path : paths) {
-    const std::vector<float> p = softmax(checked_logits(model, resize_crop(load_rgb(path), s.contract), s.labels.size()));
+    const Image x = resize_crop(load_rgb(path), s.contract, path);
+    const std::vector<float> p = softmax(checked_logits(model, x, s.labels.size()));
     std::cout << printable(path);
     if (probs) {
       char buf[32];
@@ -328,7 +349,7 @@ inline int bench(Model& model, const Session& s, int runs) {
 inline int dump_input(const Session& s, const std::string& out, const std::vector<std::string>& paths) {
   std::string all;
   for (const std::string& path : paths) {
-    const Image x = resize_crop(load_rgb(path), s.contract);
+    const Image x = resize_crop(load_rgb(path), s.contract, path);
     all.append(reinterpret_cast<const char*>(x.rgb.data()), x.rgb.size());
   }
   std::ofstream f(out, std::ios::binary);
@@ -366,7 +387,8 @@ inline int run(int argc, char** argv, const Loader& load) {
         dump = args[++i];
       } else {
         const std::string n = args[++i];
-        const bool digits = !n.empty() && n.size() <= 7 && std::all_of(n.begin(), n.end(), ::isdigit);
+        const bool digits = !n.empty() && n.size() <= 7 &&
+                            std::all_of(n.begin(), n.end(), [](unsigned char c) { return std::isdigit(c) != 0; });
         runs = digits ? std::stoi(n) : 0;
         if (runs < 1) return std::cerr << "--bench " << printable(n) << ": expected a number of runs, 1 or more\n", 2;
       }

@@ -1,8 +1,10 @@
 // edgetl bundle, C++ consumer: the two small things the standard library lacks, written for it:
 // a strict JSON reader (the bundle's manifest.json, runtime.json, preprocess.json and
-// golden/expected.json) and SHA-256 (FIPS 180-4), to check each file against manifest.json.
+// golden/expected.json), SHA-256 (FIPS 180-4), to check each file against manifest.json, and the
+// canonical form manifest.json's own digest is taken of (integrity.py's canonical()).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -17,7 +19,7 @@ struct Json {
   enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
   bool boolean = false;
   double number = 0;
-  std::string text;
+  std::string text;  // a String's value; a Number's token as written (for canonical())
   std::vector<Json> items;
   std::vector<std::pair<std::string, Json>> members;
 
@@ -106,6 +108,7 @@ class JsonReader {
     const std::string num = s_.substr(start, pos_ - start);
     char* end = nullptr;
     v.kind = Json::Number;
+    v.text = num;
     v.number = std::strtod(num.c_str(), &end);
     if (end != num.c_str() + num.size()) fail("bad number");
     return v;
@@ -168,6 +171,68 @@ class JsonReader {
 };
 
 inline Json parse_json(const std::string& text) { return JsonReader(text).document(); }
+
+// Python's json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=False) of what was
+// parsed: keys sorted by code point (UTF-8 bytes compare in the same order), a repeated key's last
+// value (as json.loads keeps it), strings escaped as Python escapes them. Numbers stay as written:
+// edgetl writes them with json.dumps, whose tokens are already Python's (a hand-written "1.50",
+// which Python would re-write as 1.5, makes the digest differ: refused, never wrongly accepted).
+inline void canonical(const Json& v, std::string& out) {
+  switch (v.kind) {
+    case Json::Null: out += "null"; return;
+    case Json::Bool: out += v.boolean ? "true" : "false"; return;
+    case Json::Number: out += v.text; return;
+    case Json::String: {
+      out += '"';
+      for (const char c : v.text) {
+        switch (c) {
+          case '"': out += "\\\""; break;
+          case '\\': out += "\\\\"; break;
+          case '\n': out += "\\n"; break;
+          case '\r': out += "\\r"; break;
+          case '\t': out += "\\t"; break;
+          case '\b': out += "\\b"; break;
+          case '\f': out += "\\f"; break;
+          default:
+            if (static_cast<unsigned char>(c) < 0x20) {
+              char buf[8];
+              std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(c));
+              out += buf;
+            } else {
+              out += c;
+            }
+        }
+      }
+      out += '"';
+      return;
+    }
+    case Json::Array:
+      out += '[';
+      for (size_t i = 0; i < v.items.size(); ++i) out += i ? "," : "", canonical(v.items[i], out);
+      out += ']';
+      return;
+    case Json::Object: {
+      std::vector<const std::pair<std::string, Json>*> keys;  // the last of each key, sorted
+      for (const auto& m : v.members) {
+        bool later = false;
+        for (const auto& n : v.members) later = later || (&n > &m && n.first == m.first);
+        if (!later) keys.push_back(&m);
+      }
+      std::sort(keys.begin(), keys.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+      out += '{';
+      for (size_t i = 0; i < keys.size(); ++i) {
+        if (i) out += ',';
+        Json key;
+        key.kind = Json::String, key.text = keys[i]->first;
+        canonical(key, out);
+        out += ':';
+        canonical(keys[i]->second, out);
+      }
+      out += '}';
+      return;
+    }
+  }
+}
 
 // SHA-256 of a byte string, as lowercase hex (FIPS 180-4; our own code).
 inline std::string sha256_hex(const std::string& data) {

@@ -475,10 +475,16 @@ struct Contract {
   int pillow_major = 13;  // the Pillow that made the bundle: its resize order (see resize())
 };
 
-inline Image resize_crop(const Image& img, const Contract& c) {
+inline Image resize_crop(const Image& img, const Contract& c, const std::string& path = "an image") {
   const double scale = static_cast<double>(c.resize_size) / std::min(img.width, img.height);
-  const int nw = std::max(c.width, static_cast<int>(std::nearbyint(img.width * scale)));   // Python's round():
-  const int nh = std::max(c.height, static_cast<int>(std::nearbyint(img.height * scale)));  // half to even
+  const double dw = std::max<double>(c.width, std::nearbyint(img.width * scale));   // Python's round():
+  const double dh = std::max<double>(c.height, std::nearbyint(img.height * scale));  // half to even
+  if (dw * dh > static_cast<double>(kMaxPixels))  // (also keeps each side below INT_MAX: a cast beyond is undefined)
+    throw InputError(path + ": " + std::to_string(img.width) + "x" + std::to_string(img.height) + ", resized to " +
+                     std::to_string(static_cast<uint64_t>(dw)) + "x" + std::to_string(static_cast<uint64_t>(dh)) +
+                     " it would be over the " + std::to_string(kMaxPixels) +
+                     "-pixel limit; fix: crop it to a less extreme aspect ratio");
+  const int nw = static_cast<int>(dw), nh = static_cast<int>(dh);
   const Image big = resize(img, nw, nh, c.filter, c.pillow_major);
   const int left = (nw - c.width) / 2, top = (nh - c.height) / 2;
   Image out;

@@ -29,10 +29,11 @@ class OpenVinoModel : public edgetl::Model {
     std::shared_ptr<ov::Model> model = core_.read_model(xml, weights);
     const ov::Output<ov::Node> input = model->input();
     const ov::PartialShape shape = input.get_partial_shape();  // [batch, height, width, 3]
-    if (input.get_element_type() != ov::element::u8 || shape.rank().get_length() != 4 || !shape[3].is_static() ||
-        shape[3].get_length() != 3 || shape[1].get_length() != contract.height || shape[2].get_length() != contract.width)
+    if (input.get_element_type() != ov::element::u8 || shape.rank().is_dynamic() || shape.rank().get_length() != 4 ||
+        !shape[1].is_static() || !shape[2].is_static() || !shape[3].is_static() || shape[3].get_length() != 3 ||
+        shape[1].get_length() != contract.height || shape[2].get_length() != contract.width)
       throw edgetl::InputError(bundle.path(spec.file) + ": the model does not take uint8 NHWC pixels of preprocess.json's "
-                               "input_size");
+                               "input_size (an input [batch, height, width, 3] of fixed height and width)");
     height_ = shape[1].get_length();
     width_ = shape[2].get_length();
     model->reshape(ov::PartialShape{1, height_, width_, 3});  // batch 1: a static shape compiles faster code
