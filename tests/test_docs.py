@@ -106,3 +106,14 @@ def test_no_large_file_is_tracked_outside_third_party():
     big = [(p, (ROOT / p).stat().st_size) for p in _tracked()
            if not p.startswith("third_party/") and (ROOT / p).is_file() and (ROOT / p).stat().st_size > MB]
     assert not big, f"files over 1 MB tracked outside third_party/: {big}; remove them (git rm) or move them"
+
+
+def test_the_readme_is_short_starts_with_the_two_commands_and_has_no_placeholder():
+    """README <= 250 lines; `make demo` and `make test` within its first 20 lines (the CI entry point
+    calls the second); no placeholder left where measured output belongs."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250
+    head = "\n".join(lines[:20])
+    assert "make demo" in head and "make test" in head
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert not re.search(r"SAMPLE_OUTPUT|TODO|TBD|XXX", "\n".join(lines))

@@ -68,8 +68,8 @@ def test_another_split_or_head_is_never_read_from_rows_of_another(setup):
 
 def test_fine_tuned_models_run_whole_in_onnxruntime(setup):
     p, net, x, tmp = setup
-    tuned = dataclasses.replace(p, recipe=p.recipe.model_copy(update={
-        "train": p.recipe.train.model_copy(update={"strategy": "fine-tune"})}))
+    tuned = dataclasses.replace(p, inputs=dataclasses.replace(p.inputs, recipe=p.recipe.model_copy(update={
+        "train": p.recipe.train.model_copy(update={"strategy": "fine-tune"})})))
     got = float_logits(net, {"test": x["test"]}, tuned, tmp / "ft", cache_dir=tmp / "cache3")
     assert not (tmp / "cache3").exists()  # nothing cached: the trunk is not frozen
     eager = forward_batches(net, x["test"], 8, NullProgress(), "test").numpy()

@@ -159,6 +159,11 @@ def test_targets_init_build_verify_from_the_wheel(fresh):
             assert m["latency_ms"] == m["speed"]["batch_1"]["ms"] > 0
 
 
+# The C standard library's and the compilers' own headers (vendored stb_image.h includes them)
+C_SYSTEM = {"assert.h", "limits.h", "math.h", "stdarg.h", "stddef.h", "stdint.h", "stdio.h", "stdlib.h",
+            "string.h", "emmintrin.h", "intrin.h", "arm_neon.h"}
+
+
 def _consumer_needs_are_named(bundle: Path) -> None:
     """The bundle's C++ consumer: its own headers ship in cpp/, and every third-party header it includes
     is named by cpp/CMakeLists.txt or the bundle's README (`<onnxruntime_cxx_api.h>` by name, a
@@ -171,7 +176,7 @@ def _consumer_needs_are_named(bundle: Path) -> None:
         for quoted, angled in re.findall(r'#include\s*(?:"([^"]+)"|<([^>]+)>)', src.read_text(encoding="utf-8")):
             if quoted:
                 assert (src.parent / quoted).is_file(), f"{src.name} includes {quoted}, which the bundle lacks"
-            elif angled.endswith((".h", ".hpp")):  # not the C++ standard library's
+            elif angled.endswith((".h", ".hpp")) and angled not in C_SYSTEM:  # not the C/C++ standard library's
                 parts = Path(angled).parts
                 named = (re.search(rf"find_package\(\s*{re.escape(parts[0])}\b", cmake, flags=re.I) if len(parts) > 1
                          else parts[0] in told)

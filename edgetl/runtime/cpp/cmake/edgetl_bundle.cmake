@@ -11,7 +11,7 @@ get_filename_component(_edgetl_build "${CMAKE_BINARY_DIR}" REALPATH)
 string(FIND "${_edgetl_build}/" "${EDGETL_BUNDLE_DIR}/" _edgetl_inside)
 if(_edgetl_inside EQUAL 0)
   # (the leading space: CMake prints the message as one line instead of wrapping it)
-  message(FATAL_ERROR " build folder ${_edgetl_build} is inside the bundle ${EDGETL_BUNDLE_DIR}, which must stay as published (edgetl verify refuses added files); fix: rm -r ${_edgetl_build} and use a folder outside the bundle, e.g. cmake -S ${EDGETL_BUNDLE_DIR}/cpp -B /tmp/edgetl-build")
+  message(FATAL_ERROR " build folder ${_edgetl_build} is inside the bundle ${EDGETL_BUNDLE_DIR}, which must stay as published (edgetl verify refuses added files); fix: rm -r ${_edgetl_build} and use a folder outside the bundle, e.g. cmake -S ${EDGETL_BUNDLE_DIR}/cpp -B ${EDGETL_BUNDLE_DIR}/../edgetl-build")
 endif()
 
 set(CMAKE_CXX_STANDARD 17)
