@@ -99,17 +99,16 @@ def golden_items(ds: data.Dataset, test_labels, reference_logits) -> list[tuple[
 def expected(m, stage: Path, golden: list[tuple[str, str]], contract: dict, other_arch: bool = False) -> dict:
     """Expected outputs of the bundle's own golden files through its own runtime; for a bundle made for
     another CPU architecture, a logit tolerance that covers another set of INT8 kernels (unfused_drift)."""
-    items = []
-    for rel, label in golden:
-        logits = m.runner.logits(preprocess(load_rgb(stage / rel), contract)[None])[0]
+    items, inputs = [], [preprocess(load_rgb(stage / rel), contract) for rel, _ in golden]
+    for (rel, label), x in zip(golden, inputs, strict=True):
+        logits = m.runner.logits(x[None])[0]
         items.append({"file": rel, "label": label, "index": int(logits.argmax()),
                       "logits": [round(float(v), 6) for v in logits]})
     scale = max((abs(v) for it in items for v in it["logits"]), default=1.0)
     atol = max(1e-3, 0.05 * scale)
     out = {"logit_atol": round(atol, 6), "executed_by": m.runner.executed_by, "items": items}
     if other_arch and m.artifact.path.suffix == ".onnx":  # INT8 kernels of another CPU architecture
-        batch = np.stack([preprocess(load_rgb(stage / rel), contract) for rel, _ in golden])
-        drift = unfused_drift(m.artifact.path, batch, np.array([it["logits"] for it in items]))
+        drift = unfused_drift(m.artifact.path, np.stack(inputs), np.array([it["logits"] for it in items]))
         out.update(logit_atol=round(max(atol, CROSS_ARCH_MARGIN * drift), 6), x86_unfused_drift=round(drift, 6))
     return out
 
