@@ -44,6 +44,14 @@ class QuantizationProfile(_Strict):
         "NNCF preset; None = from symmetric_activations"))
     bias_correction: Literal["full", "fast"] = Field("full", description=(
         "NNCF bias correction (MobileNetV3 / hard-swish nets need full)"))
+    # x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) multiply u8 x s8 pairs into int16 with
+    # saturation (vpmaddubsw): 8-bit weights can overflow there and nowhere else, so the same model
+    # computes other numbers on a VNNI CPU or an ARM core. 7-bit weights cannot overflow.
+    overflow_fix: Literal["enable", "first_layer", "disable"] = Field("first_layer", description=(
+        "7-bit weights against the int16 saturation of x86 CPUs without VNNI: enable = every convolution and "
+        "matmul NNCF quantizes (onnxruntime's reduce_range for ort_static; qat too), first_layer = the first "
+        "layer only (NNCF's default; qat: none), disable = none. The model then computes the same numbers "
+        "on every CPU (docs/measurements.md)"))
     # ort_static: biases as INT32 behind DequantizeLinear (onnxruntime's default) or left float.
     # TensorRT's ONNX parser has rejected INT32 bias DQs: its profiles leave biases float.
     quantize_bias: bool = Field(True, description=(

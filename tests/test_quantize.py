@@ -98,3 +98,54 @@ def test_mixed_precision_stops_at_its_time_budget(tiny_data, tmp_path):
     profile.quantization.mixed_precision_budget_s = 1e-6
     with pytest.raises(BudgetExceeded, match="mixed_precision_budget_s"):
         mixed_precision(fp32, qi, profile, tmp_path)
+
+
+def _unsaturated(path, dst):
+    """The same INT8 model with its zero-point-0 INT8 weights re-encoded as UINT8 (zero point 128):
+    exactly the same numbers, but onnxruntime then runs its U8U8 kernels, which cannot saturate."""
+    import onnx
+    from onnx import numpy_helper as nh
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        w = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and len(node.input) == 3 else None
+        zp = inits.get(node.input[2]) if w is not None else None
+        if w is None or zp is None or w.data_type != onnx.TensorProto.INT8 or nh.to_array(zp).any():
+            continue
+        w.CopyFrom(nh.from_array((nh.to_array(w).astype(np.int16) + 128).astype(np.uint8), w.name))
+        zp.CopyFrom(nh.from_array(np.full(nh.to_array(zp).shape, 128, np.uint8), zp.name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True  # unknown: do not claim the contrast
+    return "vnni" in flags or "aarch64" in flags or "asimd" in flags
+
+
+def test_cpu_int8_computes_the_same_numbers_on_every_cpu(tiny_data, tmp_path):
+    """x86 CPUs without VNNI multiply u8 x s8 pairs into int16 with saturation; the cpu profile's
+    7-bit weights (overflow_fix = "enable") cannot overflow, so onnxruntime's fused U8S8 kernels give
+    exactly what its U8U8 kernels (no saturation anywhere, as on VNNI or ARM) give. With 8-bit weights
+    they differ on such a CPU: the check can fail."""
+    from edgetl.backends.onnxruntime import OnnxRuntimeBackend
+
+    ds, contract, fp32, qi, val_x, ref, labels = _setup(tiny_data, tmp_path)
+    cpu = load_profile("cpu")
+    assert cpu.quantization.overflow_fix == "enable"
+    eight = cpu.model_copy(update={"quantization": cpu.quantization.model_copy(update={"overflow_fix": "first_layer"})})
+    x = np.concatenate([val_x, qi.calibration[:24]])
+    for profile, name in ((cpu, "seven"), (eight, "eight")):
+        work = tmp_path / name
+        work.mkdir()
+        art = OnnxRuntimeBackend().quantizers["nncf_ptq"](fp32, qi, profile, work)
+        fused = Engine(art.path, {}).run(x)
+        exact = Engine(_unsaturated(art.path, work / "u8u8.onnx"), {}).run(x)
+        if name == "seven":
+            assert np.array_equal(fused, exact)
+        elif not _vnni():
+            assert not np.array_equal(fused, exact)  # this AVX2 CPU saturates 8-bit weights

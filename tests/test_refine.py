@@ -162,7 +162,15 @@ def test_head_refit_rewrites_openvino_and_nncf_heads(tiny_data, tmp_path):
         f_new, logits = backend.head_features(new, profile)(x[:8])
         assert np.array_equal(f_old, f_new)  # the trunk is untouched
         want = f_new @ w.T + b
-        assert np.abs(logits - want).max() < 0.02 * np.abs(want).max(), name
+        seven_bit = profile.quantization.overflow_fix == "enable"  # the cpu profile: 7-bit weights, half the grid
+        assert np.abs(logits - want).max() < (0.04 if seven_bit else 0.02) * np.abs(want).max(), name
+        if name == "cpu":  # the head stays on the grid the quantizer chose (7 bits: |q| <= 64)
+            import onnx
+            from onnx import numpy_helper
+
+            heads = [numpy_helper.to_array(i) for i in onnx.load(str(new.path)).graph.initializer
+                     if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+            assert heads and all(np.abs(h.astype(int)).max() <= (64 if seven_bit else 127) for h in heads)
         assert backend.float_nodes(new) == []  # the new head is INT8 like the old one
 
 

@@ -43,13 +43,13 @@ class QuantInputs:
 Quantizer = Callable[[Artifact, QuantInputs, TargetProfile, Path], Artifact]
 
 
-def symmetric_int8_rows(w: np.ndarray, per_tensor: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8 (zero point 0, -127..127) per row of `w`, or with one scale for all rows:
-    (int8 values, float32 scales — one per row, or one)."""
-    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127
+def symmetric_int8_rows(w: np.ndarray, per_tensor: bool = False, limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 (zero point 0, -limit..limit; 63 for 7-bit weights) per row of `w`, or with one
+    scale for all rows: (int8 values, float32 scales — one per row, or one)."""
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / limit
     if per_tensor:
         scale = np.full_like(scale, scale.max())
-    q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+    q = np.clip(np.round(w / scale[:, None]), -limit, limit).astype(np.int8)
     return q, (scale[:1] if per_tensor else scale).astype(np.float32)
 
 

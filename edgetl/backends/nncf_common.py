@@ -46,6 +46,7 @@ def quantize_kwargs(nncf, data: QuantInputs, profile: TargetProfile) -> dict:
     """Keyword arguments of nncf.quantize from the profile (also used by accuracy control)."""
     from nncf.quantization.advanced_parameters import (
         AdvancedQuantizationParameters,
+        OverflowFix,
         QuantizationMode,
         QuantizationParameters,
     )
@@ -53,9 +54,11 @@ def quantize_kwargs(nncf, data: QuantInputs, profile: TargetProfile) -> dict:
     q = profile.quantization
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     mode = QuantizationMode.SYMMETRIC if q.symmetric_activations else QuantizationMode.ASYMMETRIC
+    fix = {"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER, "disable": OverflowFix.DISABLE}
     # Per-tensor activations: onnxruntime's fused INT8 kernels and TensorRT take one scale each.
-    adv = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(
-        per_channel=False, mode=mode))
+    adv = AdvancedQuantizationParameters(overflow_fix=fix[q.overflow_fix],
+                                         activations_quantization_params=QuantizationParameters(
+                                             per_channel=False, mode=mode))
     kw = dict(preset={"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}[
         preset], subset_size=len(data.calibration), fast_bias_correction=q.bias_correction == "fast",
         advanced_parameters=adv)

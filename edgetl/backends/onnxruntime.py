@@ -139,6 +139,7 @@ def ort_static(fp32: Artifact, data: QuantInputs, profile: TargetProfile, workdi
         str(prepped), str(out), Reader(),
         quant_format=QuantFormat.QDQ,
         per_channel=q.per_channel,
+        reduce_range=q.overflow_fix == "enable",  # 7-bit weights (profiles.py: overflow_fix)
         activation_type=qtype[q.activation_type],
         weight_type=qtype[q.weight_type],
         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -266,7 +267,9 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
         if inits[w_dq.input[0]].data_type != onnx.TensorProto.INT8:
             raise EdgetlError(f"{art.path}: head weights are not signed INT8; the head refit cannot rewrite them")
         per_tensor = nh.to_array(inits[w_dq.input[1]]).size == 1
-        q, w_scale = symmetric_int8_rows(weight.astype(np.float64), per_tensor)
+        # 7-bit weights stay 7-bit (profiles.py: overflow_fix): |q| <= 64 is what a 7-bit quantizer writes
+        limit = 63 if np.abs(nh.to_array(inits[w_dq.input[0]]).astype(np.int16)).max() <= 64 else 127
+        q, w_scale = symmetric_int8_rows(weight.astype(np.float64), per_tensor, limit)
         old_shape = tuple(inits[w_dq.input[1]].dims)
         put(w_dq.input[0], q if trans_b else q.T)
         put(w_dq.input[1], w_scale.reshape(old_shape) if per_tensor else w_scale)

@@ -119,7 +119,9 @@ def _quantize(student, inp: RefineInputs, profile):
     mode = QuantizationMode.SYMMETRIC if q.symmetric_activations else QuantizationMode.ASYMMETRIC
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     adv = AdvancedQuantizationParameters(
-        overflow_fix=OverflowFix.DISABLE,
+        # 7-bit weights where the profile asks for them everywhere (the exported model then computes in
+        # onnxruntime what the fake-quantized torch model computed); the first layer is refolded anyway.
+        overflow_fix=OverflowFix.ENABLE if q.overflow_fix == "enable" else OverflowFix.DISABLE,
         activations_quantization_params=QuantizationParameters(per_channel=False, mode=mode),
         weights_quantization_params=QuantizationParameters(per_channel=q.per_channel, mode=QuantizationMode.SYMMETRIC))
     return nncf.quantize(student, nncf.Dataset(items), subset_size=len(items), advanced_parameters=adv,
@@ -270,7 +272,7 @@ def qat_key(profile) -> tuple:
     q = profile.quantization
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     return ("qat", q.qat_epochs, q.qat_max_steps, q.qat_checkpoints, q.qat_lr, q.qat_loss, q.qat_temperature,
-            q.symmetric_activations, preset, q.per_channel, profile.opset, q.qat_budget_s)
+            q.symmetric_activations, preset, q.per_channel, q.overflow_fix == "enable", profile.opset, q.qat_budget_s)
 
 
 def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
