@@ -38,6 +38,10 @@ from . import SHARED, RefineInputs
 
 log = logging.getLogger(__name__)
 BATCH = 16
+# A step's 16 images go forward and backward MICRO at a time, their gradients summed (the loss is a
+# mean, each part weighted by its share): the same step as one batch of 16 up to summation order,
+# with a quarter of the activations held for the backward pass (peak memory: docs/measurements.md).
+MICRO = 4
 CALIB_BATCH = 16
 
 
@@ -183,9 +187,11 @@ def _train(qm, inp: RefineInputs, profile, deadline: float | None) -> dict:
             idx = torch.as_tensor(order[s:s + BATCH])
             if len(idx) < 2:
                 continue
-            loss = _loss(qm(torch.from_numpy(x)), teacher[idx], q)
             opt.zero_grad()
-            loss.backward()
+            for m in range(0, len(idx), MICRO):  # the step's gradient, a few images at a time (memory)
+                part = idx[m:m + MICRO]
+                loss = _loss(qm(torch.from_numpy(x[m:m + MICRO])), teacher[part], q) * (len(part) / len(idx))
+                loss.backward()
             opt.step()
             step += 1
             interrupt.check()  # in a target's thread under --jobs
