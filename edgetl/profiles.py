@@ -49,9 +49,10 @@ class QuantizationProfile(_Strict):
     # computes other numbers on a VNNI CPU or an ARM core. 7-bit weights cannot overflow.
     overflow_fix: Literal["enable", "first_layer", "disable"] = Field("first_layer", description=(
         "7-bit weights against the int16 saturation of x86 CPUs without VNNI: enable = every convolution and "
-        "matmul NNCF quantizes (onnxruntime's reduce_range for ort_static; qat too), first_layer = the first "
-        "layer only (NNCF's default; qat: none), disable = none. The model then computes the same numbers "
-        "on every CPU (docs/measurements.md)"))
+        "matmul (nncf_ptq, mixed_precision, qat; onnxruntime's reduce_range for ort_static; the head refit keeps "
+        "the grid); the model then computes the same numbers on every CPU. first_layer = NNCF's first "
+        "convolution only (ort_static, qat: none), disable = none; the pixel-input fold is 7-bit regardless "
+        "(measurements.md)"))
     # ort_static: biases as INT32 behind DequantizeLinear (onnxruntime's default) or left float.
     # TensorRT's ONNX parser has rejected INT32 bias DQs: its profiles leave biases float.
     quantize_bias: bool = Field(True, description=(

@@ -137,7 +137,9 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
     w = weight if transpose_b else weight.T
     quantized = _weight_is_int8(matmul)
     if quantized:
-        q, scale = symmetric_int8_rows(weight.astype(np.float64))
+        # 7-bit weights stay 7-bit (profiles.py: overflow_fix): |q| <= 64 is what a 7-bit quantizer writes
+        peak = _int8_weight_peak(matmul)
+        q, scale = symmetric_int8_rows(weight.astype(np.float64), limit=63 if peak is not None and peak <= 64 else 127)
         q, shape = (q, (-1, 1)) if transpose_b else (q.T, (1, -1))
         new_w = ops.multiply(ops.convert(ops.constant(np.ascontiguousarray(q)), ov.Type.f32),
                              ops.constant(scale.reshape(shape)))
@@ -175,6 +177,20 @@ def _weight_is_int8(op) -> bool:
         if kind in WEIGHT_PATH_OPS:
             stack.extend(v.get_node() for v in node.input_values())
     return False
+
+
+def _int8_weight_peak(op) -> int | None:
+    """The largest |value| of the i8 constant on a MatMul/Convolution's weight path; None without one."""
+    ov = _ov()
+    stack = [op.input_value(1).get_node()]
+    while stack:
+        node = stack.pop()
+        kind = node.get_type_name()
+        if kind == "Constant" and node.get_element_type() == ov.Type.i8:
+            return int(np.abs(node.get_data().astype(np.int16)).max())
+        if kind in WEIGHT_PATH_OPS:
+            stack.extend(v.get_node() for v in node.input_values())
+    return None
 
 
 class OpenVinoBackend:
