@@ -51,7 +51,7 @@ def float_logits(net, splits: dict, p: Prepared, work: Path, device: str = "cpu"
         return {s: forward_batches(net, x, 8, progress, f"float reference ({s})", device).numpy()
                 for s, x in splits.items()}
     frozen = p.recipe.train.strategy == "feature-extract"
-    run = _twin(net[0] if frozen else net, splits, p.contract, Path(work) / "float-reference")
+    run = _twin(net[0] if frozen else net, p.contract, Path(work) / "float-reference")
     if not frozen:
         return {s: _batched(run, x, range(len(x)), progress, f"float reference ({s})", net[-1].out_features)
                 for s, x in splits.items()}
@@ -99,18 +99,18 @@ def row_keys(name: str, p: Prepared, n: int) -> list[str] | None:
     return keys if len(keys) == n else None
 
 
-def _twin(module, splits: dict, contract: dict, folder: Path):
-    """batch -> float32 outputs of `module` by its onnxruntime twin, set up on the first call (a warm
-    cache never needs it)."""
-    session: list = []
+def _twin(module, contract: dict, folder: Path):
+    """batch -> float32 outputs of `module` by its onnxruntime twin (train.trunk_rows on the CPU), set up
+    on the first call (a warm cache never needs it)."""
+    runner: list = []
 
     def run(x: np.ndarray) -> np.ndarray:
-        if not session:
-            from .export import onnxruntime_twin
+        if not runner:
+            from .train import Fit, trunk_rows
 
             folder.mkdir(parents=True, exist_ok=True)
-            session.append(onnxruntime_twin(module.eval(), contract["input_size"], folder, check=x[:4]))
-        return session[0].run(None, {"input": x})[0]
+            runner.append(trunk_rows(module.eval(), contract, Fit(), folder, check=x[:4]))
+        return runner[0](x)
 
     return run
 

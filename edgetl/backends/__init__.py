@@ -43,6 +43,12 @@ class QuantInputs:
 Quantizer = Callable[[Artifact, QuantInputs, TargetProfile, Path], Artifact]
 
 
+def weight_limit(q: np.ndarray) -> int:
+    """The symmetric grid existing INT8 weights `q` are on: 63 (7-bit, profiles.py: overflow_fix; what a
+    7-bit quantizer writes has |q| <= 64) or 127. A rewritten layer keeps its quantizer's grid."""
+    return 63 if np.abs(np.asarray(q).astype(np.int16)).max() <= 64 else 127
+
+
 def symmetric_int8_rows(w: np.ndarray, per_tensor: bool = False, limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric INT8 (zero point 0, -limit..limit; 63 for 7-bit weights) per row of `w`, or with one
     scale for all rows: (int8 values, float32 scales — one per row, or one)."""

@@ -12,7 +12,7 @@ from ..errors import EdgetlError, UsageError
 from ..export import INPUT, drop_unused_initializers
 from ..profiles import TargetProfile
 from ..threads import ort_options
-from . import QuantInputs, nncf_common, register, symmetric_int8_rows
+from . import QuantInputs, nncf_common, register, symmetric_int8_rows, weight_limit
 
 log = logging.getLogger(__name__)
 # onnxruntime's calibrator exposes every tensor as a model output, so its memory grows with the
@@ -267,9 +267,8 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
         if inits[w_dq.input[0]].data_type != onnx.TensorProto.INT8:
             raise EdgetlError(f"{art.path}: head weights are not signed INT8; the head refit cannot rewrite them")
         per_tensor = nh.to_array(inits[w_dq.input[1]]).size == 1
-        # 7-bit weights stay 7-bit (profiles.py: overflow_fix): |q| <= 64 is what a 7-bit quantizer writes
-        limit = 63 if np.abs(nh.to_array(inits[w_dq.input[0]]).astype(np.int16)).max() <= 64 else 127
-        q, w_scale = symmetric_int8_rows(weight.astype(np.float64), per_tensor, limit)
+        q, w_scale = symmetric_int8_rows(weight.astype(np.float64), per_tensor,
+                                         weight_limit(nh.to_array(inits[w_dq.input[0]])))
         old_shape = tuple(inits[w_dq.input[1]].dims)
         put(w_dq.input[0], q if trans_b else q.T)
         put(w_dq.input[1], w_scale.reshape(old_shape) if per_tensor else w_scale)

@@ -12,7 +12,7 @@ import numpy as np
 from ..artifact import Artifact
 from ..errors import EdgetlError, UsageError, require
 from ..profiles import TargetProfile
-from . import QuantInputs, nncf_common, register, symmetric_int8_rows
+from . import QuantInputs, nncf_common, register, symmetric_int8_rows, weight_limit
 
 WEIGHT_PATH_OPS = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze"}
 CONV_OPS = {"Convolution", "GroupConvolution"}
@@ -137,9 +137,9 @@ def with_head(art: Artifact, weight: np.ndarray, bias: np.ndarray, out: Path) ->
     w = weight if transpose_b else weight.T
     quantized = _weight_is_int8(matmul)
     if quantized:
-        # 7-bit weights stay 7-bit (profiles.py: overflow_fix): |q| <= 64 is what a 7-bit quantizer writes
-        peak = _int8_weight_peak(matmul)
-        q, scale = symmetric_int8_rows(weight.astype(np.float64), limit=63 if peak is not None and peak <= 64 else 127)
+        const = _int8_weight_constant(matmul)  # None: weights behind a FakeQuantize (8-bit grid)
+        limit = 127 if const is None else weight_limit(const.get_data())
+        q, scale = symmetric_int8_rows(weight.astype(np.float64), limit=limit)
         q, shape = (q, (-1, 1)) if transpose_b else (q.T, (1, -1))
         new_w = ops.multiply(ops.convert(ops.constant(np.ascontiguousarray(q)), ov.Type.f32),
                              ops.constant(scale.reshape(shape)))
@@ -164,33 +164,29 @@ def with_raw_input(art: Artifact, contract: dict, out: Path) -> Artifact:
     return pixels_in(art, contract, out, _ov(), _save)
 
 
+def _weight_path(op):
+    """The nodes on a Convolution/MatMul's weight input, through the ops that only convert or reshape."""
+    stack = [op.input_value(1).get_node()]
+    while stack:
+        node = stack.pop()
+        yield node
+        if node.get_type_name() in WEIGHT_PATH_OPS:
+            stack.extend(v.get_node() for v in node.input_values())
+
+
 def _weight_is_int8(op) -> bool:
     """Whether a Convolution/MatMul's weights reach it through INT8 (FakeQuantize or an i8/u8 constant)."""
     ov = _ov()
     int8 = (ov.Type.i8, ov.Type.u8, ov.Type.i4, ov.Type.u4)
-    stack = [op.input_value(1).get_node()]
-    while stack:
-        node = stack.pop()
-        kind = node.get_type_name()
-        if kind == "FakeQuantize" or (kind == "Constant" and node.get_element_type() in int8):
-            return True
-        if kind in WEIGHT_PATH_OPS:
-            stack.extend(v.get_node() for v in node.input_values())
-    return False
+    return any(n.get_type_name() == "FakeQuantize" or (n.get_type_name() == "Constant" and n.get_element_type() in int8)
+               for n in _weight_path(op))
 
 
-def _int8_weight_peak(op) -> int | None:
-    """The largest |value| of the i8 constant on a MatMul/Convolution's weight path; None without one."""
+def _int8_weight_constant(op):
+    """The i8 constant on a Convolution/MatMul's weight path, or None."""
     ov = _ov()
-    stack = [op.input_value(1).get_node()]
-    while stack:
-        node = stack.pop()
-        kind = node.get_type_name()
-        if kind == "Constant" and node.get_element_type() == ov.Type.i8:
-            return int(np.abs(node.get_data().astype(np.int16)).max())
-        if kind in WEIGHT_PATH_OPS:
-            stack.extend(v.get_node() for v in node.input_values())
-    return None
+    return next((n for n in _weight_path(op) if n.get_type_name() == "Constant" and n.get_element_type() == ov.Type.i8),
+                None)
 
 
 class OpenVinoBackend:
