@@ -177,3 +177,36 @@ def test_cpu_int8_computes_the_same_numbers_on_every_cpu(tiny_data, tmp_path):
             assert max(peaks) > 64  # 8 bits: the grid the 7-bit check above would reject
             if _saturating_cpu():
                 assert not np.array_equal(fused, exact)  # this AVX2 CPU saturates 8-bit weights
+
+
+def _activation_scales(path) -> dict[str, float]:
+    """The scale of every QuantizeLinear on an activation (not a weight), by the tensor it quantizes."""
+    import onnx
+    from onnx import numpy_helper as nh
+
+    g = onnx.load(str(path)).graph
+    inits = {i.name: i for i in g.initializer}
+    return {n.input[0]: float(nh.to_array(inits[n.input[1]]).reshape(-1)[0]) for n in g.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits}
+
+
+def test_the_activation_range_setting_reaches_nncf(tiny_data, tmp_path):
+    """quantization.activation_range picks NNCF's range estimator: "minmax" (the extremes over every
+    calibration image) can only widen each activation's range against NNCF's default (per-image
+    extremes, averaged), and widens some; "mean_quantile" can only narrow them."""
+    from edgetl.backends.onnxruntime import OnnxRuntimeBackend
+
+    _, _, fp32, qi, *_ = _setup(tiny_data, tmp_path)
+    cpu = load_profile("cpu")
+    scales = {}
+    for name in ("mean_minmax", "minmax", "mean_quantile"):
+        profile = cpu.model_copy(update={"quantization": cpu.quantization.model_copy(
+            update={"activation_range": name})})
+        (tmp_path / name).mkdir()
+        scales[name] = _activation_scales(OnnxRuntimeBackend().quantizers["nncf_ptq"](fp32, qi, profile,
+                                                                                     tmp_path / name).path)
+    base = scales["mean_minmax"]
+    assert base and scales["minmax"].keys() == base.keys() == scales["mean_quantile"].keys()
+    assert all(scales["minmax"][k] >= base[k] * (1 - 1e-6) for k in base)
+    assert sum(scales["minmax"][k] > base[k] * 1.01 for k in base) > len(base) // 4
+    assert all(scales["mean_quantile"][k] <= base[k] * (1 + 1e-6) for k in base)

@@ -237,6 +237,9 @@ def test_the_shared_qat_model_is_keyed_by_its_time_limit():
     budgeted.quantization.qat_budget_s = 60.0
     assert qat_key(free) != qat_key(budgeted)
     assert qat_key(free) == qat_key(load_profile("openvino"))  # same scheme, no limit: one model for both
+    ranged = free.model_copy(deep=True)
+    ranged.quantization.activation_range = "mean_quantile"  # QAT's initial ranges differ: another model
+    assert qat_key(free) != qat_key(ranged)
 
 
 def test_expensive_candidates_are_marked_as_data():

@@ -42,6 +42,14 @@ def _singles(x: np.ndarray) -> list[np.ndarray]:
     return [x[i:i + 1] for i in range(len(x))]  # NNCF statistics want batch 1
 
 
+def activation_range(name: str):
+    """NNCF's range estimator for activations (profiles.py: activation_range); None = NNCF's default."""
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet as R
+
+    return {"mean_minmax": None, "mean_quantile": R.MEAN_QUANTILE, "histogram": R.HISTOGRAM,
+            "minmax": R.MINMAX}[name]
+
+
 def quantize_kwargs(nncf, data: QuantInputs, profile: TargetProfile) -> dict:
     """Keyword arguments of nncf.quantize from the profile (also used by accuracy control)."""
     from nncf.quantization.advanced_parameters import (
@@ -58,7 +66,8 @@ def quantize_kwargs(nncf, data: QuantInputs, profile: TargetProfile) -> dict:
     # Per-tensor activations: onnxruntime's fused INT8 kernels and TensorRT take one scale each.
     adv = AdvancedQuantizationParameters(overflow_fix=fix[q.overflow_fix],
                                          activations_quantization_params=QuantizationParameters(
-                                             per_channel=False, mode=mode))
+                                             per_channel=False, mode=mode),
+                                         activations_range_estimator_params=activation_range(q.activation_range))
     kw = dict(preset={"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}[
         preset], subset_size=len(data.calibration), fast_bias_correction=q.bias_correction == "fast",
         advanced_parameters=adv)

@@ -106,7 +106,7 @@ def _torch_native_fake_quantize() -> None:
 def _quantize(student, inp: RefineInputs, profile):
     import torch
 
-    from ..backends.nncf_common import import_nncf
+    from ..backends.nncf_common import activation_range, import_nncf
 
     nncf = import_nncf()
     _torch_native_fake_quantize()
@@ -127,6 +127,7 @@ def _quantize(student, inp: RefineInputs, profile):
         # onnxruntime what the fake-quantized torch model computed); the first layer is refolded anyway.
         overflow_fix=OverflowFix.ENABLE if q.overflow_fix == "enable" else OverflowFix.DISABLE,
         activations_quantization_params=QuantizationParameters(per_channel=False, mode=mode),
+        activations_range_estimator_params=activation_range(q.activation_range),
         weights_quantization_params=QuantizationParameters(per_channel=q.per_channel, mode=QuantizationMode.SYMMETRIC))
     return nncf.quantize(student, nncf.Dataset(items), subset_size=len(items), advanced_parameters=adv,
                          preset={"mixed": nncf.QuantizationPreset.MIXED,
@@ -278,7 +279,8 @@ def qat_key(profile) -> tuple:
     q = profile.quantization
     preset = q.preset or ("performance" if q.symmetric_activations else "mixed")
     return ("qat", q.qat_epochs, q.qat_max_steps, q.qat_checkpoints, q.qat_lr, q.qat_loss, q.qat_temperature,
-            q.symmetric_activations, preset, q.per_channel, q.overflow_fix == "enable", profile.opset, q.qat_budget_s)
+            q.symmetric_activations, preset, q.per_channel, q.overflow_fix == "enable", q.activation_range,
+            profile.opset, q.qat_budget_s)
 
 
 def qat(art: Artifact, inp: RefineInputs, backend, profile, workdir: Path) -> Artifact:
