@@ -57,12 +57,14 @@ class QuantizationProfile(_Strict):
     # NNCF's default averages each image's min and max; "mean_quantile" averages each image's
     # 0.01 % / 99.99 % quantiles instead. No built-in profile changes the default: measured on the val
     # evidence (docs/measurements.md) mean_quantile lowered the logit error on the real-photo proxy and
-    # on digits but raised it on the built-in data, and its statistics cost ~13 s more there.
+    # on digits but raised it on the built-in data, agreement moved either way by a few images, and its
+    # statistics cost ~13 s more there.
     activation_range: Literal["mean_minmax", "mean_quantile", "histogram", "minmax"] = Field(
         "mean_minmax", description=(
             "NNCF activation range estimator (nncf_ptq, mixed_precision, qat's initial ranges): mean_minmax = "
             "NNCF's default (per-image min / max, averaged), mean_quantile = per-image 1e-4 quantiles, averaged; "
-            "histogram = NNCF's error-minimising histogram; minmax = the extremes over all images"))
+            "histogram = NNCF's error-minimising histogram; minmax = the extremes over all images (qat's "
+            "statistics are per batch of 16, not per image)"))
     # ort_static: biases as INT32 behind DequantizeLinear (onnxruntime's default) or left float.
     # TensorRT's ONNX parser has rejected INT32 bias DQs: its profiles leave biases float.
     quantize_bias: bool = Field(True, description=(

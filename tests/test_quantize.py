@@ -192,8 +192,10 @@ def _activation_scales(path) -> dict[str, float]:
 
 def test_the_activation_range_setting_reaches_nncf(tiny_data, tmp_path):
     """quantization.activation_range picks NNCF's range estimator: "minmax" (the extremes over every
-    calibration image) can only widen each activation's range against NNCF's default (per-image
-    extremes, averaged), and widens some; "mean_quantile" can only narrow them."""
+    calibration image) widens activation ranges against NNCF's default (per-image extremes,
+    averaged), "mean_quantile" narrows them. Compared through the scales NNCF writes (its range
+    tuning for asymmetric grids can move a single scale the other way: the typical quantizer is
+    compared, and enough of them must move)."""
     from edgetl.backends.onnxruntime import OnnxRuntimeBackend
 
     _, _, fp32, qi, *_ = _setup(tiny_data, tmp_path)
@@ -201,12 +203,13 @@ def test_the_activation_range_setting_reaches_nncf(tiny_data, tmp_path):
     scales = {}
     for name in ("mean_minmax", "minmax", "mean_quantile"):
         profile = cpu.model_copy(update={"quantization": cpu.quantization.model_copy(
-            update={"activation_range": name})})
+            update={"activation_range": name, "bias_correction": "fast"})})  # fast: ranges are what counts
         (tmp_path / name).mkdir()
         scales[name] = _activation_scales(OnnxRuntimeBackend().quantizers["nncf_ptq"](fp32, qi, profile,
                                                                                      tmp_path / name).path)
     base = scales["mean_minmax"]
     assert base and scales["minmax"].keys() == base.keys() == scales["mean_quantile"].keys()
-    assert all(scales["minmax"][k] >= base[k] * (1 - 1e-6) for k in base)
-    assert sum(scales["minmax"][k] > base[k] * 1.01 for k in base) > len(base) // 4
-    assert all(scales["mean_quantile"][k] <= base[k] * (1 + 1e-6) for k in base)
+    wider = np.array([scales["minmax"][k] / base[k] for k in base])
+    narrower = np.array([scales["mean_quantile"][k] / base[k] for k in base])
+    assert np.median(wider) > 1.01 and (wider > 1.01).sum() > len(base) // 4
+    assert np.median(narrower) < 0.99 and (narrower < 0.99).sum() > len(base) // 4
